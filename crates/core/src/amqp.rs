@@ -1,0 +1,371 @@
+//! The RabbitMQ topology and the publishing rule every role follows: durable quorum queues,
+//! persistent messages, publisher confirms with `mandatory`, and a message counted as sent only
+//! once the broker confirmed it and did not return it. This module never acks: only a consumer
+//! loop decides a delivery's fate.
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde::Serialize;
+
+/// Queue and exchange names of one namespace.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    ns: String,
+    /// Retry delays of the shard queue, in milliseconds.
+    shard_retry_delays_ms: Vec<u64>,
+    /// `x-expires` for every queue, so test namespaces clean themselves up.
+    queue_expires_ms: Option<u64>,
+}
+
+/// Routing keys the finalizer listens to.
+pub const FINALIZER_EVENTS: [&str; 4] = [
+    "shard.completed",
+    "export.sealed",
+    "export.rejected",
+    "connection.invalidated",
+];
+
+/// Redeliveries of one message before the broker dead-letters it: a message that crashes its
+/// consumer this often is poison, not unlucky.
+const DELIVERY_LIMIT: i64 = 10;
+
+/// Delay of the finalizer's own retry queue.
+pub const FINALIZER_RETRY_MS: u64 = 5_000;
+
+impl Topology {
+    pub fn new(namespace: &str, shard_retry_delays_ms: Vec<u64>) -> Topology {
+        Topology {
+            ns: namespace.to_owned(),
+            shard_retry_delays_ms,
+            queue_expires_ms: None,
+        }
+    }
+
+    pub fn from_settings(s: &crate::config::Settings) -> Topology {
+        let mut t = Topology::new(&s.namespace, s.worker.retry_delays_ms.clone());
+        t.queue_expires_ms = s.amqp_queue_expires_ms;
+        t
+    }
+
+    /// Export jobs from the upstream platform.
+    pub fn jobs(&self) -> String {
+        format!("{}.jobs", self.ns)
+    }
+    /// Shards from the producer to the workers.
+    pub fn shards(&self) -> String {
+        format!("{}.shards", self.ns)
+    }
+    /// Events the finalizer consumes.
+    pub fn finalizer(&self) -> String {
+        format!("{}.finalizer", self.ns)
+    }
+    /// Topic exchange of every event; the upstream platform binds its own queue to it.
+    pub fn events(&self) -> String {
+        format!("{}.events", self.ns)
+    }
+    /// Where a queue's poison and malformed messages go, with the reason in a header.
+    pub fn dead(queue: &str) -> String {
+        format!("{queue}.dead")
+    }
+    /// The delay queue that holds a message for `delay_ms` and dead-letters it back into `queue`.
+    pub fn retry(queue: &str, delay_ms: u64) -> String {
+        format!("{queue}.retry.{delay_ms}")
+    }
+
+    /// The shard retry delay for a shard about to make attempt `next_attempt` (2 for the first
+    /// retry). The last configured delay repeats.
+    pub fn shard_retry_delay(&self, next_attempt: u32) -> u64 {
+        let i = (next_attempt.saturating_sub(2) as usize)
+            .min(self.shard_retry_delays_ms.len().saturating_sub(1));
+        self.shard_retry_delays_ms.get(i).copied().unwrap_or(1_000)
+    }
+
+    /// Declares everything, idempotently. Every role calls it at start so none depends on
+    /// another having started first.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        channel
+            .exchange_declare(
+                &self.events(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        for queue in [self.jobs(), self.shards(), self.finalizer()] {
+            self.declare_work_queue(channel, &queue).await?;
+        }
+        for delay in self.shard_retry_delays_ms.clone() {
+            self.declare_retry_queue(channel, &self.shards(), delay)
+                .await?;
+        }
+        self.declare_retry_queue(channel, &self.finalizer(), FINALIZER_RETRY_MS)
+            .await?;
+        for key in FINALIZER_EVENTS {
+            channel
+                .queue_bind(
+                    &self.finalizer(),
+                    &self.events(),
+                    key,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn base_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long_string("quorum"));
+        if let Some(ms) = self.queue_expires_ms {
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms as i64));
+        }
+        args
+    }
+
+    async fn declare_work_queue(&self, channel: &Channel, queue: &str) -> lapin::Result<()> {
+        let dead = Topology::dead(queue);
+        channel
+            .queue_declare(&dead, durable(), self.base_args())
+            .await?;
+        let mut args = self.base_args();
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+        dead_letter_to(&mut args, &dead);
+        channel.queue_declare(queue, durable(), args).await?;
+        Ok(())
+    }
+
+    async fn declare_retry_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        delay_ms: u64,
+    ) -> lapin::Result<()> {
+        let mut args = self.base_args();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay_ms as i64),
+        );
+        dead_letter_to(&mut args, queue);
+        channel
+            .queue_declare(&Topology::retry(queue, delay_ms), durable(), args)
+            .await?;
+        Ok(())
+    }
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+/// Dead-letter through the default exchange straight into `target`, at least once: the broker
+/// keeps the message until `target` confirms it.
+fn dead_letter_to(args: &mut FieldTable, target: &str) {
+    args.insert("x-dead-letter-exchange".into(), long_string(""));
+    args.insert("x-dead-letter-routing-key".into(), long_string(target));
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        long_string("at-least-once"),
+    );
+    args.insert("x-overflow".into(), long_string("reject-publish"));
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+/// Why a publish did not take.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the broker connection failed: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error("no queue is bound for routing key `{0}`: the message was returned")]
+    Unroutable(String),
+    #[error("the message could not be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl PublishError {
+    /// Every publish failure is worth retrying once the connection is back; an unroutable
+    /// message means the topology is missing and is not.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, PublishError::Unroutable(_) | PublishError::Encode(_))
+    }
+}
+
+/// Opens a connection. Callers retry with backoff around it.
+pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, props).await
+}
+
+/// A channel in confirm mode: every publish is confirmed and `mandatory`.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+/// A publish the broker has not confirmed yet.
+pub struct PendingConfirm {
+    confirm: PublisherConfirm,
+    routing_key: String,
+}
+
+impl PendingConfirm {
+    pub async fn wait(self) -> Result<(), PublishError> {
+        match self.confirm.await? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(self.routing_key)),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+            Confirmation::NotRequested => Ok(()),
+        }
+    }
+}
+
+impl Publisher {
+    pub async fn new(connection: &Connection) -> lapin::Result<Publisher> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Publisher { channel })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Sends without waiting for the confirm, so callers can keep a window of publishes in flight.
+    pub async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        headers: FieldTable,
+    ) -> Result<PendingConfirm, PublishError> {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"))
+            .with_headers(headers);
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange,
+                routing_key,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await?;
+        Ok(PendingConfirm {
+            confirm,
+            routing_key: routing_key.to_owned(),
+        })
+    }
+
+    /// Publishes and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        headers: FieldTable,
+    ) -> Result<(), PublishError> {
+        self.send(exchange, routing_key, body, headers)
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Publishes a JSON message straight to a queue through the default exchange.
+    pub async fn to_queue<T: Serialize>(
+        &self,
+        queue: &str,
+        message: &T,
+    ) -> Result<(), PublishError> {
+        let body = serde_json::to_vec(message)?;
+        self.publish("", queue, &body, FieldTable::default()).await
+    }
+
+    /// Publishes an event on the topic exchange.
+    pub async fn event(
+        &self,
+        topology: &Topology,
+        event: &crate::contract::Event,
+    ) -> Result<(), PublishError> {
+        let body = serde_json::to_vec(event)?;
+        self.publish(
+            &topology.events(),
+            event.routing_key(),
+            &body,
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// Parks a message in `queue`'s dead-letter queue with the reason in the
+    /// `x-rejection-reason` header. The caller acks the original only after this returns Ok.
+    pub async fn dead_letter(
+        &self,
+        queue: &str,
+        body: &[u8],
+        reason: &str,
+    ) -> Result<(), PublishError> {
+        let mut headers = FieldTable::default();
+        headers.insert("x-rejection-reason".into(), long_string(reason));
+        headers.insert("x-original-queue".into(), long_string(queue));
+        self.publish("", &Topology::dead(queue), body, headers)
+            .await
+    }
+}
+
+/// Reads a string header of a delivery, for tests and operators' tools.
+pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_step_up_then_repeat_the_last() {
+        let t = Topology::new("ns", vec![10, 20, 40]);
+        assert_eq!(t.shard_retry_delay(2), 10);
+        assert_eq!(t.shard_retry_delay(3), 20);
+        assert_eq!(t.shard_retry_delay(4), 40);
+        assert_eq!(t.shard_retry_delay(9), 40);
+    }
+
+    #[test]
+    fn names_carry_the_namespace() {
+        let t = Topology::new("blue", vec![]);
+        assert_eq!(t.shards(), "blue.shards");
+        assert_eq!(Topology::dead(&t.jobs()), "blue.jobs.dead");
+        assert_eq!(Topology::retry(&t.shards(), 500), "blue.shards.retry.500");
+    }
+}

@@ -1,0 +1,126 @@
+//! Events on the fleet's topic exchange. Routing keys are the `type` tags. They carry counts and
+//! ids, never identifiers or tokens, so the upstream platform may store them as they are.
+
+use super::Field;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Event {
+    /// A worker finished a shard (uploaded, or failed for good). Counts are in Redis already.
+    #[serde(rename = "shard.completed")]
+    ShardCompleted {
+        export_id: String,
+        field: Field,
+        shard_index: u32,
+        failed: bool,
+    },
+    /// The producer confirmed every shard and wrote the plan's totals.
+    #[serde(rename = "export.sealed")]
+    ExportSealed { export_id: String },
+    /// The producer refused a job; the finalizer records it and tells the requester.
+    #[serde(rename = "export.rejected")]
+    ExportRejected {
+        export_id: String,
+        reason: String,
+        notify: Vec<String>,
+    },
+    /// Meta refused a workspace's token.
+    #[serde(rename = "connection.invalidated")]
+    ConnectionInvalidated {
+        workspace_id: String,
+        export_id: Option<String>,
+        code: i64,
+        subcode: Option<i64>,
+        message: String,
+    },
+    /// Terminal: published once per export by the finalizer.
+    #[serde(rename = "export.finished")]
+    ExportFinished(FinishedReport),
+}
+
+impl Event {
+    pub fn routing_key(&self) -> &'static str {
+        match self {
+            Event::ShardCompleted { .. } => "shard.completed",
+            Event::ExportSealed { .. } => "export.sealed",
+            Event::ExportRejected { .. } => "export.rejected",
+            Event::ConnectionInvalidated { .. } => "connection.invalidated",
+            Event::ExportFinished(_) => "export.finished",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportStatus {
+    /// Every shard uploaded.
+    Succeeded,
+    /// Some shards failed; the rest arrived.
+    PartiallyFailed,
+    /// Nothing usable arrived.
+    Failed,
+    /// The job was refused before any audience was created.
+    Rejected,
+}
+
+impl ExportStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExportStatus::Succeeded => "succeeded",
+            ExportStatus::PartiallyFailed => "partially_failed",
+            ExportStatus::Failed => "failed",
+            ExportStatus::Rejected => "rejected",
+        }
+    }
+}
+
+/// What the marketer's email and the `export.finished` event say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinishedReport {
+    pub export_id: String,
+    pub status: ExportStatus,
+    /// Why the export was rejected or failed; empty on success.
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub segment_name: String,
+    pub ad_account_id: String,
+    pub members_read: u64,
+    /// Lines of the segment file that were not a record at all.
+    pub malformed_records: u64,
+    pub audiences: Vec<AudienceReport>,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AudienceReport {
+    pub field: Option<Field>,
+    pub audience_id: String,
+    pub name: String,
+    /// Members that had a value for this field.
+    pub with_value: u64,
+    /// Members without a value for this field.
+    pub missing: u64,
+    /// Values that failed normalization, never sent, by reason.
+    pub invalid: BTreeMap<String, u64>,
+    /// Values that were already SHA-256 hex and were passed through.
+    pub prehashed: u64,
+    /// Repeats of a value inside one shard, sent once.
+    pub duplicates: u64,
+    pub uploaded: u64,
+    /// Meta's `num_received`, summed over requests.
+    pub meta_received: u64,
+    /// Meta's `num_invalid_entries`, summed over requests.
+    pub meta_invalid: u64,
+    pub shards: u64,
+    pub shards_failed: u64,
+    /// Meta's message for the last failed shard, if any.
+    pub last_error: Option<String>,
+}
+
+impl AudienceReport {
+    pub fn invalid_total(&self) -> u64 {
+        self.invalid.values().sum()
+    }
+}

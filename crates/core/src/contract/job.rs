@@ -1,0 +1,277 @@
+//! The export job the upstream platform enqueues: what to export, where, and whom to tell.
+
+use super::Field;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// The contract version this build reads and writes. A job with another version is rejected with
+/// a reason rather than half-understood.
+pub const CONTRACT_VERSION: u32 = 1;
+
+/// One export request. `export_id` is its idempotency key: a job delivered twice runs once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportJob {
+    #[serde(default = "default_version")]
+    pub version: u32,
+    pub export_id: String,
+    pub workspace_id: String,
+    pub segment: Segment,
+    /// Meta ad account id, with or without the `act_` prefix.
+    pub ad_account_id: String,
+    pub fields: Vec<Field>,
+    pub source: Source,
+    pub notify: Notify,
+    /// Overrides the generated "<segment> - <Field> - <date>" name prefix.
+    #[serde(default)]
+    pub audience_name: Option<String>,
+    /// ISO 3166-1 alpha-2 country for phone numbers written without their country code.
+    #[serde(default)]
+    pub default_phone_country: Option<String>,
+    #[serde(default)]
+    pub requested_by: Option<String>,
+    #[serde(default)]
+    pub requested_at: Option<String>,
+}
+
+fn default_version() -> u32 {
+    CONTRACT_VERSION
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub url: String,
+    pub format: SourceFormat,
+    #[serde(default)]
+    pub compression: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    Ndjson,
+    Csv,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    #[serde(default)]
+    pub emails: Vec<String>,
+}
+
+/// Why a job cannot run. Never retryable: the same bytes will fail the same way.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum JobError {
+    #[error("the message is not JSON: {0}")]
+    NotJson(String),
+    #[error("the job does not match the contract: {0}")]
+    Contract(String),
+    #[error("the job is invalid: {0}")]
+    Invalid(String),
+}
+
+impl ExportJob {
+    /// Parses and validates a job message. The error says, in words an integrator can act on,
+    /// what is wrong; it is what the dead-letter header and the rejection email carry.
+    pub fn parse(bytes: &[u8]) -> Result<ExportJob, JobError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| JobError::NotJson(e.to_string()))?;
+        let job: ExportJob =
+            serde_json::from_value(value).map_err(|e| JobError::Contract(e.to_string()))?;
+        job.validate()?;
+        Ok(job)
+    }
+
+    fn validate(&self) -> Result<(), JobError> {
+        let invalid = |m: &str| Err(JobError::Invalid(m.to_owned()));
+        if self.version != CONTRACT_VERSION {
+            return Err(JobError::Invalid(format!(
+                "contract version {} is not supported (this build reads {CONTRACT_VERSION})",
+                self.version
+            )));
+        }
+        if !is_identifier(&self.export_id) {
+            return invalid(
+                "export_id must be 1-128 characters of letters, digits, '-', '_' or '.'",
+            );
+        }
+        if self.workspace_id.trim().is_empty() {
+            return invalid("workspace_id is empty");
+        }
+        if self.fields.is_empty() {
+            return invalid("fields is empty: choose at least one of email, phone, madid");
+        }
+        let distinct: BTreeSet<_> = self.fields.iter().collect();
+        if distinct.len() != self.fields.len() {
+            return invalid("fields lists the same field twice");
+        }
+        let account = self.ad_account_number();
+        if account.is_empty() || !account.bytes().all(|b| b.is_ascii_digit()) {
+            return invalid("ad_account_id must be digits, optionally prefixed by act_");
+        }
+        if self.segment.name.trim().is_empty() {
+            return invalid("segment.name is empty");
+        }
+        if self.source.format != SourceFormat::Ndjson {
+            return invalid("source.format csv is not supported yet: use ndjson");
+        }
+        if self.source.compression.is_some() {
+            return invalid("source.compression is not supported yet");
+        }
+        if let Some(c) = &self.default_phone_country {
+            if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return invalid("default_phone_country must be an ISO 3166-1 alpha-2 code");
+            }
+        }
+        Ok(())
+    }
+
+    /// The ad account id without its `act_` prefix.
+    pub fn ad_account_number(&self) -> &str {
+        self.ad_account_id
+            .strip_prefix("act_")
+            .unwrap_or(&self.ad_account_id)
+    }
+
+    /// Best-effort extraction of the export id and recipients from a job that failed to parse,
+    /// so a rejection can still be recorded and announced.
+    pub fn salvage(bytes: &[u8]) -> Option<(String, Vec<String>)> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let id = value.get("export_id")?.as_str()?;
+        if !is_identifier(id) {
+            return None;
+        }
+        let emails = value
+            .pointer("/notify/emails")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some((id.to_owned(), emails))
+    }
+}
+
+/// Export ids end up in Redis keys and AMQP headers: keep them to a safe alphabet.
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> serde_json::Value {
+        serde_json::json!({
+            "export_id": "exp-1",
+            "workspace_id": "ws-1",
+            "segment": {"id": "seg-1", "name": "Churned"},
+            "ad_account_id": "act_1234",
+            "fields": ["email", "phone"],
+            "source": {"url": "file:///tmp/x.ndjson", "format": "ndjson"},
+            "notify": {"emails": ["a@example.com"]}
+        })
+    }
+
+    fn parse(v: serde_json::Value) -> Result<ExportJob, JobError> {
+        ExportJob::parse(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn a_valid_job_parses() {
+        let job = parse(valid()).expect("valid job");
+        assert_eq!(job.fields, vec![Field::Email, Field::Phone]);
+        assert_eq!(job.ad_account_number(), "1234");
+    }
+
+    #[test]
+    fn each_defect_is_rejected_with_its_reason() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+            (
+                "missing fields",
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("fields");
+                }),
+                "missing field `fields`",
+            ),
+            (
+                "empty fields",
+                Box::new(|v| v["fields"] = serde_json::json!([])),
+                "fields is empty",
+            ),
+            (
+                "unknown field",
+                Box::new(|v| v["fields"] = serde_json::json!(["fax"])),
+                "unknown variant `fax`",
+            ),
+            (
+                "duplicate field",
+                Box::new(|v| v["fields"] = serde_json::json!(["email", "email"])),
+                "same field twice",
+            ),
+            (
+                "bad account",
+                Box::new(|v| v["ad_account_id"] = serde_json::json!("act_x1")),
+                "ad_account_id",
+            ),
+            (
+                "bad export id",
+                Box::new(|v| v["export_id"] = serde_json::json!("a b")),
+                "export_id",
+            ),
+            (
+                "unknown key",
+                Box::new(|v| v["tokn"] = serde_json::json!("x")),
+                "unknown field `tokn`",
+            ),
+            (
+                "future version",
+                Box::new(|v| v["version"] = serde_json::json!(2)),
+                "version 2",
+            ),
+            (
+                "csv",
+                Box::new(|v| v["source"]["format"] = serde_json::json!("csv")),
+                "csv",
+            ),
+        ];
+        for (name, mutate, expected) in cases {
+            let mut v = valid();
+            mutate(&mut v);
+            let err = parse(v).expect_err(name).to_string();
+            assert!(err.contains(expected), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn not_json_is_its_own_error() {
+        assert!(matches!(
+            ExportJob::parse(b"{nope"),
+            Err(JobError::NotJson(_))
+        ));
+    }
+
+    #[test]
+    fn salvage_finds_id_and_recipients_of_a_broken_job() {
+        let mut v = valid();
+        v.as_object_mut().unwrap().remove("fields");
+        let (id, emails) = ExportJob::salvage(v.to_string().as_bytes()).expect("salvaged");
+        assert_eq!(id, "exp-1");
+        assert_eq!(emails, vec!["a@example.com".to_owned()]);
+        assert!(ExportJob::salvage(b"not json").is_none());
+    }
+}

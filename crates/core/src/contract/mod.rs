@@ -1,0 +1,13 @@
+//! Versioned JSON contracts between the upstream platform, the producer, the workers and the
+//! finalizer. Every type here is serialised on the wire; changing a field is a contract change and
+//! belongs in `docs/ARCHITECTURE.md`. This module never performs I/O.
+
+mod event;
+mod field;
+mod job;
+mod shard;
+
+pub use event::{AudienceReport, Event, ExportStatus, FinishedReport};
+pub use field::Field;
+pub use job::{ExportJob, JobError, Notify, Segment, Source, SourceFormat, CONTRACT_VERSION};
+pub use shard::Shard;

@@ -1,0 +1,31 @@
+//! A shard: up to 10,000 raw values of one field for one audience, the unit of upload and of
+//! idempotency. Raw values are PII: a shard is never logged and lives only on the broker.
+
+use super::Field;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    pub export_id: String,
+    pub workspace_id: String,
+    pub audience_id: String,
+    pub ad_account_id: String,
+    pub field: Field,
+    /// 0-based, per field. With `export_id` and `field` it is the shard's idempotency key.
+    pub shard_index: u32,
+    pub records: Vec<String>,
+    /// 1 on first delivery; incremented each time the shard is scheduled for a retry.
+    pub attempt: u32,
+}
+
+impl Shard {
+    /// The idempotency key recorded in the export's done-set.
+    pub fn key(&self) -> String {
+        shard_key(self.field, self.shard_index)
+    }
+}
+
+pub fn shard_key(field: Field, index: u32) -> String {
+    format!("{field}:{index}")
+}

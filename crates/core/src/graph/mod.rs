@@ -1,0 +1,9 @@
+//! The Graph API client for customer-list Custom Audiences, and the one classification of Meta's
+//! answers that every caller acts on. It never logs a token, never puts one in a URL, and never
+//! sees raw identifiers: callers hand it values already normalized and hashed.
+
+mod classify;
+mod client;
+
+pub use classify::{classify, ErrorClass};
+pub use client::{AddUsersResponse, GraphClient, GraphError, MetaError};

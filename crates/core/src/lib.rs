@@ -1,0 +1,16 @@
+//! The library the three binaries share, so that each contract is written once.
+//!
+//! It owns the message contracts (`contract`), configuration loading (`config`), the Graph API
+//! client (`graph`), the Redis progress store (`progress`), the RabbitMQ topology and publishing
+//! rules (`amqp`), and telemetry (`telemetry`). It must never hold business decisions that belong to
+//! one role: planning lives in the producer, hashing in the worker, completion in the finalizer.
+
+pub mod amqp;
+pub mod config;
+pub mod contract;
+pub mod graph;
+pub mod progress;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use contract::{ExportJob, Field, Shard};

@@ -1,0 +1,131 @@
+//! Logs and the operator endpoints every binary serves: `/metrics` (Prometheus text),
+//! `/healthz` (the process is alive) and `/readyz` (connected to the broker and to Redis).
+//! Logs are JSON lines; callers must never pass a token or a raw identifier as a field.
+
+use crate::progress::ProgressStore;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{Encoder, Registry, TextEncoder};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Installs the JSON log subscriber. `RUST_LOG` wins over `filter` when set. Safe to call twice
+/// (tests do): the second call is a no-op.
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_current_span(true)
+        .with_env_filter(filter)
+        .try_init();
+}
+
+/// What `/readyz` reports. The run loop flips `broker` as its connection comes and goes.
+pub struct Health {
+    broker: AtomicBool,
+    progress: ProgressStore,
+}
+
+impl Health {
+    pub fn new(progress: ProgressStore) -> Arc<Health> {
+        Arc::new(Health {
+            broker: AtomicBool::new(false),
+            progress,
+        })
+    }
+
+    pub fn set_broker(&self, connected: bool) {
+        self.broker.store(connected, Ordering::Relaxed);
+    }
+
+    async fn ready(&self) -> Result<(), &'static str> {
+        if !self.broker.load(Ordering::Relaxed) {
+            return Err("not connected to the broker");
+        }
+        match tokio::time::timeout(Duration::from_secs(2), self.progress.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err("Redis does not answer"),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct OpsState {
+    registry: Registry,
+    health: Arc<Health>,
+}
+
+/// Binds the ops endpoints and serves them until `shutdown`. Returns the bound address (tests
+/// bind port 0).
+pub async fn serve_ops(
+    addr: SocketAddr,
+    registry: Registry,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(OpsState { registry, health });
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(message = "Ops server failed.", %error);
+        }
+    });
+    Ok(bound)
+}
+
+async fn metrics(State(state): State<OpsState>) -> (StatusCode, String) {
+    let mut buf = Vec::new();
+    match TextEncoder::new().encode(&state.registry.gather(), &mut buf) {
+        Ok(()) => (StatusCode::OK, String::from_utf8_lossy(&buf).into_owned()),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn readyz(State(state): State<OpsState>) -> (StatusCode, &'static str) {
+    match state.health.ready().await {
+        Ok(()) => (StatusCode::OK, "ready"),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+/// Exponential backoff with jitter, for reconnect loops and retries: a random delay in
+/// `[d/2, d]` where `d = min(cap, base * 2^attempt)`, so a fleet that lost its broker does not
+/// return in step, yet never retries at once.
+pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    use rand::Rng;
+    let exp = base.saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
+    let ceiling = exp.min(cap);
+    let ms = ceiling.as_millis() as u64;
+    Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_under_the_cap() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(5);
+        for attempt in 0..30 {
+            let d = backoff(attempt, base, cap);
+            assert!(d <= cap, "attempt {attempt}: {d:?}");
+        }
+        assert!(backoff(0, base, cap) <= base);
+        assert!(backoff(10, base, cap) >= cap / 2);
+    }
+}
