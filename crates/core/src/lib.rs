@@ -7,6 +7,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod consumer;
 pub mod contract;
 pub mod graph;
 pub mod progress;
@@ -14,3 +15,10 @@ pub mod shutdown;
 pub mod telemetry;
 
 pub use contract::{ExportJob, Field, Shard};
+
+/// A started role: where its ops endpoints listen, and its main loop, which returns once
+/// shutdown is requested and in-flight work is drained.
+pub struct Running {
+    pub ops_addr: std::net::SocketAddr,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}

@@ -32,6 +32,12 @@ for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
 return 1
 "#;
 
+/// Gives up a finalization claim, but only if this owner still holds it.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
 /// Why a progress operation failed. Redis errors are retryable: the connection manager
 /// reconnects, and every operation here is idempotent.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +82,7 @@ pub struct ProgressStore {
     ns: String,
     record_shard: redis::Script,
     complete: redis::Script,
+    release: redis::Script,
 }
 
 /// An export's progress hash, read at once.
@@ -126,6 +133,7 @@ impl ProgressStore {
             ns: namespace.to_owned(),
             record_shard: redis::Script::new(RECORD_SHARD),
             complete: redis::Script::new(COMPLETE),
+            release: redis::Script::new(RELEASE),
         })
     }
 
@@ -305,6 +313,19 @@ impl ProgressStore {
                 remaining: Duration::from_millis(ttl.max(1) as u64),
             }),
         }
+    }
+
+    /// Releases a claim after a failed attempt, so the next event retries at once rather than
+    /// after the lease.
+    pub async fn release_finalization(&self, export_id: &str, owner: &str) -> Result<()> {
+        let mut c = self.redis.clone();
+        let _: i64 = self
+            .release
+            .key(self.key(export_id, "final"))
+            .arg(owner)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(())
     }
 
     /// Records the terminal status and starts the retention clock on every key of the export.

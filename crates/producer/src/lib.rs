@@ -1,1 +1,83 @@
+//! The producer: takes export jobs, checks them, creates one audience per field, streams the
+//! segment into shards and seals the plan once the broker confirmed every shard. A job is acked
+//! only when its plan is sealed or its refusal announced.
 
+pub mod metrics;
+pub mod plan;
+pub mod source;
+
+use anyhow::Context;
+use audience_export_core::amqp::{self, Publisher, Topology};
+use audience_export_core::config::Settings;
+use audience_export_core::consumer;
+use audience_export_core::graph::GraphClient;
+use audience_export_core::progress::ProgressStore;
+use audience_export_core::telemetry::{self, Health};
+use audience_export_core::Running;
+use plan::Deps;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Jobs planned at once by one producer process. Planning is I/O bound (reading the segment,
+/// waiting for confirms); two keeps one large export from holding up a small one.
+const JOBS_IN_FLIGHT: u16 = 2;
+
+pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let token = settings.graph.access_token.clone().context(
+        "AE_GRAPH__ACCESS_TOKEN is not set: the producer has no token to create audiences with",
+    )?;
+    let progress = ProgressStore::connect(&settings.redis_url, &settings.namespace)
+        .await
+        .context("connecting to Redis")?;
+    let registry = prometheus::Registry::new();
+    let metrics = metrics::Metrics::register(&registry)?;
+    let health = Health::new(progress.clone());
+    let ops_addr = telemetry::serve_ops(
+        settings.producer.ops_addr,
+        registry,
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    let graph = GraphClient::from_settings(&settings.graph)?;
+    let task = tokio::spawn(async move {
+        consumer::reconnecting("producer", &health, &shutdown, || async {
+            let connection = amqp::connect(&settings.amqp_url, "audience-producer").await?;
+            let topology = Topology::from_settings(&settings);
+            let publisher = Publisher::new(&connection).await?;
+            topology.declare(publisher.channel()).await?;
+            let queue = topology.jobs();
+            let deps = Arc::new(Deps {
+                graph: graph.clone(),
+                progress: progress.clone(),
+                publisher,
+                topology,
+                token: token.clone(),
+                metrics: metrics.clone(),
+                shard_size: settings.producer.shard_size.clamp(1, 10_000),
+                confirm_window: settings.producer.confirm_window,
+                customer_file_source: settings.producer.customer_file_source.clone(),
+                job_ttl: Duration::from_secs(settings.finalizer.retention_secs),
+            });
+            let channel = connection.create_channel().await?;
+            health.set_broker(true);
+            info!(message = "Producer consuming export jobs.");
+            let ended =
+                consumer::consume(&channel, &queue, JOBS_IN_FLIGHT, &shutdown, |delivery| {
+                    let deps = deps.clone();
+                    let queue = queue.clone();
+                    async move {
+                        let outcome = plan::handle(deps.clone(), &delivery.data).await;
+                        consumer::settle(&deps.publisher, &queue, delivery, outcome).await;
+                    }
+                })
+                .await;
+            let _ = connection.close(200, "shutdown").await;
+            ended
+        })
+        .await
+    });
+    Ok(Running { ops_addr, task })
+}

@@ -1,0 +1,389 @@
+//! Turns an export job into a sealed plan: one new audience per field, the segment streamed into
+//! shards of at most `shard_size` values, every shard confirmed by the broker, then the totals
+//! written and the plan sealed. The producer is the only writer of a plan. A job seen before is
+//! resumed (audiences already created are reused; shards already counted are skipped by the
+//! workers), never planned twice.
+
+use crate::metrics::Metrics;
+use crate::source::{Line, SegmentReader};
+use audience_export_core::amqp::{PendingConfirm, PublishError, Publisher, Topology};
+use audience_export_core::consumer::Outcome;
+use audience_export_core::contract::{Event, ExportJob};
+use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
+use audience_export_core::progress::{now_ms, Begin, ProgressError, ProgressStore};
+use audience_export_core::telemetry::backoff;
+use audience_export_core::{Field, Shard};
+use lapin::types::FieldTable;
+use secrecy::SecretString;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn, Instrument};
+
+/// Attempts at creating one audience when Meta answers with a retryable error.
+const CREATE_ATTEMPTS: u32 = 5;
+
+pub struct Deps {
+    pub graph: GraphClient,
+    pub progress: ProgressStore,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    /// The fleet's access token until per-workspace connections exist.
+    pub token: SecretString,
+    pub metrics: Metrics,
+    pub shard_size: usize,
+    pub confirm_window: usize,
+    pub customer_file_source: String,
+    /// How long an export's keys may live if it never finishes.
+    pub job_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PlanError {
+    /// Our infrastructure failed: the job goes back to the queue.
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The job cannot run; the reason goes to the requester.
+    #[error("{reason}")]
+    Refused {
+        reason: String,
+        invalid_token: Option<Event>,
+    },
+}
+
+pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
+    let job = match ExportJob::parse(body) {
+        Ok(job) => job,
+        Err(error) => {
+            deps.metrics.jobs.with_label_values(&["rejected"]).inc();
+            let reason = error.to_string();
+            if let Some((export_id, notify)) = ExportJob::salvage(body) {
+                let event = Event::ExportRejected {
+                    export_id,
+                    reason: reason.clone(),
+                    notify,
+                };
+                if let Err(e) = deps.publisher.event(&deps.topology, &event).await {
+                    warn!(message = "Could not announce a rejected job; requeueing.", error = %e);
+                    return Outcome::Requeue;
+                }
+            }
+            return Outcome::Reject { reason };
+        }
+    };
+    let span =
+        tracing::info_span!("export", export_id = %job.export_id, workspace_id = %job.workspace_id);
+    async {
+        match plan(&deps, &job).await {
+            Ok(outcome) => outcome,
+            Err(PlanError::Refused { reason, invalid_token }) => {
+                warn!(message = "Export refused.", %reason);
+                deps.metrics.jobs.with_label_values(&["rejected"]).inc();
+                let rejected = Event::ExportRejected {
+                    export_id: job.export_id.clone(),
+                    reason,
+                    notify: job.notify.emails.clone(),
+                };
+                for event in invalid_token.iter().chain([&rejected]) {
+                    if let Err(e) = deps.publisher.event(&deps.topology, event).await {
+                        warn!(message = "Could not announce a refused export; requeueing.", error = %e);
+                        return Outcome::Requeue;
+                    }
+                }
+                Outcome::Ack
+            }
+            Err(error) => {
+                warn!(message = "Planning interrupted; requeueing the job.", %error);
+                deps.metrics.jobs.with_label_values(&["requeued"]).inc();
+                Outcome::Requeue
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
+    let job_json = serde_json::to_string(job).expect("a parsed job serializes");
+    match deps
+        .progress
+        .begin(&job.export_id, &job_json, now_ms(), deps.job_ttl)
+        .await?
+    {
+        Begin::New => info!(message = "Export accepted.", fields = ?job.fields),
+        Begin::Existing { sealed: true, .. } => {
+            info!(message = "Export already planned; ignoring the repeated job.");
+            deps.metrics.jobs.with_label_values(&["duplicate"]).inc();
+            return Ok(Outcome::Ack);
+        }
+        Begin::Existing {
+            sealed: false,
+            status,
+        } if status != "planning" => {
+            info!(message = "Export already ended; ignoring the repeated job.", %status);
+            deps.metrics.jobs.with_label_values(&["duplicate"]).inc();
+            return Ok(Outcome::Ack);
+        }
+        Begin::Existing { .. } => {
+            info!(message = "Resuming an export whose planning was interrupted.")
+        }
+    }
+
+    let account = job.ad_account_number();
+    let mut audiences = BTreeMap::new();
+    for &field in &job.fields {
+        let id = match deps.progress.audience(&job.export_id, field).await? {
+            Some(id) => id,
+            None => {
+                let name = audience_name(job, field);
+                let id = create_audience(deps, job, account, field, &name).await?;
+                deps.progress
+                    .set_audience(&job.export_id, field, &id, &name)
+                    .await?;
+                info!(message = "Audience created.", %field, audience_id = %id);
+                id
+            }
+        };
+        audiences.insert(field, id);
+    }
+
+    let mut reader = SegmentReader::open(&job.source.url, job.source.format)
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+    let mut sharder = Sharder::new(deps, job, account, audiences);
+    let (mut members, mut malformed) = (0u64, 0u64);
+    while let Some(line) = reader.next().await.map_err(|e| refused(e.to_string()))? {
+        match line {
+            Line::Malformed => malformed += 1,
+            Line::Record(record) => {
+                members += 1;
+                for &field in &job.fields {
+                    sharder.push(field, record.value(field)).await?;
+                }
+            }
+        }
+    }
+    let totals = sharder.finish().await?;
+    deps.metrics.members.inc_by(members);
+
+    let mut seal: Vec<(String, u64)> = vec![
+        ("members_read".into(), members),
+        ("malformed_records".into(), malformed),
+        (
+            "shards_planned".into(),
+            totals.values().map(|t| t.shards).sum(),
+        ),
+    ];
+    for (field, t) in &totals {
+        seal.push((format!("{field}:with_value"), t.with_value));
+        seal.push((format!("{field}:missing"), t.missing));
+        seal.push((format!("{field}:shards"), t.shards));
+    }
+    deps.progress.seal(&job.export_id, &seal).await?;
+    deps.publisher
+        .event(
+            &deps.topology,
+            &Event::ExportSealed {
+                export_id: job.export_id.clone(),
+            },
+        )
+        .await?;
+    deps.metrics.jobs.with_label_values(&["planned"]).inc();
+    info!(
+        message = "Export planned and sealed.",
+        members,
+        malformed,
+        shards = seal[2].1
+    );
+    Ok(Outcome::Ack)
+}
+
+fn refused(reason: String) -> PlanError {
+    PlanError::Refused {
+        reason,
+        invalid_token: None,
+    }
+}
+
+/// "<segment> - Email - 2026-11-29", or the job's own name with the field appended.
+pub fn audience_name(job: &ExportJob, field: Field) -> String {
+    let date = time::OffsetDateTime::now_utc().date();
+    match &job.audience_name {
+        Some(name) => format!("{name} - {}", field.label()),
+        None => format!("{} - {} - {date}", job.segment.name, field.label()),
+    }
+}
+
+async fn create_audience(
+    deps: &Deps,
+    job: &ExportJob,
+    account: &str,
+    field: Field,
+    name: &str,
+) -> Result<String, PlanError> {
+    let description = format!(
+        "Exported from segment {} ({})",
+        job.segment.name, job.segment.id
+    );
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = deps
+            .graph
+            .create_custom_audience(
+                &deps.token,
+                account,
+                name,
+                &description,
+                &deps.customer_file_source,
+            )
+            .await;
+        match result {
+            Ok(id) => return Ok(id),
+            Err(e) if e.is_retryable() && attempt < CREATE_ATTEMPTS => {
+                let wait = backoff(attempt, Duration::from_millis(500), Duration::from_secs(15));
+                warn!(message = "Creating the audience failed; retrying.", %field, class = e.class().as_str(), wait_ms = wait.as_millis() as u64, error = %e);
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(refusal(job, field, &e)),
+        }
+    }
+}
+
+/// The reason a marketer reads when Meta refuses the audience, naming the fix where there is one.
+fn refusal(job: &ExportJob, field: Field, e: &GraphError) -> PlanError {
+    let account = job.ad_account_number();
+    let class = e.class();
+    let reason = match class {
+        ErrorClass::TokenInvalid => format!("token invalid: Meta refused the Facebook connection ({}). Reconnect Facebook for this workspace.", e.user_message()),
+        ErrorClass::PermissionLost => format!("permission lost: the connected user can no longer manage ad account act_{account} ({}).", e.user_message()),
+        ErrorClass::TermsNotAccepted => format!("terms not accepted: accept the Custom Audience terms for act_{account} at https://business.facebook.com/ads/manage/customaudiences/tos/?act={account}"),
+        _ => format!("Meta refused to create the {} audience: {}", field.label(), e.user_message()),
+    };
+    let invalid_token = (class == ErrorClass::TokenInvalid).then(|| {
+        let meta = e.meta().cloned().unwrap_or_default();
+        Event::ConnectionInvalidated {
+            workspace_id: job.workspace_id.clone(),
+            export_id: Some(job.export_id.clone()),
+            code: meta.code.unwrap_or(190),
+            subcode: meta.error_subcode,
+            message: meta.message,
+        }
+    });
+    PlanError::Refused {
+        reason,
+        invalid_token,
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct FieldTotals {
+    with_value: u64,
+    missing: u64,
+    shards: u64,
+}
+
+/// Per-field buffers that become shard messages, with a bounded window of unconfirmed publishes.
+struct Sharder<'a> {
+    deps: &'a Deps,
+    job: &'a ExportJob,
+    account: &'a str,
+    audiences: BTreeMap<Field, String>,
+    buffers: BTreeMap<Field, Vec<String>>,
+    totals: BTreeMap<Field, FieldTotals>,
+    pending: VecDeque<PendingConfirm>,
+}
+
+impl<'a> Sharder<'a> {
+    fn new(
+        deps: &'a Deps,
+        job: &'a ExportJob,
+        account: &'a str,
+        audiences: BTreeMap<Field, String>,
+    ) -> Self {
+        let fields = audiences.keys().copied();
+        Sharder {
+            deps,
+            job,
+            account,
+            buffers: fields
+                .clone()
+                .map(|f| (f, Vec::with_capacity(deps.shard_size)))
+                .collect(),
+            totals: fields.map(|f| (f, FieldTotals::default())).collect(),
+            audiences,
+            pending: VecDeque::new(),
+        }
+    }
+
+    async fn push(&mut self, field: Field, value: Option<String>) -> Result<(), PlanError> {
+        let totals = self.totals.entry(field).or_default();
+        let Some(value) = value else {
+            totals.missing += 1;
+            return Ok(());
+        };
+        totals.with_value += 1;
+        let buffer = self.buffers.entry(field).or_default();
+        buffer.push(value);
+        if buffer.len() >= self.deps.shard_size {
+            self.flush(field).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, field: Field) -> Result<(), PlanError> {
+        let records = std::mem::take(self.buffers.entry(field).or_default());
+        if records.is_empty() {
+            return Ok(());
+        }
+        let totals = self.totals.entry(field).or_default();
+        let shard = Shard {
+            export_id: self.job.export_id.clone(),
+            workspace_id: self.job.workspace_id.clone(),
+            audience_id: self.audiences[&field].clone(),
+            ad_account_id: self.account.to_owned(),
+            field,
+            shard_index: totals.shards as u32,
+            records,
+            attempt: 1,
+        };
+        totals.shards += 1;
+        let body = serde_json::to_vec(&shard).expect("a shard always serializes");
+        let pending = self
+            .deps
+            .publisher
+            .send(
+                "",
+                &self.deps.topology.shards(),
+                &body,
+                FieldTable::default(),
+            )
+            .await?;
+        self.pending.push_back(pending);
+        self.deps
+            .metrics
+            .shards
+            .with_label_values(&[field.as_str()])
+            .inc();
+        while self.pending.len() >= self.deps.confirm_window.max(1) {
+            if let Some(oldest) = self.pending.pop_front() {
+                oldest.wait().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes the partial shards and waits until the broker confirmed every one.
+    async fn finish(mut self) -> Result<BTreeMap<Field, FieldTotals>, PlanError> {
+        let fields: Vec<Field> = self.buffers.keys().copied().collect();
+        for field in fields {
+            self.flush(field).await?;
+        }
+        while let Some(pending) = self.pending.pop_front() {
+            pending.wait().await?;
+        }
+        Ok(self.totals)
+    }
+}

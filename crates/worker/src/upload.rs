@@ -1,0 +1,234 @@
+//! One shard's journey: parse, skip if counted already, prepare, wait for the ad account's rate
+//! limit, upload, classify Meta's answer, record the effect in Redis and announce it. Returns one
+//! `Outcome`; the consumer loop alone acks, retries or rejects.
+
+use crate::metrics::Metrics;
+use crate::prepare::{prepare, Prepared};
+use audience_export_core::amqp::{PublishError, Publisher, Topology};
+use audience_export_core::consumer::Outcome;
+use audience_export_core::contract::Event;
+use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
+use audience_export_core::progress::{ProgressError, ProgressStore};
+use audience_export_core::Shard;
+use governor::{DefaultKeyedRateLimiter, Quota};
+use secrecy::SecretString;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{info, warn, Instrument};
+
+/// Everything a shard upload needs, shared by the worker's concurrent uploads.
+pub struct Deps {
+    pub graph: GraphClient,
+    pub progress: ProgressStore,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    /// Per-ad-account budget of this process.
+    pub limiter: DefaultKeyedRateLimiter<String>,
+    /// The fleet's access token until per-workspace connections exist.
+    pub token: SecretString,
+    pub metrics: Metrics,
+    pub max_attempts: u32,
+}
+
+impl Deps {
+    pub fn limiter(calls_per_second: u32) -> DefaultKeyedRateLimiter<String> {
+        let rate = NonZeroU32::new(calls_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
+        governor::RateLimiter::keyed(Quota::per_second(rate))
+    }
+}
+
+/// Failures of our own infrastructure, as opposed to Meta's answers.
+#[derive(Debug, thiserror::Error)]
+enum InfraError {
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
+    let shard: Shard = match serde_json::from_slice(body) {
+        Ok(shard) => shard,
+        Err(e) => {
+            deps.metrics.shards.with_label_values(&["rejected"]).inc();
+            return Outcome::Reject {
+                reason: format!("not a shard message: {e}"),
+            };
+        }
+    };
+    let span = tracing::info_span!(
+        "shard",
+        export_id = %shard.export_id,
+        field = %shard.field,
+        shard_index = shard.shard_index,
+        attempt = shard.attempt
+    );
+    match process(&deps, shard).instrument(span.clone()).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            span.in_scope(|| warn!(message = "Shard effect not recorded; requeueing.", %error));
+            Outcome::Requeue
+        }
+    }
+}
+
+async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
+    let key = shard.key();
+    if deps.progress.is_shard_done(&shard.export_id, &key).await? {
+        // Counted before (a redelivery after a crash between record and ack): announce again,
+        // since the announcement may be what was lost, and ack.
+        deps.metrics
+            .shards
+            .with_label_values(&["duplicate_delivery"])
+            .inc();
+        announce(deps, &shard, false).await?;
+        return Ok(Outcome::Ack);
+    }
+
+    let started = Instant::now();
+    let field = shard.field;
+    // Hashing 10,000 values takes milliseconds: off the async threads, so other uploads' I/O
+    // is not held up. The records come back because a retry must carry them.
+    let records = std::mem::take(&mut shard.records);
+    let (prepared, records): (Prepared, Vec<String>) = tokio::task::spawn_blocking(move || {
+        let prepared = prepare(field, &records);
+        (prepared, records)
+    })
+    .await
+    .expect("prepare does not panic");
+    shard.records = records;
+    deps.metrics
+        .prepare_seconds
+        .with_label_values(&[field.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    let mut counters = prepared.counters(field);
+
+    if prepared.data.is_empty() {
+        return finish(deps, &shard, None, counters).await;
+    }
+
+    deps.limiter.until_key_ready(&shard.ad_account_id).await;
+    let call = Instant::now();
+    let result = deps
+        .graph
+        .add_users(
+            &deps.token,
+            &shard.audience_id,
+            field.schema(),
+            &prepared.data,
+        )
+        .await;
+    deps.metrics
+        .upload_seconds
+        .with_label_values(&[field.as_str()])
+        .observe(call.elapsed().as_secs_f64());
+
+    match result {
+        Ok(answer) => {
+            deps.metrics.graph_requests.with_label_values(&["ok"]).inc();
+            counters.push((format!("{field}:uploaded"), prepared.data.len() as u64));
+            counters.push((format!("{field}:meta_received"), answer.num_received));
+            counters.push((format!("{field}:meta_invalid"), answer.num_invalid_entries));
+            let r = finish(deps, &shard, None, counters).await;
+            if r.is_ok() {
+                let records = &deps.metrics.records;
+                records
+                    .with_label_values(&[field.as_str(), "uploaded"])
+                    .inc_by(prepared.data.len() as u64);
+                records
+                    .with_label_values(&[field.as_str(), "duplicate"])
+                    .inc_by(prepared.duplicates);
+                records
+                    .with_label_values(&[field.as_str(), "invalid"])
+                    .inc_by(prepared.invalid.values().sum());
+                deps.metrics.shards.with_label_values(&["uploaded"]).inc();
+                info!(
+                    message = "Shard uploaded.",
+                    entries = prepared.data.len(),
+                    meta_invalid = answer.num_invalid_entries
+                );
+            }
+            r
+        }
+        Err(error) => failed_call(deps, shard, error, counters).await,
+    }
+}
+
+async fn failed_call(
+    deps: &Deps,
+    mut shard: Shard,
+    error: GraphError,
+    counters: Vec<(String, u64)>,
+) -> Result<Outcome, InfraError> {
+    let class = error.class();
+    deps.metrics
+        .graph_requests
+        .with_label_values(&[class.as_str()])
+        .inc();
+    if class.is_retryable() && shard.attempt < deps.max_attempts {
+        shard.attempt += 1;
+        let delay_ms = deps.topology.shard_retry_delay(shard.attempt);
+        warn!(message = "Upload failed; retrying later.", class = class.as_str(), delay_ms, %error);
+        deps.metrics.shards.with_label_values(&["retried"]).inc();
+        let queue = Topology::retry(&deps.topology.shards(), delay_ms);
+        let body = serde_json::to_vec(&shard).expect("a shard always serializes");
+        return Ok(Outcome::Delay { queue, body });
+    }
+    warn!(message = "Upload failed for good.", class = class.as_str(), %error);
+    if class == ErrorClass::TokenInvalid {
+        let meta = error.meta().cloned().unwrap_or_default();
+        deps.publisher
+            .event(
+                &deps.topology,
+                &Event::ConnectionInvalidated {
+                    workspace_id: shard.workspace_id.clone(),
+                    export_id: Some(shard.export_id.clone()),
+                    code: meta.code.unwrap_or(190),
+                    subcode: meta.error_subcode,
+                    message: meta.message,
+                },
+            )
+            .await?;
+    }
+    let reason = match class {
+        ErrorClass::TokenInvalid => format!("token invalid: {}", error.user_message()),
+        _ => error.user_message(),
+    };
+    deps.metrics.shards.with_label_values(&["failed"]).inc();
+    finish(deps, &shard, Some(&reason), counters).await
+}
+
+/// Records the shard (once) and announces it to the finalizer.
+async fn finish(
+    deps: &Deps,
+    shard: &Shard,
+    failure: Option<&str>,
+    counters: Vec<(String, u64)>,
+) -> Result<Outcome, InfraError> {
+    deps.progress
+        .record_shard(
+            &shard.export_id,
+            &shard.key(),
+            shard.field,
+            failure,
+            &counters,
+        )
+        .await?;
+    announce(deps, shard, failure.is_some()).await?;
+    Ok(Outcome::Ack)
+}
+
+async fn announce(deps: &Deps, shard: &Shard, failed: bool) -> Result<(), PublishError> {
+    deps.publisher
+        .event(
+            &deps.topology,
+            &Event::ShardCompleted {
+                export_id: shard.export_id.clone(),
+                field: shard.field,
+                shard_index: shard.shard_index,
+                failed,
+            },
+        )
+        .await
+}
