@@ -1,1 +1,8 @@
+//! The end-to-end harness of audience-export: the Graph API emulator, an SMTP sink, a
+//! deterministic segment generator, and `spawn_app`, which runs the real producer, worker and
+//! finalizer loops in-process against the real RabbitMQ and Redis under a fresh namespace.
 
+pub mod app;
+pub mod emulator;
+pub mod segment;
+pub mod smtp;

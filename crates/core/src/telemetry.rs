@@ -64,11 +64,13 @@ struct OpsState {
 /// Binds the ops endpoints and serves them until `shutdown`. Returns the bound address (tests
 /// bind port 0).
 pub async fn serve_ops(
+    role: &str,
     addr: SocketAddr,
     registry: Registry,
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
+    register_build_info(&registry, role);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new()
@@ -85,6 +87,24 @@ pub async fn serve_ops(
         }
     });
     Ok(bound)
+}
+
+/// `audience_export_build_info{role, version} 1`: which build each process runs, and a series
+/// that exists from the first scrape.
+fn register_build_info(registry: &Registry, role: &str) {
+    let info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "audience_export_build_info",
+            "The role and version of this process.",
+        ),
+        &["role", "version"],
+    );
+    if let Ok(info) = info {
+        info.with_label_values(&[role, env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // Registering twice fails only if a caller serves two ops endpoints on one registry.
+        let _ = registry.register(Box::new(info));
+    }
 }
 
 async fn metrics(State(state): State<OpsState>) -> (StatusCode, String) {

@@ -3,6 +3,7 @@
 //! no identifier and no token; only counts and ids.
 
 use audience_export_core::contract::{ExportStatus, FinishedReport};
+use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
 use lettre::transport::smtp::AsyncSmtpTransport;
 use lettre::{AsyncTransport, Message, Tokio1Executor};
@@ -67,7 +68,8 @@ impl Mailer {
         if !any {
             return Err(EmailError::NoRecipient);
         }
-        let message = builder.body(body(report))?;
+        // lettre picks the transfer encoding: 7bit, or quoted-printable for the long link lines.
+        let message = builder.header(ContentType::TEXT_PLAIN).body(body(report))?;
         self.transport.send(message).await?;
         Ok(())
     }

@@ -30,6 +30,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let metrics = metrics::Metrics::register(&registry)?;
     let health = Health::new(progress.clone());
     let ops_addr = telemetry::serve_ops(
+        "finalizer",
         settings.finalizer.ops_addr,
         registry,
         health.clone(),

@@ -33,6 +33,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let metrics = metrics::Metrics::register(&registry)?;
     let health = Health::new(progress.clone());
     let ops_addr = telemetry::serve_ops(
+        "worker",
         settings.worker.ops_addr,
         registry,
         health.clone(),

@@ -1,0 +1,335 @@
+//! `spawn_app`: the whole fleet in-process (the real producer, worker and finalizer loops) on
+//! the real RabbitMQ and Redis, under a fresh namespace so tests run side by side, with the Graph
+//! emulator and the SMTP sink on free ports, and a listener on the fleet's events.
+
+use crate::emulator::Emulator;
+use crate::smtp::SmtpSink;
+use audience_export_core::amqp::{self, Publisher, Topology};
+use audience_export_core::config::Settings;
+use audience_export_core::contract::{Event, FinishedReport};
+use audience_export_core::progress::ProgressStore;
+use audience_export_core::Running;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use secrecy::SecretString;
+use serde_json::Value;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub const AD_ACCOUNT: &str = "1001";
+
+/// Which roles a test runs.
+#[derive(Clone, Copy)]
+pub struct Roles {
+    pub producer: bool,
+    pub worker: bool,
+    pub finalizer: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        producer: true,
+        worker: true,
+        finalizer: true,
+    };
+}
+
+pub struct TestApp {
+    pub settings: Settings,
+    pub token: String,
+    pub emulator: Emulator,
+    pub smtp: SmtpSink,
+    pub progress: ProgressStore,
+    pub topology: Topology,
+    pub publisher: Publisher,
+    pub dir: PathBuf,
+    pub ops: Vec<std::net::SocketAddr>,
+    events: Arc<(Mutex<Vec<Event>>, Notify)>,
+    connection: lapin::Connection,
+    shutdown: CancellationToken,
+    roles: Vec<Running>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Roles::ALL, |_| {}).await
+}
+
+/// Spawns the roles asked for, after `tune` adjusts the settings.
+pub async fn spawn_app_with(roles: Roles, tune: impl FnOnce(&mut Settings)) -> TestApp {
+    // Logs show up with a failing test's output; RUST_LOG overrides.
+    audience_export_core::telemetry::init_logging("warn");
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let namespace = format!("t{}", &id[..12]);
+    let token = format!("EAAtest{}", &id[..16]);
+    let emulator = Emulator::with_token(&token, AD_ACCOUNT).await;
+    let smtp = SmtpSink::on_free_port().await;
+    let dir = std::env::temp_dir().join(format!("ae-{namespace}"));
+    std::fs::create_dir_all(&dir).expect("creating a temp dir");
+
+    let mut settings = Settings::for_namespace(&namespace);
+    settings.amqp_queue_expires_ms = Some(15 * 60 * 1000);
+    settings.graph.base_url = emulator.base_url();
+    settings.graph.access_token = Some(SecretString::from(token.clone()));
+    settings.graph.timeout_ms = 10_000;
+    settings.worker.retry_delays_ms = vec![100, 200, 400];
+    settings.finalizer.smtp_port = smtp.addr.port();
+    settings.finalizer.retention_secs = 3600;
+    for addr in [
+        &mut settings.producer.ops_addr,
+        &mut settings.worker.ops_addr,
+        &mut settings.finalizer.ops_addr,
+    ] {
+        *addr = ([127, 0, 0, 1], 0).into();
+    }
+    tune(&mut settings);
+
+    let topology = Topology::from_settings(&settings);
+    let connection = amqp::connect(&settings.amqp_url, "test-harness")
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672");
+    let publisher = Publisher::new(&connection).await.expect("a channel");
+    topology
+        .declare(publisher.channel())
+        .await
+        .expect("declaring the topology");
+    let progress = ProgressStore::connect(&settings.redis_url, &namespace)
+        .await
+        .expect("Redis at 127.0.0.1:6379");
+    let events = listen(&connection, &topology).await;
+
+    let shutdown = CancellationToken::new();
+    let mut running = Vec::new();
+    if roles.producer {
+        running.push(
+            audience_export_producer::start(settings.clone(), shutdown.clone())
+                .await
+                .expect("producer starts"),
+        );
+    }
+    if roles.worker {
+        running.push(
+            audience_export_worker::start(settings.clone(), shutdown.clone())
+                .await
+                .expect("worker starts"),
+        );
+    }
+    if roles.finalizer {
+        running.push(
+            audience_export_finalizer::start(settings.clone(), shutdown.clone())
+                .await
+                .expect("finalizer starts"),
+        );
+    }
+    TestApp {
+        ops: running.iter().map(|r| r.ops_addr).collect(),
+        settings,
+        token,
+        emulator,
+        smtp,
+        progress,
+        topology,
+        publisher,
+        dir,
+        events,
+        connection,
+        shutdown,
+        roles: running,
+    }
+}
+
+/// Binds an exclusive queue to every event and collects them.
+async fn listen(
+    connection: &lapin::Connection,
+    topology: &Topology,
+) -> Arc<(Mutex<Vec<Event>>, Notify)> {
+    let channel = connection.create_channel().await.expect("a channel");
+    let queue = channel
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("an event queue");
+    channel
+        .queue_bind(
+            queue.name().as_str(),
+            &topology.events(),
+            "#",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("binding the event queue");
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().as_str(),
+            "",
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consuming events");
+    let events: Arc<(Mutex<Vec<Event>>, Notify)> = Arc::default();
+    let sink = events.clone();
+    tokio::spawn(async move {
+        let _keep = channel;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            if let Ok(event) = serde_json::from_slice::<Event>(&delivery.data) {
+                sink.0.lock().expect("events lock").push(event);
+                sink.1.notify_waiters();
+            }
+        }
+    });
+    events
+}
+
+impl TestApp {
+    pub fn namespace(&self) -> &str {
+        &self.settings.namespace
+    }
+
+    /// A job for the test's ad account, reading `segment`.
+    pub fn job(&self, export_id: &str, fields: &[&str], segment: &std::path::Path) -> Value {
+        serde_json::json!({
+            "export_id": export_id,
+            "workspace_id": "ws-1",
+            "segment": {"id": "seg-1", "name": "Spring buyers"},
+            "ad_account_id": format!("act_{AD_ACCOUNT}"),
+            "fields": fields,
+            "source": {"url": format!("file://{}", segment.display()), "format": "ndjson"},
+            "notify": {"emails": ["marketer@example.com"]},
+            "requested_by": "marketer@example.com"
+        })
+    }
+
+    pub async fn enqueue(&self, body: &[u8]) {
+        self.publisher
+            .publish("", &self.topology.jobs(), body, FieldTable::default())
+            .await
+            .expect("publishing a job");
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events.0.lock().expect("events lock").clone()
+    }
+
+    /// Waits for an event matching `pred`.
+    pub async fn wait_event(
+        &self,
+        deadline: Duration,
+        pred: impl Fn(&Event) -> bool,
+    ) -> Option<Event> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let notified = self.events.1.notified();
+            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
+                return Some(e);
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Waits for the export's `export.finished` event and returns its report.
+    pub async fn finished(&self, export_id: &str, deadline: Duration) -> FinishedReport {
+        let event = self
+            .wait_event(
+                deadline,
+                |e| matches!(e, Event::ExportFinished(r) if r.export_id == export_id),
+            )
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "export {export_id} did not finish within {deadline:?}; events: {:?}",
+                    self.events()
+                )
+            });
+        match event {
+            Event::ExportFinished(report) => report,
+            _ => unreachable!("matched above"),
+        }
+    }
+
+    /// Takes one message from a queue (for dead-letter assertions), acking it.
+    pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        let channel = self.publisher.channel();
+        let message = channel
+            .basic_get(queue, BasicGetOptions::default())
+            .await
+            .expect("basic.get")?;
+        message
+            .delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        Some(message)
+    }
+
+    /// Messages waiting in a queue.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.expect("a channel");
+        let q = channel
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the queue exists");
+        let _ = channel.close(200, "done").await;
+        q.message_count()
+    }
+
+    /// Stops every role, waits for their drain, and cleans up.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for role in self.roles {
+            role.task
+                .await
+                .expect("role task joins")
+                .expect("role ends cleanly");
+        }
+        self.emulator.stop();
+        self.smtp.stop();
+        let _ = self.connection.close(200, "done").await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `check` until it yields Some or the deadline passes: a wait on a condition, never a
+/// fixed sleep.
+pub async fn eventually<T, F, Fut>(deadline: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

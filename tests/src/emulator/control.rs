@@ -1,0 +1,103 @@
+//! The control API under `/_emulator/`, kept apart from the Graph paths: what the demo, the
+//! benchmarks and out-of-process tests use to seed, break and inspect the emulator.
+
+use super::state::{AdAccountSeed, Config, Fault, State, TokenSeed};
+use axum::extract::{Path, State as AxState};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+
+type Shared = Arc<Mutex<State>>;
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/_emulator/audiences", get(audiences))
+        .route("/_emulator/audiences/{id}/entries", get(entries))
+        .route("/_emulator/tokens", post(add_token))
+        .route("/_emulator/tokens/{token}/revoke", post(revoke))
+        .route("/_emulator/ad_accounts", post(add_account))
+        .route("/_emulator/ad_accounts/{id}", get(account))
+        .route("/_emulator/faults", post(faults))
+        .route("/_emulator/config", get(config).post(set_config))
+        .with_state(state)
+}
+
+fn lock(state: &Shared) -> std::sync::MutexGuard<'_, State> {
+    state.lock().expect("emulator state lock")
+}
+
+async fn audiences(AxState(state): AxState<Shared>) -> Json<Value> {
+    let views = lock(&state).audience_views();
+    let list: Vec<Value> = views
+        .iter()
+        .map(|a| {
+            json!({
+                "id": a.id, "ad_account": a.ad_account, "name": a.name, "subtype": a.subtype,
+                "customer_file_source": a.customer_file_source,
+                "distinct_entries": a.entries.len(), "calls": a.calls,
+                "entries_sent": a.entries.values().map(|n| *n as u64).sum::<u64>(),
+            })
+        })
+        .collect();
+    Json(json!({ "data": list }))
+}
+
+async fn entries(AxState(state): AxState<Shared>, Path(id): Path<String>) -> Json<Value> {
+    let view = lock(&state)
+        .audience_views()
+        .into_iter()
+        .find(|a| a.id == id);
+    Json(json!({ "entries": view.map(|v| v.entries).unwrap_or_default() }))
+}
+
+async fn add_token(AxState(state): AxState<Shared>, Json(seed): Json<TokenSeed>) -> Json<Value> {
+    lock(&state).add_token(seed);
+    Json(json!({ "ok": true }))
+}
+
+#[derive(Deserialize)]
+struct Revoke {
+    subcode: i64,
+}
+
+async fn revoke(
+    AxState(state): AxState<Shared>,
+    Path(token): Path<String>,
+    Json(r): Json<Revoke>,
+) -> Json<Value> {
+    Json(json!({ "revoked": lock(&state).revoke(&token, r.subcode) }))
+}
+
+async fn add_account(
+    AxState(state): AxState<Shared>,
+    Json(seed): Json<AdAccountSeed>,
+) -> Json<Value> {
+    lock(&state).add_ad_account(seed);
+    Json(json!({ "ok": true }))
+}
+
+async fn account(AxState(state): AxState<Shared>, Path(id): Path<String>) -> Json<Value> {
+    let s = lock(&state);
+    match s.ad_accounts.get(&id) {
+        Some(a) => Json(
+            json!({ "id": id, "calls": a.total_calls, "throttled": a.throttled, "budget": a.budget, "tos_accepted": a.tos_accepted }),
+        ),
+        None => Json(json!({ "error": "unknown ad account" })),
+    }
+}
+
+async fn faults(AxState(state): AxState<Shared>, Json(list): Json<Vec<Fault>>) -> Json<Value> {
+    lock(&state).scripted_faults.extend(list);
+    Json(json!({ "ok": true }))
+}
+
+async fn config(AxState(state): AxState<Shared>) -> Json<Config> {
+    Json(lock(&state).config.clone())
+}
+
+async fn set_config(AxState(state): AxState<Shared>, Json(config): Json<Config>) -> Json<Value> {
+    lock(&state).config = config;
+    Json(json!({ "ok": true }))
+}

@@ -1,0 +1,289 @@
+//! The Graph paths: `/{version}/{node}` and `/{version}/{node}/{edge}`, dispatched to the model
+//! in `state.rs` under its lock, answered after the latency model's delay with Meta's usage
+//! headers and error envelope.
+
+use super::state::{Answer, GraphFailure, Params, State, Usage};
+use super::CallRecord;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+type Shared = Arc<Mutex<State>>;
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/{version}/{node}", any(node))
+        .route("/{version}/{node}/{edge}", any(edge))
+        .with_state(state)
+}
+
+async fn node(
+    AxState(state): AxState<Shared>,
+    Path((version, node)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    respond(
+        &state, method, &version, &node, None, &headers, query, &body,
+    )
+    .await
+}
+
+async fn edge(
+    AxState(state): AxState<Shared>,
+    Path((version, node, edge)): Path<(String, String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    respond(
+        &state,
+        method,
+        &version,
+        &node,
+        Some(&edge),
+        &headers,
+        query,
+        &body,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn respond(
+    state: &Shared,
+    method: Method,
+    version: &str,
+    node: &str,
+    edge: Option<&str>,
+    headers: &HeaderMap,
+    query: HashMap<String, String>,
+    body: &[u8],
+) -> Response {
+    let params = params(headers, query, body);
+    let token = bearer(headers).or_else(|| params.get("access_token").cloned());
+    let answer = {
+        let mut s = state.lock().expect("emulator state lock");
+        let answer = dispatch(
+            &mut s,
+            &method,
+            version,
+            node,
+            edge,
+            &params,
+            token.as_deref(),
+        );
+        let records = params
+            .get("payload")
+            .and_then(|p| serde_json::from_str::<Value>(p).ok())
+            .and_then(|p| p.get("data").and_then(Value::as_array).map(Vec::len))
+            .unwrap_or(0);
+        s.calls.push(CallRecord {
+            method: method.to_string(),
+            path: match edge {
+                Some(e) => format!("{node}/{e}"),
+                None => node.to_owned(),
+            },
+            token: token.clone(),
+            ad_account: answer.usage.as_ref().map(|u| u.ad_account.clone()),
+            error_code: answer.result.as_ref().err().map(|f| f.code),
+            records,
+        });
+        answer
+    };
+    if !answer.delay.is_zero() {
+        tokio::time::sleep(answer.delay).await;
+    }
+    let mut response = match answer.result {
+        Ok(value) => (StatusCode::OK, axum::Json(value)).into_response(),
+        Err(f) if f.html => (
+            StatusCode::from_u16(f.http).unwrap_or(StatusCode::BAD_GATEWAY),
+            [(header::CONTENT_TYPE, "text/html")],
+            f.message,
+        )
+            .into_response(),
+        Err(f) => (
+            StatusCode::from_u16(f.http).unwrap_or(StatusCode::BAD_REQUEST),
+            axum::Json(f.envelope()),
+        )
+            .into_response(),
+    };
+    if let Some(usage) = answer.usage {
+        usage_headers(response.headers_mut(), &usage);
+    }
+    response
+}
+
+fn dispatch(
+    s: &mut State,
+    method: &Method,
+    version: &str,
+    node: &str,
+    edge: Option<&str>,
+    p: &Params,
+    token: Option<&str>,
+) -> Answer {
+    let plain = |result: Result<Value, GraphFailure>| Answer {
+        result,
+        delay: Duration::ZERO,
+        usage: None,
+    };
+    if let Err(f) = s.check_version(version) {
+        return plain(Err(f));
+    }
+    // OAuth endpoints authenticate with the app's credentials, not a token.
+    if node == "oauth" && edge == Some("access_token") {
+        return plain(Err(GraphFailure::new(
+            400,
+            101,
+            None,
+            "OAuthException",
+            "Error validating client secret or code.",
+        )));
+    }
+    let proof = p.get("appsecret_proof").map(String::as_str);
+    let token = match s.authenticate(token, proof) {
+        Ok(t) => t,
+        Err(f) => return plain(Err(f)),
+    };
+    match (method.as_str(), node, edge) {
+        ("GET", "me", Some("adaccounts")) => plain(Ok(s.my_ad_accounts(&token))),
+        ("GET", "debug_token", None) => {
+            let input = p.get("input_token").cloned().unwrap_or_default();
+            plain(Ok(s.debug_token(&input)))
+        }
+        (_, account, edge) if account.starts_with("act_") => {
+            let id = &account[4..];
+            if !s.ad_accounts.contains_key(id) || !s.tokens[&token].ad_accounts.contains(id) {
+                return plain(Err(GraphFailure::new(
+                    400,
+                    200,
+                    None,
+                    "OAuthException",
+                    format!("(#200) The user does not have permission to manage ad account act_{id}, or it does not exist."),
+                )));
+            }
+            match (method.as_str(), edge) {
+                ("GET", None) => plain(Ok(s.tos(id))),
+                ("POST", Some("customaudiences")) => {
+                    charged(s, id, 0, |s| s.create_audience(&token, id, p))
+                }
+                _ => plain(Err(unsupported(method, account))),
+            }
+        }
+        ("GET", audience, None) => plain(s.audience_info(audience)),
+        (m @ ("POST" | "DELETE"), audience, Some("users")) => {
+            let account = match s.audience_account(&token, audience) {
+                Ok(a) => a,
+                Err(f) => return plain(Err(f)),
+            };
+            let records = p
+                .get("payload")
+                .and_then(|raw| serde_json::from_str::<Value>(raw).ok())
+                .and_then(|v| v.get("data").and_then(Value::as_array).map(Vec::len))
+                .unwrap_or(0);
+            charged(s, &account, records, |s| match s.fault() {
+                Some(f) => Err(f),
+                None => s.users(audience, p, m == "DELETE"),
+            })
+        }
+        _ => plain(Err(unsupported(method, node))),
+    }
+}
+
+/// Runs a call that counts against the ad account's rate limit.
+fn charged(
+    s: &mut State,
+    account: &str,
+    records: usize,
+    call: impl FnOnce(&mut State) -> Result<Value, GraphFailure>,
+) -> Answer {
+    let delay = s.delay(records);
+    match s.charge(account) {
+        Err((throttled, usage)) => Answer {
+            result: Err(throttled),
+            delay: s.delay(0),
+            usage: Some(usage),
+        },
+        Ok(usage) => Answer {
+            result: call(s),
+            delay,
+            usage: Some(usage),
+        },
+    }
+}
+
+fn unsupported(method: &Method, node: &str) -> GraphFailure {
+    GraphFailure::new(
+        400,
+        100,
+        Some(33),
+        "GraphMethodException",
+        format!("Unsupported {} request. Object with ID '{node}' does not exist, cannot be loaded due to missing permissions, or does not support this operation.", method.as_str().to_lowercase()),
+    )
+}
+
+/// Query and body parameters together; a JSON body's non-string values become their JSON text,
+/// as Meta reads `payload` either way.
+fn params(headers: &HeaderMap, query: HashMap<String, String>, body: &[u8]) -> Params {
+    let mut out = query;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json {
+        if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
+            for (k, v) in map {
+                out.insert(
+                    k,
+                    match v {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    },
+                );
+            }
+        }
+    } else if let Ok(pairs) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body) {
+        out.extend(pairs);
+    }
+    out
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("OAuth "))
+        .map(|t| t.trim().to_owned())
+}
+
+fn usage_headers(headers: &mut HeaderMap, u: &Usage) {
+    let buc = json!({ u.ad_account.clone(): [{
+        "type": "custom_audience",
+        "call_count": u.call_pct,
+        "total_cputime": u.call_pct / 2,
+        "total_time": u.call_pct / 2,
+        "estimated_time_to_regain_access": u.regain_minutes,
+    }]});
+    let account = json!({ "acc_id_util_pct": u.call_pct, "reset_time_duration": u.reset_secs });
+    let app = json!({ "call_count": u.call_pct / 4, "total_time": u.call_pct / 8, "total_cputime": u.call_pct / 8 });
+    for (name, value) in [
+        ("x-business-use-case-usage", buc),
+        ("x-ad-account-usage", account),
+        ("x-app-usage", app),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+            headers.insert(name, v);
+        }
+    }
+}

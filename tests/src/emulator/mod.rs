@@ -1,0 +1,155 @@
+//! A Graph API emulator for customer-list Custom Audiences, faithful to the behaviour in
+//! `shared/reference/graph-api.md`: versioned paths, Meta's error envelope and codes, token and
+//! ad-account checks, the 10,000-record limit, per-record validation, per-ad-account rate limits
+//! with the real usage headers, a latency model, and injectable faults. Tests embed it on a free
+//! port and inspect what each audience received; the `graph-emulator` binary serves the same
+//! thing for the demo and the benchmarks, with a control API under `/_emulator/`.
+//!
+//! It never forwards anything anywhere: it is a closed, in-memory model.
+
+mod control;
+mod graph;
+mod state;
+
+pub use state::{AdAccountSeed, Config, Fault, Latency, Seed, TokenKind, TokenSeed};
+
+use state::State;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+/// A running emulator. Dropping it does not stop it; call `stop` or cancel its token.
+#[derive(Clone)]
+pub struct Emulator {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: CancellationToken,
+}
+
+/// What one audience holds, for assertions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudienceView {
+    pub id: String,
+    pub ad_account: String,
+    pub name: String,
+    pub subtype: String,
+    pub customer_file_source: Option<String>,
+    /// Entry (hash or MADID) → times it was sent.
+    pub entries: HashMap<String, u32>,
+    pub calls: u64,
+}
+
+/// One Graph call as the emulator saw it, for assertions on who called what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRecord {
+    pub method: String,
+    /// The path without the version, e.g. `act_1/customaudiences`.
+    pub path: String,
+    pub token: Option<String>,
+    pub ad_account: Option<String>,
+    /// Meta's error code, or None on success.
+    pub error_code: Option<i64>,
+    pub records: usize,
+}
+
+impl Emulator {
+    /// Starts on `addr` (port 0 for a free one) with `config` and `seed`.
+    pub async fn start(addr: SocketAddr, config: Config, seed: Seed) -> std::io::Result<Emulator> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::new(config, seed)));
+        let stop = CancellationToken::new();
+        let app = graph::router(state.clone()).merge(control::router(state.clone()));
+        let shutdown = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
+        });
+        Ok(Emulator { addr, state, stop })
+    }
+
+    /// An emulator on a free loopback port with one user token that may use `ad_account`.
+    pub async fn with_token(token: &str, ad_account: &str) -> Emulator {
+        let seed = Seed {
+            tokens: vec![TokenSeed::user(token, &[ad_account])],
+            ad_accounts: vec![AdAccountSeed::new(ad_account)],
+        };
+        Emulator::start(([127, 0, 0, 1], 0).into(), Config::default(), seed)
+            .await
+            .expect("binding a loopback port")
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        // A poisoned lock means a handler panicked; the emulator's state is then suspect anyway.
+        let mut state = self.state.lock().expect("emulator state lock");
+        f(&mut state)
+    }
+
+    pub fn audiences(&self) -> Vec<AudienceView> {
+        self.with(|s| s.audience_views())
+    }
+
+    pub fn audience(&self, id: &str) -> Option<AudienceView> {
+        self.with(|s| s.audience_views().into_iter().find(|a| a.id == id))
+    }
+
+    pub fn calls(&self) -> Vec<CallRecord> {
+        self.with(|s| s.calls.clone())
+    }
+
+    pub fn add_token(&self, seed: TokenSeed) {
+        self.with(|s| s.add_token(seed))
+    }
+
+    pub fn add_ad_account(&self, seed: AdAccountSeed) {
+        self.with(|s| s.add_ad_account(seed))
+    }
+
+    /// Every later call with `token` answers code 190 with `subcode`.
+    pub fn revoke(&self, token: &str, subcode: i64) -> bool {
+        self.with(|s| s.revoke(token, subcode))
+    }
+
+    /// Calls made with `token` after it was revoked.
+    pub fn calls_after_revocation(&self, token: &str) -> u64 {
+        self.with(|s| {
+            s.tokens
+                .get(token)
+                .map(|t| t.calls_after_revocation)
+                .unwrap_or(0)
+        })
+    }
+
+    /// Queues faults answered, in order, to the next add-users calls.
+    pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.with(|s| s.scripted_faults.extend(faults))
+    }
+
+    pub fn set_budget(&self, ad_account: &str, calls_per_window: u64) {
+        self.with(|s| {
+            if let Some(a) = s.ad_accounts.get_mut(ad_account) {
+                a.budget = calls_per_window;
+            }
+        })
+    }
+
+    /// (calls, throttled calls) of an ad account.
+    pub fn account_stats(&self, ad_account: &str) -> (u64, u64) {
+        self.with(|s| {
+            s.ad_accounts
+                .get(ad_account)
+                .map(|a| (a.total_calls, a.throttled))
+                .unwrap_or((0, 0))
+        })
+    }
+}

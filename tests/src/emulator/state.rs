@@ -1,0 +1,894 @@
+//! The emulator's in-memory model and the rules it applies. Handlers in `graph.rs` translate
+//! HTTP to calls here; nothing here awaits, so the lock is never held across an await.
+
+use super::{AudienceView, CallRecord};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Behaviour settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Lowest and highest accepted API major versions; others answer code 2635.
+    pub min_version: u32,
+    pub max_version: u32,
+    pub app_id: String,
+    /// When set, `appsecret_proof` is checked whenever sent.
+    pub app_secret: Option<String>,
+    /// Refuse calls without `appsecret_proof`.
+    pub require_appsecret_proof: bool,
+    /// Calls per window for ad accounts that do not set their own.
+    pub default_budget: u64,
+    /// Length of the rate-limit window, in seconds (Meta's is an hour).
+    pub window_secs: f64,
+    pub latency: Latency,
+    /// Seed of every random choice (jitter, fault rates), for reproducible runs.
+    pub seed: u64,
+    /// Share of add-users calls answered HTTP 500 (0.0 to 1.0).
+    pub error_rate_5xx: f64,
+    /// Share of add-users calls answered code 2, `is_transient`.
+    pub error_rate_transient: f64,
+    /// Keep every received entry (tests); off for large benchmarks to save memory.
+    pub record_entries: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            min_version: 22,
+            max_version: 27,
+            app_id: "1000000000000001".into(),
+            app_secret: None,
+            require_appsecret_proof: false,
+            default_budget: 1_000_000,
+            window_secs: 3600.0,
+            latency: Latency::default(),
+            seed: 1,
+            error_rate_5xx: 0.0,
+            error_rate_transient: 0.0,
+            record_entries: true,
+        }
+    }
+}
+
+/// Answer time of a call: `base_ms + per_record_us * records + uniform(0, jitter_ms)`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Latency {
+    pub base_ms: u64,
+    pub per_record_us: u64,
+    pub jitter_ms: u64,
+}
+
+/// Tokens and ad accounts present at start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Seed {
+    pub tokens: Vec<TokenSeed>,
+    pub ad_accounts: Vec<AdAccountSeed>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    User,
+    SystemUser,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSeed {
+    pub token: String,
+    pub kind: TokenKind,
+    /// Ad account numbers (without `act_`) this token may use.
+    pub ad_accounts: Vec<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+impl TokenSeed {
+    pub fn user(token: &str, ad_accounts: &[&str]) -> TokenSeed {
+        TokenSeed {
+            token: token.into(),
+            kind: TokenKind::User,
+            ad_accounts: ad_accounts.iter().map(|a| a.to_string()).collect(),
+            user_id: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdAccountSeed {
+    pub id: String,
+    #[serde(default = "yes")]
+    pub tos_accepted: bool,
+    /// Calls per window; the config's default when absent.
+    #[serde(default)]
+    pub budget: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl AdAccountSeed {
+    pub fn new(id: &str) -> AdAccountSeed {
+        AdAccountSeed {
+            id: id.into(),
+            tos_accepted: true,
+            budget: None,
+        }
+    }
+}
+
+/// A scripted answer for the next add-users call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// HTTP 500 with Meta's envelope, code 1.
+    Http500,
+    /// HTTP 502 with an HTML body, as proxies answer.
+    HtmlBadGateway,
+    /// Code 2, `is_transient: true`.
+    Transient,
+    /// Any Meta error.
+    Error {
+        http: u16,
+        code: i64,
+        subcode: Option<i64>,
+        message: String,
+    },
+}
+
+pub(super) struct Token {
+    pub kind: TokenKind,
+    pub ad_accounts: HashSet<String>,
+    pub revoked: Option<i64>,
+    pub calls_after_revocation: u64,
+    pub user_id: String,
+}
+
+pub(super) struct AdAccount {
+    pub tos_accepted: bool,
+    pub budget: u64,
+    pub recent: VecDeque<Instant>,
+    pub total_calls: u64,
+    pub throttled: u64,
+}
+
+pub(super) struct Audience {
+    pub ad_account: String,
+    pub name: String,
+    pub subtype: String,
+    pub customer_file_source: Option<String>,
+    pub entries: HashMap<String, u32>,
+    pub calls: u64,
+}
+
+pub(super) struct State {
+    pub config: Config,
+    pub tokens: HashMap<String, Token>,
+    pub ad_accounts: HashMap<String, AdAccount>,
+    pub audiences: BTreeMap<String, Audience>,
+    pub calls: Vec<CallRecord>,
+    pub scripted_faults: VecDeque<Fault>,
+    next_id: u64,
+    rng: StdRng,
+}
+
+/// A Graph error answer: HTTP status and Meta's envelope.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct GraphFailure {
+    pub http: u16,
+    pub code: i64,
+    pub subcode: Option<i64>,
+    pub kind: &'static str,
+    pub message: String,
+    pub transient: bool,
+    /// An HTML body instead of JSON.
+    pub html: bool,
+}
+
+impl GraphFailure {
+    pub fn new(
+        http: u16,
+        code: i64,
+        subcode: Option<i64>,
+        kind: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        GraphFailure {
+            http,
+            code,
+            subcode,
+            kind,
+            message: message.into(),
+            transient: false,
+            html: false,
+        }
+    }
+
+    pub fn envelope(&self) -> Value {
+        let mut error = json!({
+            "message": self.message,
+            "type": self.kind,
+            "code": self.code,
+            "is_transient": self.transient,
+            "fbtrace_id": "AEmulatorTrace",
+        });
+        if let Some(sub) = self.subcode {
+            error["error_subcode"] = json!(sub);
+            error["error_user_title"] = json!("Request failed");
+            error["error_user_msg"] = json!(self.message);
+        }
+        json!({ "error": error })
+    }
+}
+
+/// What a handler sends back: body, status, and how long to wait before answering.
+pub(super) struct Answer {
+    pub result: Result<Value, GraphFailure>,
+    pub delay: Duration,
+    pub usage: Option<Usage>,
+}
+
+/// Usage figures for the headers of an answer about one ad account.
+#[derive(Debug, Clone)]
+pub(super) struct Usage {
+    pub ad_account: String,
+    pub call_pct: u64,
+    pub regain_minutes: u64,
+    pub reset_secs: u64,
+}
+
+pub(super) type Params = HashMap<String, String>;
+
+impl State {
+    pub fn new(config: Config, seed: Seed) -> State {
+        let rng = StdRng::seed_from_u64(config.seed);
+        let mut state = State {
+            config,
+            tokens: HashMap::new(),
+            ad_accounts: HashMap::new(),
+            audiences: BTreeMap::new(),
+            calls: Vec::new(),
+            scripted_faults: VecDeque::new(),
+            next_id: 23_850_000_000_000_000,
+            rng,
+        };
+        for t in seed.tokens {
+            state.add_token(t);
+        }
+        for a in seed.ad_accounts {
+            state.add_ad_account(a);
+        }
+        state
+    }
+
+    pub fn add_token(&mut self, seed: TokenSeed) {
+        self.tokens.insert(
+            seed.token,
+            Token {
+                kind: seed.kind,
+                ad_accounts: seed.ad_accounts.into_iter().collect(),
+                revoked: None,
+                calls_after_revocation: 0,
+                user_id: seed.user_id.unwrap_or_else(|| "10000000000001".into()),
+            },
+        );
+    }
+
+    pub fn add_ad_account(&mut self, seed: AdAccountSeed) {
+        let budget = seed.budget.unwrap_or(self.config.default_budget);
+        self.ad_accounts.insert(
+            seed.id,
+            AdAccount {
+                tos_accepted: seed.tos_accepted,
+                budget,
+                recent: VecDeque::new(),
+                total_calls: 0,
+                throttled: 0,
+            },
+        );
+    }
+
+    pub fn revoke(&mut self, token: &str, subcode: i64) -> bool {
+        match self.tokens.get_mut(token) {
+            Some(t) => {
+                t.revoked = Some(subcode);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn audience_views(&self) -> Vec<AudienceView> {
+        self.audiences
+            .iter()
+            .map(|(id, a)| AudienceView {
+                id: id.clone(),
+                ad_account: a.ad_account.clone(),
+                name: a.name.clone(),
+                subtype: a.subtype.clone(),
+                customer_file_source: a.customer_file_source.clone(),
+                entries: a.entries.clone(),
+                calls: a.calls,
+            })
+            .collect()
+    }
+
+    fn new_id(&mut self) -> String {
+        self.next_id += 1;
+        self.next_id.to_string()
+    }
+
+    pub fn check_version(&self, version: &str) -> Result<(), GraphFailure> {
+        let major = version
+            .strip_prefix('v')
+            .and_then(|v| v.strip_suffix(".0"))
+            .and_then(|v| v.parse::<u32>().ok());
+        match major {
+            Some(m) if (self.config.min_version..=self.config.max_version).contains(&m) => Ok(()),
+            _ => Err(GraphFailure::new(
+                400,
+                2635,
+                None,
+                "OAuthException",
+                format!("(#2635) You are calling a deprecated or unknown version of the Graph API ({version}). Please update to the latest version."),
+            )),
+        }
+    }
+
+    /// Checks the token (and `appsecret_proof`) and returns its name, counting calls made after
+    /// a revocation.
+    pub fn authenticate(
+        &mut self,
+        token: Option<&str>,
+        proof: Option<&str>,
+    ) -> Result<String, GraphFailure> {
+        let Some(token) = token else {
+            return Err(GraphFailure::new(
+                400,
+                104,
+                None,
+                "OAuthException",
+                "An access token is required to request this resource.",
+            ));
+        };
+        let Some(t) = self.tokens.get_mut(token) else {
+            return Err(GraphFailure::new(
+                400,
+                190,
+                None,
+                "OAuthException",
+                "Invalid OAuth access token - Cannot parse access token",
+            ));
+        };
+        if let Some(subcode) = t.revoked {
+            t.calls_after_revocation += 1;
+            let message = match subcode {
+                458 => "Error validating access token: The user has not authorized application.",
+                460 => "Error validating access token: The session has been invalidated because the user changed their password or Facebook has changed the session for security reasons.",
+                463 => "Error validating access token: Session has expired.",
+                _ => "Error validating access token: The session is invalid.",
+            };
+            return Err(GraphFailure::new(
+                400,
+                190,
+                Some(subcode),
+                "OAuthException",
+                message,
+            ));
+        }
+        if let Some(secret) = &self.config.app_secret {
+            match proof {
+                Some(p) if p == appsecret_proof(secret, token) => {}
+                Some(_) => {
+                    return Err(GraphFailure::new(
+                        400,
+                        100,
+                        None,
+                        "GraphMethodException",
+                        "Invalid appsecret_proof provided in the API argument",
+                    ))
+                }
+                None if self.config.require_appsecret_proof => {
+                    return Err(GraphFailure::new(
+                        400,
+                        100,
+                        None,
+                        "GraphMethodException",
+                        "API calls from the server require an appsecret_proof argument",
+                    ))
+                }
+                None => {}
+            }
+        }
+        Ok(token.to_owned())
+    }
+
+    /// Counts a call against an ad account's window and throttles past 100%.
+    pub fn charge(&mut self, ad_account: &str) -> Result<Usage, (GraphFailure, Usage)> {
+        let window = Duration::from_secs_f64(self.config.window_secs.max(0.001));
+        let now = Instant::now();
+        let account = self
+            .ad_accounts
+            .get_mut(ad_account)
+            .expect("checked by the caller");
+        while account
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= window)
+        {
+            account.recent.pop_front();
+        }
+        account.total_calls += 1;
+        let budget = account.budget.max(1);
+        let used = account.recent.len() as u64;
+        let usage = |used: u64, account: &AdAccount| {
+            let oldest = account
+                .recent
+                .front()
+                .map(|t| window.saturating_sub(now.duration_since(*t)))
+                .unwrap_or_default();
+            Usage {
+                ad_account: ad_account.to_owned(),
+                call_pct: used * 100 / budget,
+                regain_minutes: if used >= budget {
+                    oldest.as_secs().div_ceil(60).max(1)
+                } else {
+                    0
+                },
+                reset_secs: oldest.as_secs(),
+            }
+        };
+        if used >= budget {
+            account.throttled += 1;
+            let u = usage(used, account);
+            return Err((
+                GraphFailure::new(400, 80003, Some(2_446_079), "OAuthException", "(#80003) There have been too many calls to this ad-account. Wait a bit and try again."),
+                u,
+            ));
+        }
+        account.recent.push_back(now);
+        Ok(usage(used + 1, account))
+    }
+
+    pub fn delay(&mut self, records: usize) -> Duration {
+        let l = &self.config.latency;
+        let jitter = if l.jitter_ms > 0 {
+            self.rng.gen_range(0..=l.jitter_ms)
+        } else {
+            0
+        };
+        Duration::from_millis(l.base_ms + jitter)
+            + Duration::from_micros(l.per_record_us * records as u64)
+    }
+
+    fn account_for(&self, token: &str, ad_account: &str) -> Result<(), GraphFailure> {
+        let allowed = self
+            .tokens
+            .get(token)
+            .is_some_and(|t| t.ad_accounts.contains(ad_account));
+        if !allowed || !self.ad_accounts.contains_key(ad_account) {
+            return Err(GraphFailure::new(
+                400,
+                200,
+                None,
+                "OAuthException",
+                format!("(#200) The user does not have permission to manage ad account act_{ad_account}, or it does not exist."),
+            ));
+        }
+        Ok(())
+    }
+
+    fn tos_checked(&self, ad_account: &str) -> Result<(), GraphFailure> {
+        if !self.ad_accounts[ad_account].tos_accepted {
+            let mut f = GraphFailure::new(
+                400,
+                2655,
+                Some(1_870_090),
+                "OAuthException",
+                format!("You must accept the Custom Audience terms: https://business.facebook.com/ads/manage/customaudiences/tos/?act={ad_account}"),
+            );
+            f.message = format!("(#2655) {}", f.message);
+            return Err(f);
+        }
+        Ok(())
+    }
+
+    /// `POST /act_{id}/customaudiences`.
+    pub fn create_audience(
+        &mut self,
+        token: &str,
+        ad_account: &str,
+        p: &Params,
+    ) -> Result<Value, GraphFailure> {
+        self.account_for(token, ad_account)?;
+        self.tos_checked(ad_account)?;
+        let name = p
+            .get("name")
+            .filter(|n| !n.trim().is_empty())
+            .ok_or_else(|| bad_param("name"))?;
+        let subtype = p.get("subtype").cloned().unwrap_or_else(|| "CUSTOM".into());
+        match subtype.as_str() {
+            "CUSTOM" => {
+                let source = p.get("customer_file_source").cloned();
+                if let Some(s) = &source {
+                    if ![
+                        "USER_PROVIDED_ONLY",
+                        "PARTNER_PROVIDED_ONLY",
+                        "BOTH_USER_AND_PARTNER_PROVIDED",
+                    ]
+                    .contains(&s.as_str())
+                    {
+                        return Err(bad_param("customer_file_source"));
+                    }
+                }
+                let id = self.new_id();
+                self.audiences.insert(
+                    id.clone(),
+                    Audience {
+                        ad_account: ad_account.into(),
+                        name: name.clone(),
+                        subtype,
+                        customer_file_source: source,
+                        entries: HashMap::new(),
+                        calls: 0,
+                    },
+                );
+                Ok(json!({ "id": id }))
+            }
+            "LOOKALIKE" => {
+                let origin = p
+                    .get("origin_audience_id")
+                    .ok_or_else(|| bad_param("origin_audience_id"))?;
+                let size = self
+                    .audiences
+                    .get(origin)
+                    .map(|a| a.entries.len())
+                    .ok_or_else(|| missing_object(origin))?;
+                if size < 100 {
+                    return Err(GraphFailure::new(
+                        400,
+                        2654,
+                        Some(1_713_007),
+                        "OAuthException",
+                        "(#2654) The source audience must contain at least 100 people.",
+                    ));
+                }
+                let id = self.new_id();
+                self.audiences.insert(
+                    id.clone(),
+                    Audience {
+                        ad_account: ad_account.into(),
+                        name: name.clone(),
+                        subtype,
+                        customer_file_source: None,
+                        entries: HashMap::new(),
+                        calls: 0,
+                    },
+                );
+                Ok(json!({ "id": id }))
+            }
+            _ => Err(bad_param("subtype")),
+        }
+    }
+
+    /// The ad account of an audience the token may use.
+    pub fn audience_account(&self, token: &str, audience_id: &str) -> Result<String, GraphFailure> {
+        let account = self
+            .audiences
+            .get(audience_id)
+            .map(|a| a.ad_account.clone())
+            .ok_or_else(|| missing_object(audience_id))?;
+        self.account_for(token, &account)
+            .map_err(|_| missing_object(audience_id))?;
+        Ok(account)
+    }
+
+    /// The next scripted or random fault for an add-users call, if any.
+    pub fn fault(&mut self) -> Option<GraphFailure> {
+        let scripted = self.scripted_faults.pop_front();
+        let fault = scripted.or_else(|| {
+            let roll: f64 = self.rng.gen();
+            if roll < self.config.error_rate_5xx {
+                Some(Fault::Http500)
+            } else if roll < self.config.error_rate_5xx + self.config.error_rate_transient {
+                Some(Fault::Transient)
+            } else {
+                None
+            }
+        })?;
+        Some(match fault {
+            Fault::Http500 => {
+                let mut f =
+                    GraphFailure::new(500, 1, None, "OAuthException", "An unknown error occurred");
+                f.transient = true;
+                f
+            }
+            Fault::HtmlBadGateway => {
+                let mut f = GraphFailure::new(
+                    502,
+                    0,
+                    None,
+                    "",
+                    "<html><body>502 Bad Gateway</body></html>",
+                );
+                f.html = true;
+                f
+            }
+            Fault::Transient => {
+                let mut f = GraphFailure::new(
+                    400,
+                    2,
+                    None,
+                    "OAuthException",
+                    "An unexpected error has occurred. Please retry your request later.",
+                );
+                f.transient = true;
+                f
+            }
+            Fault::Error {
+                http,
+                code,
+                subcode,
+                message,
+            } => GraphFailure::new(http, code, subcode, "OAuthException", message),
+        })
+    }
+
+    /// `POST` (add) or `DELETE` (remove) `/{audience_id}/users`.
+    pub fn users(
+        &mut self,
+        audience_id: &str,
+        p: &Params,
+        remove: bool,
+    ) -> Result<Value, GraphFailure> {
+        let payload: Value = p
+            .get("payload")
+            .ok_or_else(|| bad_param("payload"))
+            .and_then(|raw| serde_json::from_str(raw).map_err(|_| bad_param("payload")))?;
+        let schema = payload
+            .get("schema")
+            .ok_or_else(|| bad_param("payload.schema"))?;
+        let data = payload
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad_param("payload.data"))?;
+        if data.len() > 10_000 {
+            return Err(GraphFailure::new(
+                400,
+                100,
+                None,
+                "OAuthException",
+                format!(
+                    "(#100) Too many entries in one request: {} (at most 10000)",
+                    data.len()
+                ),
+            ));
+        }
+        if data.is_empty() {
+            return Err(GraphFailure::new(
+                400,
+                100,
+                None,
+                "OAuthException",
+                "(#100) The data parameter is empty",
+            ));
+        }
+        let keys: Vec<String> = match schema {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            _ => return Err(bad_param("payload.schema")),
+        };
+        for k in &keys {
+            if !KNOWN_KEYS.contains(&k.as_str()) {
+                return Err(GraphFailure::new(
+                    400,
+                    100,
+                    None,
+                    "OAuthException",
+                    format!("(#100) Invalid schema key: {k}"),
+                ));
+            }
+        }
+        let multi = matches!(schema, Value::Array(_));
+        let mut invalid = 0u64;
+        let mut samples = serde_json::Map::new();
+        let mut accepted = Vec::with_capacity(data.len());
+        for row in data {
+            let values: Vec<&str> = if multi {
+                row.as_array()
+                    .map(|r| r.iter().map(|v| v.as_str().unwrap_or("\u{0}")).collect())
+                    .unwrap_or_default()
+            } else {
+                vec![row.as_str().unwrap_or("\u{0}")]
+            };
+            let valid = values.len() == keys.len()
+                && keys
+                    .iter()
+                    .zip(&values)
+                    .all(|(k, v)| (multi && v.is_empty()) || valid_entry(k, v))
+                && values.iter().any(|v| !v.is_empty());
+            if valid {
+                accepted.push(if multi {
+                    values.join("|")
+                } else {
+                    values[0].to_owned()
+                });
+            } else {
+                invalid += 1;
+                if samples.len() < 10 {
+                    samples.insert(row.to_string(), json!("Invalid format"));
+                }
+            }
+        }
+        let record = self.config.record_entries;
+        let audience = self
+            .audiences
+            .get_mut(audience_id)
+            .ok_or_else(|| missing_object(audience_id))?;
+        audience.calls += 1;
+        if record {
+            for entry in accepted {
+                if remove {
+                    audience.entries.remove(&entry);
+                } else {
+                    *audience.entries.entry(entry).or_default() += 1;
+                }
+            }
+        }
+        let session_id = p
+            .get("session")
+            .and_then(|s| serde_json::from_str::<Value>(s).ok())
+            .and_then(|s| s.get("session_id").cloned())
+            .unwrap_or_else(|| json!(self.rng.gen::<u32>() as u64 * 1000));
+        Ok(json!({
+            "audience_id": audience_id,
+            "session_id": session_id,
+            "num_received": data.len(),
+            "num_invalid_entries": invalid,
+            "invalid_entry_samples": samples,
+        }))
+    }
+
+    /// `GET /{audience_id}` with approximate counts.
+    pub fn audience_info(&self, audience_id: &str) -> Result<Value, GraphFailure> {
+        let a = self
+            .audiences
+            .get(audience_id)
+            .ok_or_else(|| missing_object(audience_id))?;
+        let n = a.entries.len() as u64;
+        // Meta shows sizes only approximately: bounds around the real size.
+        let (lower, upper) = if n < 1000 {
+            (0, 1000)
+        } else {
+            (n * 9 / 10, n * 11 / 10)
+        };
+        Ok(json!({
+            "id": audience_id,
+            "name": a.name,
+            "subtype": a.subtype,
+            "approximate_count_lower_bound": lower,
+            "approximate_count_upper_bound": upper,
+            "operation_status": {"code": 200, "description": "Normal"},
+        }))
+    }
+
+    pub fn tos(&self, ad_account: &str) -> Value {
+        let accepted = self
+            .ad_accounts
+            .get(ad_account)
+            .is_some_and(|a| a.tos_accepted);
+        if accepted {
+            json!({ "id": format!("act_{ad_account}"), "tos_accepted": { "custom_audience_tos": 1 } })
+        } else {
+            json!({ "id": format!("act_{ad_account}"), "tos_accepted": {} })
+        }
+    }
+
+    pub fn my_ad_accounts(&self, token: &str) -> Value {
+        let mut ids: Vec<&String> = self.tokens[token].ad_accounts.iter().collect();
+        ids.sort();
+        let data: Vec<Value> = ids
+            .into_iter()
+            .map(|id| json!({ "id": format!("act_{id}"), "account_id": id }))
+            .collect();
+        json!({ "data": data })
+    }
+
+    pub fn debug_token(&self, input: &str) -> Value {
+        match self.tokens.get(input) {
+            Some(t) => json!({ "data": {
+                "app_id": self.config.app_id,
+                "type": if t.kind == TokenKind::SystemUser { "SYSTEM_USER" } else { "USER" },
+                "is_valid": t.revoked.is_none(),
+                "expires_at": if t.kind == TokenKind::SystemUser { 0 } else { now_secs() + 60 * 24 * 3600 },
+                "scopes": ["ads_management", "business_management"],
+                "user_id": t.user_id,
+            }}),
+            None => {
+                json!({ "data": { "is_valid": false, "error": { "code": 190, "message": "Invalid OAuth access token." } } })
+            }
+        }
+    }
+}
+
+const KNOWN_KEYS: [&str; 17] = [
+    "EMAIL",
+    "EMAIL_SHA256",
+    "PHONE",
+    "PHONE_SHA256",
+    "MOBILE_ADVERTISER_ID",
+    "MADID",
+    "EXTERN_ID",
+    "FN",
+    "LN",
+    "FI",
+    "CT",
+    "ST",
+    "ZIP",
+    "COUNTRY",
+    "GEN",
+    "DOBY",
+    "DOBM",
+];
+
+/// Meta's per-record checks: hashed keys must be SHA-256 hex; MADIDs must look like a device id.
+fn valid_entry(key: &str, value: &str) -> bool {
+    match key {
+        "MOBILE_ADVERTISER_ID" | "MADID" => {
+            value.len() == 36 && value.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+        }
+        "EXTERN_ID" => !value.is_empty(),
+        _ => {
+            value.len() == 64
+                && value
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        }
+    }
+}
+
+fn bad_param(name: &str) -> GraphFailure {
+    GraphFailure::new(
+        400,
+        100,
+        None,
+        "OAuthException",
+        format!("(#100) The parameter {name} is required or invalid"),
+    )
+}
+
+fn missing_object(id: &str) -> GraphFailure {
+    GraphFailure::new(
+        400,
+        100,
+        Some(33),
+        "GraphMethodException",
+        format!("Unsupported post request. Object with ID '{id}' does not exist, cannot be loaded due to missing permissions, or does not support this operation."),
+    )
+}
+
+pub(super) fn appsecret_proof(secret: &str, token: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(token.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,391 @@
+//! End-to-end: the real producer, worker and finalizer on the real RabbitMQ, Redis and SMTP,
+//! against the Graph API emulator. Every expected figure comes from the segment generator's
+//! canonical values, never from the code under test.
+
+use audience_export_core::amqp::{header_str, Topology};
+use audience_export_core::contract::{Event, ExportStatus};
+use audience_export_core::{Field, Shard};
+use audience_export_harness::app::{eventually, spawn_app, spawn_app_with, Roles, AD_ACCOUNT};
+use audience_export_harness::emulator::Fault;
+use audience_export_harness::segment::generate;
+use std::collections::HashMap;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_export_arrives_whole_with_its_report() {
+    let app = spawn_app().await;
+    let segment = app.dir.join("segment.ndjson");
+    let generated = generate(&segment, 25_000, 7).expect("segment written");
+    let job = app.job("exp-e2e", &["email", "phone", "madid"], &segment);
+    app.enqueue(job.to_string().as_bytes()).await;
+
+    let report = app.finished("exp-e2e", DEADLINE).await;
+    assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
+    assert_eq!(report.members_read, generated.members);
+    assert_eq!(report.malformed_records, generated.malformed_lines);
+    assert!(
+        generated.malformed_lines > 0,
+        "the segment should contain malformed lines"
+    );
+
+    let audiences = app.emulator.audiences();
+    assert_eq!(audiences.len(), 3, "one new audience per field");
+    let mail = app
+        .smtp
+        .wait_for(DEADLINE, |m| {
+            m.to.contains(&"marketer@example.com".to_owned())
+        })
+        .await
+        .expect("the notification email arrives");
+    assert!(
+        mail.subject().unwrap_or_default().contains("Spring buyers"),
+        "{:?}",
+        mail.subject()
+    );
+
+    for field in Field::ALL {
+        let want = generated.expectation(field, 10_000);
+        let got = report
+            .audiences
+            .iter()
+            .find(|a| a.field == Some(field))
+            .expect("a report per field");
+        let audience = app
+            .emulator
+            .audience(&got.audience_id)
+            .expect("the audience exists in the emulator");
+        assert_eq!(audience.ad_account, AD_ACCOUNT);
+        assert_eq!(
+            audience.customer_file_source.as_deref(),
+            Some("USER_PROVIDED_ONLY")
+        );
+        assert!(
+            audience
+                .name
+                .starts_with(&format!("Spring buyers - {} - ", field.label())),
+            "{}",
+            audience.name
+        );
+        assert_eq!(
+            audience.entries, want.entries,
+            "{field}: the audience holds exactly the expected entries"
+        );
+
+        assert_eq!(got.with_value, want.with_value, "{field} with value");
+        assert_eq!(got.missing, want.missing, "{field} missing");
+        assert_eq!(got.invalid_total(), want.invalid, "{field} invalid");
+        assert_eq!(got.prehashed, want.prehashed, "{field} prehashed");
+        assert_eq!(got.duplicates, want.duplicates, "{field} duplicates");
+        assert_eq!(got.uploaded, want.uploaded, "{field} uploaded");
+        assert_eq!(got.meta_received, want.uploaded, "{field} Meta received");
+        assert_eq!(got.meta_invalid, 0, "{field}: Meta found nothing invalid");
+        assert!(
+            want.invalid > 0 && want.missing > 0,
+            "{field}: the segment should be messy"
+        );
+
+        let body = &mail.body();
+        assert!(
+            body.contains(&format!("(id {})", got.audience_id)),
+            "email names audience {}",
+            got.audience_id
+        );
+        assert!(
+            body.contains(&format!("  Uploaded: {}\r\n", want.uploaded)),
+            "email shows {field} uploaded {}:\n{body}",
+            want.uploaded
+        );
+        assert!(
+            body.contains(&format!("  Invalid, not sent: {}\r\n", want.invalid)),
+            "email shows {field} invalid"
+        );
+    }
+    assert_eq!(app.smtp.mails().len(), 1, "exactly one email");
+
+    let snapshot = app.progress.snapshot("exp-e2e").await.expect("progress");
+    assert_eq!(snapshot.get("status"), Some("succeeded"));
+    assert!(snapshot.is_complete());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_delivered_twice_is_counted_once() {
+    // No producer: the test plays it, so it controls the duplicate delivery.
+    let app = spawn_app_with(
+        Roles {
+            producer: false,
+            worker: true,
+            finalizer: true,
+        },
+        |_| {},
+    )
+    .await;
+    let graph = audience_export_core::graph::GraphClient::from_settings(&app.settings.graph)
+        .expect("client");
+    let token = app.settings.graph.access_token.clone().expect("token");
+    let audience = graph
+        .create_custom_audience(&token, AD_ACCOUNT, "Twice", "", "USER_PROVIDED_ONLY")
+        .await
+        .expect("audience");
+    let job = app.job("exp-twice", &["email"], &app.dir.join("unused"));
+    app.progress
+        .begin("exp-twice", &job.to_string(), 1, Duration::from_secs(600))
+        .await
+        .expect("begin");
+    app.progress
+        .set_audience("exp-twice", Field::Email, &audience, "Twice")
+        .await
+        .expect("audience");
+    let records: Vec<String> = (0..50).map(|i| format!("person{i}@example.com")).collect();
+    let shard = Shard {
+        export_id: "exp-twice".into(),
+        workspace_id: "ws-1".into(),
+        audience_id: audience.clone(),
+        ad_account_id: AD_ACCOUNT.into(),
+        field: Field::Email,
+        shard_index: 0,
+        records,
+        attempt: 1,
+    };
+    app.progress
+        .seal(
+            "exp-twice",
+            &[
+                ("shards_planned".into(), 1),
+                ("email:shards".into(), 1),
+                ("email:with_value".into(), 50),
+            ],
+        )
+        .await
+        .expect("seal");
+    for _ in 0..2 {
+        app.publisher
+            .to_queue(&app.topology.shards(), &shard)
+            .await
+            .expect("publish");
+    }
+
+    let report = app.finished("exp-twice", DEADLINE).await;
+    let email = &report.audiences[0];
+    assert_eq!(email.uploaded, 50, "counted once, not twice");
+    assert_eq!(email.meta_received, 50);
+    let both_handled = eventually(DEADLINE, || async {
+        let completed = app
+            .events()
+            .iter()
+            .filter(|e| matches!(e, Event::ShardCompleted { export_id, .. } if export_id == "exp-twice"))
+            .count();
+        (completed == 2).then_some(())
+    })
+    .await;
+    assert!(both_handled.is_some(), "both deliveries were handled");
+    let snapshot = app.progress.snapshot("exp-twice").await.expect("progress");
+    assert_eq!(snapshot.count("shards_done"), 1);
+    assert_eq!(snapshot.count("email:uploaded"), 50);
+    assert_eq!(
+        app.depth(&app.topology.shards()).await,
+        0,
+        "both deliveries were acked"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_jobs_are_dead_lettered_with_a_reason_and_the_next_job_runs() {
+    let app = spawn_app().await;
+    let segment = app.dir.join("small.ndjson");
+    generate(&segment, 300, 3).expect("segment");
+
+    app.enqueue(b"this is not json").await;
+    let mut missing_fields = app.job("exp-nofields", &["email"], &segment);
+    missing_fields
+        .as_object_mut()
+        .expect("object")
+        .remove("fields");
+    app.enqueue(missing_fields.to_string().as_bytes()).await;
+    app.enqueue(
+        app.job("exp-good", &["email"], &segment)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+
+    let good = app.finished("exp-good", DEADLINE).await;
+    assert_eq!(good.status, ExportStatus::Succeeded);
+    let rejected = app.finished("exp-nofields", DEADLINE).await;
+    assert_eq!(rejected.status, ExportStatus::Rejected);
+    assert!(
+        rejected
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("missing field `fields`"),
+        "{rejected:?}"
+    );
+    let mail = app
+        .smtp
+        .wait_for(DEADLINE, |m| {
+            m.subject().is_some_and(|s| s.contains("could not start"))
+        })
+        .await
+        .expect("the requester is told");
+    assert!(mail.body().contains("missing field `fields`"));
+
+    let dead = Topology::dead(&app.topology.jobs());
+    let mut reasons = Vec::new();
+    while let Some(message) = app.get(&dead).await {
+        reasons.push(
+            header_str(&message.delivery.properties, "x-rejection-reason").unwrap_or_default(),
+        );
+    }
+    reasons.sort();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].contains("does not match the contract") && reasons[0].contains("fields"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("not JSON"), "{reasons:?}");
+    assert_eq!(
+        app.depth(&app.topology.jobs()).await,
+        0,
+        "nothing requeued forever"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_answers_are_retried_and_permanent_ones_fail_the_shard() {
+    let app = spawn_app_with(Roles::ALL, |s| s.producer.shard_size = 100).await;
+    let segment = app.dir.join("retry.ndjson");
+    let generated = generate(&segment, 450, 11).expect("segment");
+    let want = generated.expectation(Field::Email, 100);
+    let shards = want.with_value.div_ceil(100);
+    // First call: 500; second: HTML from a proxy; third: code 2 transient; fourth: permanent.
+    app.emulator.inject([
+        Fault::Http500,
+        Fault::HtmlBadGateway,
+        Fault::Transient,
+        Fault::Error {
+            http: 400,
+            code: 2650,
+            subcode: Some(1_713_230),
+            message: "Audience flagged for integrity".into(),
+        },
+    ]);
+    app.enqueue(
+        app.job("exp-retry", &["email"], &segment)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let report = app.finished("exp-retry", DEADLINE).await;
+    let email = &report.audiences[0];
+    assert_eq!(report.status, ExportStatus::PartiallyFailed, "{report:?}");
+    assert_eq!(email.shards, shards);
+    assert_eq!(
+        email.shards_failed, 1,
+        "only the permanent error fails a shard"
+    );
+    assert!(
+        email
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("flagged for integrity"),
+        "{email:?}"
+    );
+    let failed_calls: HashMap<Option<i64>, usize> = app
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/users"))
+        .fold(HashMap::new(), |mut m, c| {
+            *m.entry(c.error_code).or_default() += 1;
+            m
+        });
+    assert_eq!(failed_calls.get(&Some(1)), Some(&1));
+    assert_eq!(failed_calls.get(&Some(2)), Some(&1));
+    assert_eq!(failed_calls.get(&Some(2650)), Some(&1));
+    assert_eq!(
+        failed_calls.get(&None),
+        Some(&(shards as usize - 1)),
+        "every other shard uploaded once it was retried: {failed_calls:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_refuses_the_export_and_reports_the_connection() {
+    let app = spawn_app().await;
+    let segment = app.dir.join("s.ndjson");
+    generate(&segment, 10, 1).expect("segment");
+    assert!(app.emulator.revoke(&app.token, 460));
+    app.enqueue(
+        app.job("exp-revoked", &["email"], &segment)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let report = app.finished("exp-revoked", DEADLINE).await;
+    assert_eq!(report.status, ExportStatus::Rejected);
+    assert!(
+        report
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("token invalid"),
+        "{report:?}"
+    );
+    let invalidated = app
+        .wait_event(DEADLINE, |e| {
+            matches!(
+                e,
+                Event::ConnectionInvalidated {
+                    subcode: Some(460),
+                    ..
+                }
+            )
+        })
+        .await;
+    assert!(invalidated.is_some(), "connection.invalidated is published");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_serves_health_readiness_and_metrics() {
+    let app = spawn_app().await;
+    let http = reqwest::Client::new();
+    for addr in &app.ops {
+        let ready = eventually(DEADLINE, || async {
+            let r = http
+                .get(format!("http://{addr}/readyz"))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        assert!(ready.is_some(), "{addr} becomes ready");
+        let health = http
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .expect("healthz");
+        assert!(health.status().is_success());
+        let metrics = http
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("body");
+        assert!(
+            metrics.contains("# HELP audience_export_"),
+            "{addr}: {metrics}"
+        );
+    }
+    app.stop().await;
+}
