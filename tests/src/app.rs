@@ -74,7 +74,6 @@ pub async fn spawn_app_with(roles: Roles, tune: impl FnOnce(&mut Settings)) -> T
     std::fs::create_dir_all(&dir).expect("creating a temp dir");
 
     let mut settings = Settings::for_namespace(&namespace);
-    settings.amqp_queue_expires_ms = Some(15 * 60 * 1000);
     settings.graph.base_url = emulator.base_url();
     settings.graph.access_token = Some(SecretString::from(token.clone()));
     settings.graph.timeout_ms = 10_000;
@@ -299,19 +298,42 @@ impl TestApp {
         q.message_count()
     }
 
-    /// Stops every role, waits for their drain, and cleans up.
-    pub async fn stop(self) {
+    /// Stops every role and waits for their drain; dropping the app then cleans up.
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        for role in self.roles {
+        for role in std::mem::take(&mut self.roles) {
             role.task
                 .await
                 .expect("role task joins")
                 .expect("role ends cleanly");
         }
+    }
+}
+
+impl Drop for TestApp {
+    /// Deletes the namespace's queues and files, also when a test panicked: quorum queues left
+    /// behind would pile up on the shared broker run after run.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
         self.emulator.stop();
         self.smtp.stop();
-        let _ = self.connection.close(200, "done").await;
         let _ = std::fs::remove_dir_all(&self.dir);
+        let url = self.settings.amqp_url.clone();
+        let topology = self.topology.clone();
+        // A thread with its own runtime: Drop cannot await, and may run inside the test's runtime.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let connection = amqp::connect(&url, "test-cleanup").await.ok()?;
+                let channel = connection.create_channel().await.ok()?;
+                topology.delete(&channel).await.ok()?;
+                connection.close(200, "cleaned").await.ok()
+            })
+        });
+        let _ = cleanup.join();
     }
 }
 

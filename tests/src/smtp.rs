@@ -25,11 +25,17 @@ impl Mail {
         self.data.lines().find_map(|l| l.strip_prefix("Subject: "))
     }
     /// The body after the header block.
-    pub fn body(&self) -> &str {
-        self.data
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b)
-            .unwrap_or("")
+    /// The body after the header block, decoded when it was sent quoted-printable.
+    pub fn body(&self) -> String {
+        let (headers, body) = self.data.split_once("\r\n\r\n").unwrap_or(("", ""));
+        let qp = headers
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("Content-Transfer-Encoding: quoted-printable"));
+        if qp {
+            decode_quoted_printable(body)
+        } else {
+            body.to_owned()
+        }
     }
 }
 

@@ -18,8 +18,6 @@ pub struct Topology {
     ns: String,
     /// Retry delays of the shard queue, in milliseconds.
     shard_retry_delays_ms: Vec<u64>,
-    /// `x-expires` for every queue, so test namespaces clean themselves up.
-    queue_expires_ms: Option<u64>,
 }
 
 /// Routing keys the finalizer listens to.
@@ -42,14 +40,11 @@ impl Topology {
         Topology {
             ns: namespace.to_owned(),
             shard_retry_delays_ms,
-            queue_expires_ms: None,
         }
     }
 
     pub fn from_settings(s: &crate::config::Settings) -> Topology {
-        let mut t = Topology::new(&s.namespace, s.worker.retry_delays_ms.clone());
-        t.queue_expires_ms = s.amqp_queue_expires_ms;
-        t
+        Topology::new(&s.namespace, s.worker.retry_delays_ms.clone())
     }
 
     /// Export jobs from the upstream platform.
@@ -122,12 +117,40 @@ impl Topology {
         Ok(())
     }
 
+    /// Every queue of the namespace.
+    pub fn queues(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for queue in [self.jobs(), self.shards(), self.finalizer()] {
+            out.push(Topology::dead(&queue));
+            out.push(queue);
+        }
+        for delay in &self.shard_retry_delays_ms {
+            out.push(Topology::retry(&self.shards(), *delay));
+        }
+        out.push(Topology::retry(&self.finalizer(), FINALIZER_RETRY_MS));
+        out
+    }
+
+    /// Deletes the namespace's queues and exchange, messages included. For tests and for
+    /// retiring a namespace; never called by the fleet itself. (Queues are deleted explicitly:
+    /// `x-expires` on quorum queues stalled other declarations on RabbitMQ 3.10 for minutes.)
+    pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
+        for queue in self.queues() {
+            channel
+                .queue_delete(&queue, lapin::options::QueueDeleteOptions::default())
+                .await?;
+        }
+        channel
+            .exchange_delete(
+                &self.events(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await
+    }
+
     fn base_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), long_string("quorum"));
-        if let Some(ms) = self.queue_expires_ms {
-            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms as i64));
-        }
         args
     }
 
@@ -209,9 +232,14 @@ impl PublishError {
     }
 }
 
-/// Opens a connection. Callers retry with backoff around it.
+/// Opens a connection. Callers retry with backoff around it. lapin runs its I/O on the calling
+/// tokio runtime rather than on its own global executor: that executor, shared by every runtime
+/// of a process, stalled connections for minutes when test runtimes came and went.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let props = ConnectionProperties::default()
+        .with_connection_name(name.into())
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
     Connection::connect(url, props).await
 }
 

@@ -24,9 +24,6 @@ pub struct Settings {
     pub redis_url: String,
     /// `tracing` filter directive, e.g. `info` or `audience_export_worker=debug`.
     pub log: String,
-    /// `x-expires` of every queue, in milliseconds. Unset in production; tests set it so their
-    /// namespaces disappear from the broker once unused.
-    pub amqp_queue_expires_ms: Option<u64>,
     pub graph: GraphSettings,
     pub producer: ProducerSettings,
     pub worker: WorkerSettings,
@@ -97,7 +94,6 @@ impl Default for Settings {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             redis_url: "redis://127.0.0.1:6379/".into(),
             log: "info".into(),
-            amqp_queue_expires_ms: None,
             graph: GraphSettings::default(),
             producer: ProducerSettings::default(),
             worker: WorkerSettings::default(),
@@ -155,10 +151,11 @@ impl Default for FinalizerSettings {
 
 impl Settings {
     /// Defaults overridden by `AE_*` environment variables.
-    pub fn load() -> Result<Settings, figment::Error> {
+    pub fn load() -> Result<Settings, Box<figment::Error>> {
         Figment::from(Serialized::defaults(Settings::default()))
             .merge(Env::prefixed(ENV_PREFIX).split("__"))
             .extract()
+            .map_err(Box::new)
     }
 
     /// Settings with a fresh namespace, for tests that share one broker and one Redis.
@@ -176,6 +173,7 @@ mod tests {
     use secrecy::ExposeSecret;
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail dictates the closure's error type.
     fn env_overrides_defaults_and_unknown_keys_fail() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("AE_NAMESPACE", "blue");

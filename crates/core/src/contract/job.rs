@@ -200,7 +200,8 @@ mod tests {
 
     #[test]
     fn each_defect_is_rejected_with_its_reason() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(&str, Mutation, &str)> = vec![
             (
                 "missing fields",
                 Box::new(|v| {

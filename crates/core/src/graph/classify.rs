@@ -77,7 +77,9 @@ mod tests {
 
     #[test]
     fn meta_codes_map_to_their_class() {
-        let table: &[(u16, Option<i64>, Option<i64>, bool, ErrorClass)] = &[
+        // (HTTP status, code, subcode, is_transient, expected class)
+        type Case = (u16, Option<i64>, Option<i64>, bool, ErrorClass);
+        let table: &[Case] = &[
             (400, Some(190), Some(460), false, TokenInvalid),
             (400, Some(190), Some(463), false, TokenInvalid),
             (400, Some(102), None, false, TokenInvalid),

@@ -39,7 +39,7 @@ struct Envelope {
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
     #[error("Meta answered HTTP {status}: {} (code {:?}, subcode {:?})", .error.message, .error.code, .error.error_subcode)]
-    Meta { status: u16, error: MetaError },
+    Meta { status: u16, error: Box<MetaError> },
     #[error("the Graph API could not be reached: {0}")]
     Transport(#[source] reqwest::Error),
     #[error("the Graph API answered HTTP {status} with a body that is not Graph JSON: {detail}")]
@@ -64,7 +64,7 @@ impl GraphError {
     /// Meta's code and subcode, when Meta answered.
     pub fn meta(&self) -> Option<&MetaError> {
         match self {
-            GraphError::Meta { error, .. } => Some(error),
+            GraphError::Meta { error, .. } => Some(error.as_ref()),
             _ => None,
         }
     }
@@ -205,7 +205,7 @@ impl GraphClient {
         if let Ok(env) = serde_json::from_slice::<Envelope>(&bytes) {
             return Err(GraphError::Meta {
                 status,
-                error: env.error,
+                error: Box::new(env.error),
             });
         }
         Ok(bytes_body::Body(bytes.to_vec()))
@@ -240,7 +240,7 @@ fn error_from(status: u16, bytes: &[u8]) -> GraphError {
     match serde_json::from_slice::<Envelope>(bytes) {
         Ok(env) => GraphError::Meta {
             status,
-            error: env.error,
+            error: Box::new(env.error),
         },
         Err(_) => GraphError::Unexpected {
             status,

@@ -1,0 +1,24 @@
+# audience-export: `just demo` runs a real export end to end; `just test` runs the whole suite.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes.
+default:
+    @just --list
+
+# Run one export of a generated 100,000-member segment through the whole fleet and print its report.
+demo:
+    scripts/demo.sh
+
+# Formatting, clippy with -D warnings, unit tests and the end-to-end suite (starts RabbitMQ and Redis if needed).
+test: up lint
+    cargo test --workspace --all-targets
+
+# Formatting check and clippy.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Make sure RabbitMQ and Redis are running.
+up:
+    scripts/services.sh

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Makes sure the RabbitMQ and Redis the fleet and its tests need are running on this machine
+# (127.0.0.1:5672 guest/guest, 127.0.0.1:6379), installing them from Debian's packages if absent.
+set -euo pipefail
+
+need_install=()
+command -v redis-server >/dev/null 2>&1 || need_install+=(redis-server)
+command -v rabbitmq-server >/dev/null 2>&1 || need_install+=(rabbitmq-server)
+if [ ${#need_install[@]} -gt 0 ]; then
+  echo "Installing ${need_install[*]} from Debian's packages..."
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_install[@]}" >/dev/null
+fi
+
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  echo "Starting Redis..."
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+fi
+
+rabbit_up() { rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1; }
+if ! rabbit_up; then
+  echo "Starting RabbitMQ..."
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+fi
+
+for _ in $(seq 1 120); do
+  if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && rabbit_up; then
+    exit 0
+  fi
+  sleep 1
+done
+echo "RabbitMQ or Redis did not come up within 120 s" >&2
+exit 1
