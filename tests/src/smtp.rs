@@ -81,7 +81,15 @@ impl SmtpSink {
     fn deliver(&self, mail: Mail, folder: Option<&std::path::Path>) {
         let mut mails = self.mails.lock().expect("sink lock");
         if let Some(dir) = folder {
-            let _ = std::fs::write(dir.join(format!("{:04}.eml", mails.len() + 1)), &mail.data);
+            // The raw message, and its decoded text for people reading the demo's mailbox.
+            let n = mails.len() + 1;
+            let _ = std::fs::write(dir.join(format!("{n:04}.eml")), &mail.data);
+            let text = format!(
+                "Subject: {}\n\n{}",
+                mail.subject().unwrap_or_default(),
+                mail.body().replace("\r\n", "\n")
+            );
+            let _ = std::fs::write(dir.join(format!("{n:04}.txt")), text);
         }
         mails.push(mail);
         drop(mails);

@@ -389,3 +389,81 @@ async fn each_role_serves_health_readiness_and_metrics() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_process_loses_no_shard() {
+    use audience_export_harness::emulator::Latency;
+    let app = spawn_app_with(
+        Roles {
+            producer: true,
+            worker: false,
+            finalizer: true,
+        },
+        |s| s.producer.shard_size = 100,
+    )
+    .await;
+    app.emulator.set_latency(Latency {
+        base_ms: 100,
+        per_record_us: 0,
+        jitter_ms: 20,
+    });
+    let segment = app.dir.join("kill.ndjson");
+    let generated = generate(&segment, 4_000, 5).expect("segment");
+    let want = generated.expectation(Field::Email, 100);
+    let planned = want.with_value.div_ceil(100);
+
+    let spawn_worker = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_audience-worker-under-test"))
+            .env("AE_NAMESPACE", app.namespace())
+            .env("AE_GRAPH__BASE_URL", app.emulator.base_url())
+            .env("AE_GRAPH__ACCESS_TOKEN", &app.token)
+            .env("AE_WORKER__OPS_ADDR", "127.0.0.1:0")
+            .env("AE_WORKER__CONCURRENCY", "4")
+            .env("AE_WORKER__RETRY_DELAYS_MS", "[100,200,400]")
+            .env("AE_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the worker binary starts")
+    };
+    let mut first = spawn_worker();
+    app.enqueue(
+        app.job("exp-kill", &["email"], &segment)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let some_done = eventually(DEADLINE, || async {
+        let s = app.progress.snapshot("exp-kill").await.ok()?;
+        (s.is_sealed() && s.count("shards_done") >= 5).then_some(())
+    })
+    .await;
+    assert!(some_done.is_some(), "the first worker uploads a few shards");
+    first.start_kill().expect("SIGKILL");
+    first.wait().await.expect("the first worker exits");
+    let at_kill = app.progress.snapshot("exp-kill").await.expect("progress");
+    assert!(
+        at_kill.count("shards_done") < planned,
+        "killed mid-export, not after it"
+    );
+
+    let mut second = spawn_worker();
+    let report = app.finished("exp-kill", DEADLINE).await;
+    second.start_kill().expect("SIGKILL");
+    let email = &report.audiences[0];
+    assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
+    assert_eq!(email.shards, planned);
+    assert_eq!(
+        email.uploaded, want.uploaded,
+        "every shard counted exactly once"
+    );
+    let audience = app.emulator.audience(&email.audience_id).expect("audience");
+    let mut got: Vec<&String> = audience.entries.keys().collect();
+    let mut expected: Vec<&String> = want.entries.keys().collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(
+        got, expected,
+        "no entry lost (a shard in flight at the kill may be sent twice)"
+    );
+    app.stop().await;
+}

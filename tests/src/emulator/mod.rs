@@ -135,6 +135,10 @@ impl Emulator {
         self.with(|s| s.scripted_faults.extend(faults))
     }
 
+    pub fn set_latency(&self, latency: Latency) {
+        self.with(|s| s.config.latency = latency)
+    }
+
     pub fn set_budget(&self, ad_account: &str, calls_per_window: u64) {
         self.with(|s| {
             if let Some(a) = s.ad_accounts.get_mut(ad_account) {
