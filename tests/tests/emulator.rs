@@ -435,3 +435,164 @@ async fn scripted_faults_come_in_order() {
         200
     );
 }
+
+#[tokio::test]
+async fn oauth_codes_give_short_tokens_that_exchange_for_long_lived_ones() {
+    let config = Config {
+        app_secret: Some("s3cret".into()),
+        ..Config::default()
+    };
+    let e = emulator(config).await;
+    e.authorize("code-1", TokenSeed::user("EAAshort", &[ACCOUNT]));
+    let url = format!("{}/v27.0/oauth/access_token", e.base_url());
+    let get = |query: String| call(reqwest::Method::GET, format!("{url}?{query}"), None, &[]);
+    let app = "client_id=1000000000000001&redirect_uri=https%3A%2F%2Fapp%2Fcb";
+
+    assert_eq!(
+        code(&get(format!("{app}&client_secret=wrong&code=code-1")).await),
+        (101, None)
+    );
+    let short = get(format!("{app}&client_secret=s3cret&code=code-1")).await;
+    assert_eq!(short.body["access_token"], "EAAshort", "{}", short.body);
+    assert_eq!(short.body["expires_in"], 7200);
+    let reused = get(format!("{app}&client_secret=s3cret&code=code-1")).await;
+    assert_eq!(code(&reused), (100, Some(36007)), "a code works once");
+
+    let long = get(format!("client_id=1000000000000001&client_secret=s3cret&grant_type=fb_exchange_token&fb_exchange_token=EAAshort")).await;
+    let long_token = long.body["access_token"]
+        .as_str()
+        .expect("long-lived token")
+        .to_owned();
+    assert_ne!(long_token, "EAAshort");
+    let debug = call(
+        reqwest::Method::GET,
+        format!(
+            "{}/v27.0/debug_token?input_token={long_token}",
+            e.base_url()
+        ),
+        Some(&long_token),
+        &[],
+    )
+    .await;
+    let data = &debug.body["data"];
+    assert_eq!(data["is_valid"], true);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(data["expires_at"].as_u64().expect("expiry") > now + 59 * 24 * 3600);
+    assert!(data["scopes"]
+        .as_array()
+        .expect("scopes")
+        .contains(&json!("ads_management")));
+    assert_eq!(
+        create(&e, ACCOUNT, &long_token).await.status,
+        200,
+        "the long-lived token keeps the grants"
+    );
+}
+
+#[tokio::test]
+async fn appsecret_proof_is_checked_when_the_app_requires_it() {
+    let config = Config {
+        app_secret: Some("s3cret".into()),
+        require_appsecret_proof: true,
+        ..Config::default()
+    };
+    let e = emulator(config).await;
+    let url = format!("{}/v27.0/act_{ACCOUNT}/customaudiences", e.base_url());
+    let form = |proof: Option<String>| {
+        let mut f = vec![
+            ("name", "A".to_owned()),
+            ("customer_file_source", "USER_PROVIDED_ONLY".to_owned()),
+        ];
+        if let Some(p) = proof {
+            f.push(("appsecret_proof", p));
+        }
+        f
+    };
+    assert_eq!(
+        code(&call(reqwest::Method::POST, url.clone(), Some(TOKEN), &form(None)).await).0,
+        100
+    );
+    assert_eq!(
+        code(
+            &call(
+                reqwest::Method::POST,
+                url.clone(),
+                Some(TOKEN),
+                &form(Some("00".into()))
+            )
+            .await
+        )
+        .0,
+        100
+    );
+    let proof = {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").expect("key");
+        mac.update(TOKEN.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    };
+    assert_eq!(
+        call(reqwest::Method::POST, url, Some(TOKEN), &form(Some(proof)))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn hangs_resets_and_slow_bodies_behave_like_a_bad_network() {
+    let e = emulator(Config::default()).await;
+    let audience = create(&e, ACCOUNT, TOKEN).await.body["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let post = |entry: String| {
+        let payload = json!({"schema": "EMAIL_SHA256", "data": [entry]}).to_string();
+        client
+            .post(format!("{}/v27.0/{audience}/users", e.base_url()))
+            .bearer_auth(TOKEN)
+            .form(&[("payload", payload)])
+            .send()
+    };
+    let received = || e.audience(&audience).expect("audience").entries;
+
+    e.inject([Fault::Hang { ms: 5_000 }]);
+    let hung = post(hash(1)).await.expect_err("the client times out");
+    assert!(hung.is_timeout(), "{hung}");
+    assert!(
+        received().contains_key(&hash(1)),
+        "a hung call was applied: the client cannot know"
+    );
+
+    e.inject([Fault::Reset]);
+    let reset = match post(hash(2)).await {
+        Ok(response) => response.bytes().await.expect_err("the body is cut"),
+        Err(e) => e,
+    };
+    assert!(!reset.is_timeout(), "{reset}");
+    assert!(
+        !received().contains_key(&hash(2)),
+        "a reset call was not applied"
+    );
+
+    e.inject([Fault::SlowBody { ms: 150 }]);
+    let started = std::time::Instant::now();
+    let slow = post(hash(3))
+        .await
+        .expect("headers arrive")
+        .json::<Value>()
+        .await
+        .expect("the whole body arrives");
+    assert_eq!(slow["num_received"], 1);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(150),
+        "the body took its time"
+    );
+}

@@ -2,7 +2,7 @@
 //! in `state.rs` under its lock, answered after the latency model's delay with Meta's usage
 //! headers and error envelope.
 
-use super::state::{Answer, GraphFailure, Params, State, Usage};
+use super::state::{Answer, Fault, GraphFailure, Params, State, Transport, Usage};
 use super::CallRecord;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State as AxState};
@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
+use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -104,15 +105,46 @@ async fn respond(
     if !answer.delay.is_zero() {
         tokio::time::sleep(answer.delay).await;
     }
-    let mut response = match answer.result {
-        Ok(value) => (StatusCode::OK, axum::Json(value)).into_response(),
-        Err(f) if f.html => (
+    let mut response = match (answer.result, answer.transport) {
+        (_, Transport::Reset) => {
+            // Headers go out, then the body fails: hyper drops the connection mid-answer.
+            let cut = futures::stream::once(async {
+                Err::<Bytes, std::io::Error>(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "emulated reset",
+                ))
+            });
+            return (StatusCode::OK, axum::body::Body::from_stream(cut)).into_response();
+        }
+        (Ok(value), Transport::Slow(pause)) => {
+            let body = value.to_string().into_bytes();
+            let (first, second) = body.split_at(body.len() / 2);
+            let (first, second) = (
+                Bytes::copy_from_slice(first),
+                Bytes::copy_from_slice(second),
+            );
+            // The first half at once, the second after the pause.
+            let halves = futures::stream::iter([(Duration::ZERO, first), (pause, second)]).then(
+                |(wait, chunk)| async move {
+                    tokio::time::sleep(wait).await;
+                    Ok::<Bytes, std::io::Error>(chunk)
+                },
+            );
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                axum::body::Body::from_stream(halves),
+            )
+                .into_response()
+        }
+        (Ok(value), Transport::Normal) => (StatusCode::OK, axum::Json(value)).into_response(),
+        (Err(f), _) if f.html => (
             StatusCode::from_u16(f.http).unwrap_or(StatusCode::BAD_GATEWAY),
             [(header::CONTENT_TYPE, "text/html")],
             f.message,
         )
             .into_response(),
-        Err(f) => (
+        (Err(f), _) => (
             StatusCode::from_u16(f.http).unwrap_or(StatusCode::BAD_REQUEST),
             axum::Json(f.envelope()),
         )
@@ -137,19 +169,14 @@ fn dispatch(
         result,
         delay: Duration::ZERO,
         usage: None,
+        transport: Transport::Normal,
     };
     if let Err(f) = s.check_version(version) {
         return plain(Err(f));
     }
     // OAuth endpoints authenticate with the app's credentials, not a token.
     if node == "oauth" && edge == Some("access_token") {
-        return plain(Err(GraphFailure::new(
-            400,
-            101,
-            None,
-            "OAuthException",
-            "Error validating client secret or code.",
-        )));
+        return plain(s.oauth(p));
     }
     let proof = p.get("appsecret_proof").map(String::as_str);
     let token = match s.authenticate(token, proof) {
@@ -192,10 +219,25 @@ fn dispatch(
                 .and_then(|raw| serde_json::from_str::<Value>(raw).ok())
                 .and_then(|v| v.get("data").and_then(Value::as_array).map(Vec::len))
                 .unwrap_or(0);
-            charged(s, &account, records, |s| match s.fault() {
-                Some(f) => Err(f),
-                None => s.users(audience, p, m == "DELETE"),
-            })
+            let fault = s.next_fault();
+            let mut answer = charged(s, &account, records, |s| {
+                match fault.as_ref().and_then(State::failure) {
+                    Some(failure) => Err(failure),
+                    None if fault == Some(Fault::Reset) => Ok(Value::Null),
+                    None => s.users(audience, p, m == "DELETE"),
+                }
+            });
+            if answer.result.is_ok() {
+                match fault {
+                    Some(Fault::Hang { ms }) => answer.delay += Duration::from_millis(ms),
+                    Some(Fault::Reset) => answer.transport = Transport::Reset,
+                    Some(Fault::SlowBody { ms }) => {
+                        answer.transport = Transport::Slow(Duration::from_millis(ms))
+                    }
+                    _ => {}
+                }
+            }
+            answer
         }
         _ => plain(Err(unsupported(method, node))),
     }
@@ -214,11 +256,13 @@ fn charged(
             result: Err(throttled),
             delay: s.delay(0),
             usage: Some(usage),
+            transport: Transport::Normal,
         },
         Ok(usage) => Answer {
             result: call(s),
             delay,
             usage: Some(usage),
+            transport: Transport::Normal,
         },
     }
 }

@@ -130,6 +130,11 @@ impl Emulator {
         })
     }
 
+    /// Registers an OAuth dialog code: exchanging it yields `seed`'s token (a simulated dialog).
+    pub fn authorize(&self, code: &str, seed: TokenSeed) {
+        self.with(|s| s.codes.insert(code.to_owned(), seed));
+    }
+
     /// Queues faults answered, in order, to the next add-users calls.
     pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
         self.with(|s| s.scripted_faults.extend(faults))

@@ -32,6 +32,15 @@ pub struct Config {
     pub error_rate_5xx: f64,
     /// Share of add-users calls answered code 2, `is_transient`.
     pub error_rate_transient: f64,
+    /// Share of add-users calls applied but answered only after `hang_ms` (past a client's
+    /// timeout).
+    pub hang_rate: f64,
+    pub hang_ms: u64,
+    /// Share of add-users calls whose connection is cut before the answer (not applied).
+    pub reset_rate: f64,
+    /// Share of add-users calls applied and answered with a body that takes `slow_ms` to arrive.
+    pub slow_rate: f64,
+    pub slow_ms: u64,
     /// Keep every received entry (tests); off for large benchmarks to save memory.
     pub record_entries: bool,
 }
@@ -50,6 +59,11 @@ impl Default for Config {
             seed: 1,
             error_rate_5xx: 0.0,
             error_rate_transient: 0.0,
+            hang_rate: 0.0,
+            hang_ms: 60_000,
+            reset_rate: 0.0,
+            slow_rate: 0.0,
+            slow_ms: 2_000,
             record_entries: true,
         }
     }
@@ -136,6 +150,12 @@ pub enum Fault {
     HtmlBadGateway,
     /// Code 2, `is_transient: true`.
     Transient,
+    /// Applied, but answered only after this long.
+    Hang { ms: u64 },
+    /// The connection is cut before an answer; not applied.
+    Reset,
+    /// Applied; the body arrives over this long.
+    SlowBody { ms: u64 },
     /// Any Meta error.
     Error {
         http: u16,
@@ -147,6 +167,8 @@ pub enum Fault {
 
 pub(super) struct Token {
     pub kind: TokenKind,
+    /// Unix seconds; 0 for tokens that do not expire (system users).
+    pub expires_at: u64,
     pub ad_accounts: HashSet<String>,
     pub revoked: Option<i64>,
     pub calls_after_revocation: u64,
@@ -177,6 +199,8 @@ pub(super) struct State {
     pub audiences: BTreeMap<String, Audience>,
     pub calls: Vec<CallRecord>,
     pub scripted_faults: VecDeque<Fault>,
+    /// OAuth dialog codes not yet exchanged, and the token each yields.
+    pub codes: HashMap<String, TokenSeed>,
     next_id: u64,
     rng: StdRng,
 }
@@ -235,6 +259,17 @@ pub(super) struct Answer {
     pub result: Result<Value, GraphFailure>,
     pub delay: Duration,
     pub usage: Option<Usage>,
+    pub transport: Transport,
+}
+
+/// How the answer travels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Transport {
+    Normal,
+    /// Cut the connection instead of answering.
+    Reset,
+    /// Send the body in two halves, `Duration` apart.
+    Slow(Duration),
 }
 
 /// Usage figures for the headers of an answer about one ad account.
@@ -258,6 +293,7 @@ impl State {
             audiences: BTreeMap::new(),
             calls: Vec::new(),
             scripted_faults: VecDeque::new(),
+            codes: HashMap::new(),
             next_id: 23_850_000_000_000_000,
             rng,
         };
@@ -274,6 +310,10 @@ impl State {
         self.tokens.insert(
             seed.token,
             Token {
+                expires_at: match seed.kind {
+                    TokenKind::SystemUser => 0,
+                    TokenKind::User => now_secs() + 60 * 24 * 3600,
+                },
                 kind: seed.kind,
                 ad_accounts: seed.ad_accounts.into_iter().collect(),
                 revoked: None,
@@ -592,19 +632,36 @@ impl State {
         Ok(account)
     }
 
-    /// The next scripted or random fault for an add-users call, if any.
-    pub fn fault(&mut self) -> Option<GraphFailure> {
-        let scripted = self.scripted_faults.pop_front();
-        let fault = scripted.or_else(|| {
-            let roll: f64 = self.rng.gen();
-            if roll < self.config.error_rate_5xx {
-                Some(Fault::Http500)
-            } else if roll < self.config.error_rate_5xx + self.config.error_rate_transient {
-                Some(Fault::Transient)
-            } else {
-                None
+    /// The next scripted or random fault for an add-users call, if any. Random faults draw from
+    /// the seeded generator, so a run is reproducible.
+    pub fn next_fault(&mut self) -> Option<Fault> {
+        if let Some(f) = self.scripted_faults.pop_front() {
+            return Some(f);
+        }
+        let c = &self.config;
+        let table = [
+            (c.error_rate_5xx, Fault::Http500),
+            (c.error_rate_transient, Fault::Transient),
+            (c.hang_rate, Fault::Hang { ms: c.hang_ms }),
+            (c.reset_rate, Fault::Reset),
+            (c.slow_rate, Fault::SlowBody { ms: c.slow_ms }),
+        ];
+        if table.iter().all(|(rate, _)| *rate <= 0.0) {
+            return None;
+        }
+        let roll: f64 = self.rng.gen();
+        let mut edge = 0.0;
+        for (rate, fault) in table {
+            edge += rate;
+            if roll < edge {
+                return Some(fault);
             }
-        })?;
+        }
+        None
+    }
+
+    /// The error answer of a fault that is one.
+    pub fn failure(fault: &Fault) -> Option<GraphFailure> {
         Some(match fault {
             Fault::Http500 => {
                 let mut f =
@@ -639,8 +696,80 @@ impl State {
                 code,
                 subcode,
                 message,
-            } => GraphFailure::new(http, code, subcode, "OAuthException", message),
+            } => GraphFailure::new(*http, *code, *subcode, "OAuthException", message.clone()),
+            Fault::Hang { .. } | Fault::Reset | Fault::SlowBody { .. } => return None,
         })
+    }
+
+    /// `GET /oauth/access_token`: a dialog code for a short-lived user token, or
+    /// `grant_type=fb_exchange_token` for a long-lived one. Authenticated by the app's id and
+    /// secret, not a token.
+    pub fn oauth(&mut self, p: &Params) -> Result<Value, GraphFailure> {
+        let app_ok = p.get("client_id") == Some(&self.config.app_id)
+            && match &self.config.app_secret {
+                Some(secret) => p.get("client_secret") == Some(secret),
+                None => p.contains_key("client_secret"),
+            };
+        if !app_ok {
+            return Err(GraphFailure::new(
+                400,
+                101,
+                None,
+                "OAuthException",
+                "Error validating client secret.",
+            ));
+        }
+        if p.get("grant_type").map(String::as_str) == Some("fb_exchange_token") {
+            let short = p.get("fb_exchange_token").cloned().unwrap_or_default();
+            let (kind, accounts, user_id) = match self.tokens.get(&short) {
+                Some(t) if t.revoked.is_none() => {
+                    (t.kind, t.ad_accounts.clone(), t.user_id.clone())
+                }
+                _ => {
+                    return Err(GraphFailure::new(
+                        400,
+                        190,
+                        None,
+                        "OAuthException",
+                        "Invalid OAuth access token - Cannot parse access token",
+                    ))
+                }
+            };
+            let long = format!("{short}LL");
+            self.tokens.insert(
+                long.clone(),
+                Token {
+                    kind,
+                    expires_at: now_secs() + 60 * 24 * 3600,
+                    ad_accounts: accounts,
+                    revoked: None,
+                    calls_after_revocation: 0,
+                    user_id,
+                },
+            );
+            return Ok(
+                json!({ "access_token": long, "token_type": "bearer", "expires_in": 60 * 24 * 3600 }),
+            );
+        }
+        let code = p.get("code").cloned().unwrap_or_default();
+        if !p.contains_key("redirect_uri") {
+            return Err(bad_param("redirect_uri"));
+        }
+        let Some(seed) = self.codes.remove(&code) else {
+            return Err(GraphFailure::new(
+                400,
+                100,
+                Some(36007),
+                "OAuthException",
+                "This authorization code has expired or has been used.",
+            ));
+        };
+        let token = seed.token.clone();
+        self.add_token(seed);
+        if let Some(t) = self.tokens.get_mut(&token) {
+            t.expires_at = now_secs() + 2 * 3600;
+        }
+        Ok(json!({ "access_token": token, "token_type": "bearer", "expires_in": 2 * 3600 }))
     }
 
     /// `POST` (add) or `DELETE` (remove) `/{audience_id}/users`.
@@ -812,7 +941,7 @@ impl State {
                 "app_id": self.config.app_id,
                 "type": if t.kind == TokenKind::SystemUser { "SYSTEM_USER" } else { "USER" },
                 "is_valid": t.revoked.is_none(),
-                "expires_at": if t.kind == TokenKind::SystemUser { 0 } else { now_secs() + 60 * 24 * 3600 },
+                "expires_at": t.expires_at,
                 "scopes": ["ads_management", "business_management"],
                 "user_id": t.user_id,
             }}),
