@@ -2,7 +2,9 @@
 //! in `state.rs` under its lock, answered after the latency model's delay with Meta's usage
 //! headers and error envelope.
 
-use super::state::{Answer, Fault, GraphFailure, Params, State, Transport, Usage};
+use super::state::{
+    bad_param, Answer, Fault, GraphFailure, Params, Payload, State, Transport, Usage,
+};
 use super::CallRecord;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State as AxState};
@@ -84,11 +86,6 @@ async fn respond(
             &params,
             token.as_deref(),
         );
-        let records = params
-            .get("payload")
-            .and_then(|p| serde_json::from_str::<Value>(p).ok())
-            .and_then(|p| p.get("data").and_then(Value::as_array).map(Vec::len))
-            .unwrap_or(0);
         s.calls.push(CallRecord {
             method: method.to_string(),
             path: match edge {
@@ -98,7 +95,7 @@ async fn respond(
             token: token.clone(),
             ad_account: answer.usage.as_ref().map(|u| u.ad_account.clone()),
             error_code: answer.result.as_ref().err().map(|f| f.code),
-            records,
+            records: answer.records,
         });
         answer
     };
@@ -170,6 +167,7 @@ fn dispatch(
         delay: Duration::ZERO,
         usage: None,
         transport: Transport::Normal,
+        records: 0,
     };
     if let Err(f) = s.check_version(version) {
         return plain(Err(f));
@@ -214,19 +212,24 @@ fn dispatch(
                 Ok(a) => a,
                 Err(f) => return plain(Err(f)),
             };
-            let records = p
+            let parsed = p
                 .get("payload")
-                .and_then(|raw| serde_json::from_str::<Value>(raw).ok())
-                .and_then(|v| v.get("data").and_then(Value::as_array).map(Vec::len))
-                .unwrap_or(0);
+                .ok_or_else(|| bad_param("payload"))
+                .and_then(|raw| Payload::parse(raw));
+            let payload = match parsed {
+                Ok(payload) => payload,
+                Err(f) => return plain(Err(f)),
+            };
+            let records = payload.len();
             let fault = s.next_fault();
             let mut answer = charged(s, &account, records, |s| {
                 match fault.as_ref().and_then(State::failure) {
                     Some(failure) => Err(failure),
                     None if fault == Some(Fault::Reset) => Ok(Value::Null),
-                    None => s.users(audience, p, m == "DELETE"),
+                    None => s.users(audience, &payload, m == "DELETE", p),
                 }
             });
+            answer.records = records;
             if answer.result.is_ok() {
                 match fault {
                     Some(Fault::Hang { ms }) => answer.delay += Duration::from_millis(ms),
@@ -257,12 +260,14 @@ fn charged(
             delay: s.delay(0),
             usage: Some(usage),
             transport: Transport::Normal,
+            records: 0,
         },
         Ok(usage) => Answer {
             result: call(s),
             delay,
             usage: Some(usage),
             transport: Transport::Normal,
+            records: 0,
         },
     }
 }

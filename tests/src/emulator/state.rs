@@ -6,6 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -257,6 +258,8 @@ impl GraphFailure {
 /// What a handler sends back: body, status, and how long to wait before answering.
 pub(super) struct Answer {
     pub result: Result<Value, GraphFailure>,
+    /// Entries in the request's payload, for the call log.
+    pub records: usize,
     pub delay: Duration,
     pub usage: Option<Usage>,
     pub transport: Transport,
@@ -772,37 +775,26 @@ impl State {
         Ok(json!({ "access_token": token, "token_type": "bearer", "expires_in": 2 * 3600 }))
     }
 
-    /// `POST` (add) or `DELETE` (remove) `/{audience_id}/users`.
+    /// `POST` (add) or `DELETE` (remove) `/{audience_id}/users`, with the payload parsed once by
+    /// the caller.
     pub fn users(
         &mut self,
         audience_id: &str,
-        p: &Params,
+        payload: &Payload<'_>,
         remove: bool,
+        p: &Params,
     ) -> Result<Value, GraphFailure> {
-        let payload: Value = p
-            .get("payload")
-            .ok_or_else(|| bad_param("payload"))
-            .and_then(|raw| serde_json::from_str(raw).map_err(|_| bad_param("payload")))?;
-        let schema = payload
-            .get("schema")
-            .ok_or_else(|| bad_param("payload.schema"))?;
-        let data = payload
-            .get("data")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad_param("payload.data"))?;
-        if data.len() > 10_000 {
+        let received = payload.len();
+        if received > 10_000 {
             return Err(GraphFailure::new(
                 400,
                 100,
                 None,
                 "OAuthException",
-                format!(
-                    "(#100) Too many entries in one request: {} (at most 10000)",
-                    data.len()
-                ),
+                format!("(#100) Too many entries in one request: {received} (at most 10000)"),
             ));
         }
-        if data.is_empty() {
+        if received == 0 {
             return Err(GraphFailure::new(
                 400,
                 100,
@@ -811,16 +803,8 @@ impl State {
                 "(#100) The data parameter is empty",
             ));
         }
-        let keys: Vec<String> = match schema {
-            Value::String(s) => vec![s.clone()],
-            Value::Array(a) => a
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect(),
-            _ => return Err(bad_param("payload.schema")),
-        };
-        for k in &keys {
-            if !KNOWN_KEYS.contains(&k.as_str()) {
+        for k in &payload.keys {
+            if !KNOWN_KEYS.contains(&k.as_ref()) {
                 return Err(GraphFailure::new(
                     400,
                     100,
@@ -830,50 +814,59 @@ impl State {
                 ));
             }
         }
-        let multi = matches!(schema, Value::Array(_));
+        if !self.audiences.contains_key(audience_id) {
+            return Err(missing_object(audience_id));
+        }
+        let record = self.config.record_entries;
         let mut invalid = 0u64;
         let mut samples = serde_json::Map::new();
-        let mut accepted = Vec::with_capacity(data.len());
-        for row in data {
-            let values: Vec<&str> = if multi {
-                row.as_array()
-                    .map(|r| r.iter().map(|v| v.as_str().unwrap_or("\u{0}")).collect())
-                    .unwrap_or_default()
-            } else {
-                vec![row.as_str().unwrap_or("\u{0}")]
-            };
-            let valid = values.len() == keys.len()
-                && keys
-                    .iter()
-                    .zip(&values)
-                    .all(|(k, v)| (multi && v.is_empty()) || valid_entry(k, v))
-                && values.iter().any(|v| !v.is_empty());
-            if valid {
-                accepted.push(if multi {
-                    values.join("|")
-                } else {
-                    values[0].to_owned()
-                });
-            } else {
-                invalid += 1;
-                if samples.len() < 10 {
-                    samples.insert(row.to_string(), json!("Invalid format"));
+        let mut accepted: Vec<String> = Vec::with_capacity(if record { received } else { 0 });
+        let mut reject = |row: String| {
+            invalid += 1;
+            if samples.len() < 10 {
+                samples.insert(row, json!("Invalid format"));
+            }
+        };
+        match &payload.rows {
+            Rows::Single(values) => {
+                let key = payload.keys[0].as_ref();
+                for v in values {
+                    if !v.is_empty() && valid_entry(key, v) {
+                        if record {
+                            accepted.push(v.to_string());
+                        }
+                    } else {
+                        reject(v.to_string());
+                    }
+                }
+            }
+            Rows::Multi(rows) => {
+                for row in rows {
+                    let valid = row.len() == payload.keys.len()
+                        && payload
+                            .keys
+                            .iter()
+                            .zip(row)
+                            .all(|(k, v)| v.is_empty() || valid_entry(k, v))
+                        && row.iter().any(|v| !v.is_empty());
+                    if !valid {
+                        reject(format!("{row:?}"));
+                    } else if record {
+                        accepted.push(row.join("|"));
+                    }
                 }
             }
         }
-        let record = self.config.record_entries;
         let audience = self
             .audiences
             .get_mut(audience_id)
             .ok_or_else(|| missing_object(audience_id))?;
         audience.calls += 1;
-        if record {
-            for entry in accepted {
-                if remove {
-                    audience.entries.remove(&entry);
-                } else {
-                    *audience.entries.entry(entry).or_default() += 1;
-                }
+        for entry in accepted {
+            if remove {
+                audience.entries.remove(&entry);
+            } else {
+                *audience.entries.entry(entry).or_default() += 1;
             }
         }
         let session_id = p
@@ -884,7 +877,7 @@ impl State {
         Ok(json!({
             "audience_id": audience_id,
             "session_id": session_id,
-            "num_received": data.len(),
+            "num_received": received,
             "num_invalid_entries": invalid,
             "invalid_entry_samples": samples,
         }))
@@ -988,7 +981,7 @@ fn valid_entry(key: &str, value: &str) -> bool {
     }
 }
 
-fn bad_param(name: &str) -> GraphFailure {
+pub(super) fn bad_param(name: &str) -> GraphFailure {
     GraphFailure::new(
         400,
         100,
@@ -1020,4 +1013,57 @@ fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// An add- or remove-users payload, parsed once and borrowing from the request where it can:
+/// 10,000 entries per request make allocation the emulator's main cost.
+pub(super) struct Payload<'a> {
+    pub keys: Vec<Cow<'a, str>>,
+    pub rows: Rows<'a>,
+}
+
+pub(super) enum Rows<'a> {
+    Single(Vec<Cow<'a, str>>),
+    Multi(Vec<Vec<Cow<'a, str>>>),
+}
+
+#[derive(Deserialize)]
+struct SingleKey<'a> {
+    #[serde(borrow)]
+    schema: Cow<'a, str>,
+    #[serde(borrow)]
+    data: Vec<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct MultiKey<'a> {
+    #[serde(borrow)]
+    schema: Vec<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: Vec<Vec<Cow<'a, str>>>,
+}
+
+impl<'a> Payload<'a> {
+    /// Single-key (`"schema": "EMAIL_SHA256"`) or multi-key (`"schema": [...]`) payloads. Entries
+    /// that are not strings make the whole payload invalid (code 100).
+    pub fn parse(raw: &'a str) -> Result<Payload<'a>, GraphFailure> {
+        if let Ok(single) = serde_json::from_str::<SingleKey<'a>>(raw) {
+            return Ok(Payload {
+                keys: vec![single.schema],
+                rows: Rows::Single(single.data),
+            });
+        }
+        let multi: MultiKey<'a> = serde_json::from_str(raw).map_err(|_| bad_param("payload"))?;
+        Ok(Payload {
+            keys: multi.schema,
+            rows: Rows::Multi(multi.data),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.rows {
+            Rows::Single(v) => v.len(),
+            Rows::Multi(v) => v.len(),
+        }
+    }
 }

@@ -1,0 +1,222 @@
+//! `ae-bench`: measurements that need the whole fleet or the emulator, run from `just bench`.
+//! Each figure is the median of several runs on this machine, printed with the raw runs.
+//!
+//! `emulator`: how many records per second the Graph API emulator accepts from concurrent
+//! clients, beside how many one worker uploads when the emulator answers at once, so that the
+//! emulator is shown never to be the bottleneck of a benchmark.
+
+use audience_export_core::config::Settings;
+use audience_export_core::progress::ProgressStore;
+use audience_export_core::{amqp, Field, Shard};
+use audience_export_harness::app::eventually;
+use audience_export_harness::emulator::{AdAccountSeed, Config, Emulator, Seed, TokenSeed};
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of the audience-export fleet and its Graph API emulator.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Emulator capacity vs one worker's upload rate (records/s).
+    Emulator {
+        /// Runs of each measurement; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds of load per emulator run.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// Shards of 10,000 records per worker run.
+        #[arg(long, default_value_t = 40)]
+        shards: u32,
+        /// Concurrent clients loading the emulator.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+    },
+}
+
+const TOKEN: &str = "EAAbench";
+const ACCOUNT: &str = "5005";
+const RECORDS: usize = 10_000;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Emulator {
+            runs,
+            secs,
+            shards,
+            clients,
+        } => {
+            let mut emulator_rates = Vec::new();
+            let mut worker_rates = Vec::new();
+            for run in 1..=runs {
+                let e = emulator_capacity(clients, Duration::from_secs_f64(secs)).await?;
+                let w = worker_rate(shards).await?;
+                println!("run {run}: emulator {e:.0} records/s, one worker {w:.0} records/s");
+                emulator_rates.push(e);
+                worker_rates.push(w);
+            }
+            let (e, w) = (median(&mut emulator_rates), median(&mut worker_rates));
+            println!(
+                "median: emulator {e:.0} records/s, one worker {w:.0} records/s, ratio {:.1}",
+                e / w
+            );
+        }
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn bench_config() -> Config {
+    Config {
+        record_entries: false,
+        ..Config::default()
+    }
+}
+
+async fn start_emulator() -> anyhow::Result<Emulator> {
+    let seed = Seed {
+        tokens: vec![TokenSeed::user(TOKEN, &[ACCOUNT])],
+        ad_accounts: vec![AdAccountSeed::new(ACCOUNT)],
+    };
+    Ok(Emulator::start(([127, 0, 0, 1], 0).into(), bench_config(), seed).await?)
+}
+
+/// Records per second the emulator accepts from `clients` concurrent keep-alive clients posting
+/// full 10,000-entry requests, as the fleet sends them (form-encoded JSON payload).
+async fn emulator_capacity(clients: usize, duration: Duration) -> anyhow::Result<f64> {
+    let emulator = start_emulator().await?;
+    let http = reqwest::Client::new();
+    let created: serde_json::Value = http
+        .post(format!(
+            "{}/v27.0/act_{ACCOUNT}/customaudiences",
+            emulator.base_url()
+        ))
+        .bearer_auth(TOKEN)
+        .form(&[
+            ("name", "bench"),
+            ("customer_file_source", "USER_PROVIDED_ONLY"),
+        ])
+        .send()
+        .await?
+        .json()
+        .await?;
+    let audience = created["id"].as_str().unwrap_or_default().to_owned();
+    let data: Vec<String> = (0..RECORDS).map(|i| format!("{i:064x}")).collect();
+    let payload = serde_json::json!({"schema": "EMAIL_SHA256", "data": data}).to_string();
+    let body = serde_urlencoded::to_string([("payload", payload)])?;
+    let url = format!("{}/v27.0/{audience}/users", emulator.base_url());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, url, body) = (http.clone(), url.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut accepted = 0u64;
+            while started.elapsed() < duration {
+                let r = http
+                    .post(&url)
+                    .bearer_auth(TOKEN)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                if let Ok(r) = r {
+                    if r.status().is_success() && r.bytes().await.is_ok() {
+                        accepted += RECORDS as u64;
+                    }
+                }
+            }
+            accepted
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await?;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    emulator.stop();
+    Ok(rate)
+}
+
+/// Records per second one worker (default settings) uploads when the emulator answers at once:
+/// `shards` shards of 10,000 raw emails are queued first, then the worker is started and timed
+/// until Redis counts them all.
+async fn worker_rate(shards: u32) -> anyhow::Result<f64> {
+    let emulator = start_emulator().await?;
+    let namespace = format!(
+        "bench{}",
+        uuid::Uuid::new_v4()
+            .simple()
+            .to_string()
+            .get(..10)
+            .unwrap_or("x")
+    );
+    let mut settings = Settings::for_namespace(&namespace);
+    settings.graph.base_url = emulator.base_url();
+    settings.graph.access_token = Some(SecretString::from(TOKEN));
+    settings.worker.ops_addr = ([127, 0, 0, 1], 0).into();
+    settings.worker.calls_per_second_per_account = 100_000;
+
+    let graph = audience_export_core::graph::GraphClient::from_settings(&settings.graph)?;
+    let token = SecretString::from(TOKEN);
+    let audience = graph
+        .create_custom_audience(&token, ACCOUNT, "bench", "", "USER_PROVIDED_ONLY")
+        .await?;
+    let progress = ProgressStore::connect(&settings.redis_url, &namespace).await?;
+    let export_id = "bench-export";
+    progress
+        .begin(export_id, "{}", 0, Duration::from_secs(600))
+        .await?;
+    progress
+        .seal(export_id, &[("shards_planned".into(), shards as u64)])
+        .await?;
+
+    let topology = amqp::Topology::from_settings(&settings);
+    let connection = amqp::connect(&settings.amqp_url, "ae-bench").await?;
+    let publisher = amqp::Publisher::new(&connection).await?;
+    topology.declare(publisher.channel()).await?;
+    for index in 0..shards {
+        let records = (0..RECORDS)
+            .map(|i| format!(" User{index}.{i}@Example.COM "))
+            .collect();
+        let shard = Shard {
+            export_id: export_id.into(),
+            workspace_id: "ws".into(),
+            audience_id: audience.clone(),
+            ad_account_id: ACCOUNT.into(),
+            field: Field::Email,
+            shard_index: index,
+            records,
+            attempt: 1,
+        };
+        publisher.to_queue(&topology.shards(), &shard).await?;
+    }
+
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let worker = audience_export_worker::start(settings.clone(), shutdown.clone()).await?;
+    let done = eventually(Duration::from_secs(300), || async {
+        let s = progress.snapshot(export_id).await.ok()?;
+        (s.count("shards_done") >= shards as u64).then_some(())
+    })
+    .await;
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    worker.task.await??;
+    topology.delete(publisher.channel()).await?;
+    let _ = connection.close(200, "done").await;
+    emulator.stop();
+    anyhow::ensure!(done.is_some(), "the worker did not finish in 300 s");
+    Ok(shards as f64 * RECORDS as f64 / elapsed.as_secs_f64())
+}
