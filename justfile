@@ -22,3 +22,8 @@ lint:
 # Make sure RabbitMQ and Redis are running.
 up:
     scripts/services.sh
+
+# Benchmarks (release build); figures and their commands are in BENCHMARKS.md.
+bench: up
+    cargo build --release --quiet -p audience-export-harness --bin ae-bench
+    target/release/ae-bench emulator --runs 3 --secs 3 --shards 40
