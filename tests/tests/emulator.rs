@@ -458,7 +458,7 @@ async fn oauth_codes_give_short_tokens_that_exchange_for_long_lived_ones() {
     let reused = get(format!("{app}&client_secret=s3cret&code=code-1")).await;
     assert_eq!(code(&reused), (100, Some(36007)), "a code works once");
 
-    let long = get(format!("client_id=1000000000000001&client_secret=s3cret&grant_type=fb_exchange_token&fb_exchange_token=EAAshort")).await;
+    let long = get("client_id=1000000000000001&client_secret=s3cret&grant_type=fb_exchange_token&fb_exchange_token=EAAshort".to_owned()).await;
     let long_token = long.body["access_token"]
         .as_str()
         .expect("long-lived token")
@@ -595,4 +595,47 @@ async fn hangs_resets_and_slow_bodies_behave_like_a_bad_network() {
         started.elapsed() >= std::time::Duration::from_millis(150),
         "the body took its time"
     );
+}
+
+#[tokio::test]
+async fn a_token_past_its_user_budget_gets_code_17() {
+    let config = Config {
+        user_budget: 2,
+        ..Config::default()
+    };
+    let e = emulator(config).await;
+    assert_eq!(create(&e, ACCOUNT, TOKEN).await.status, 200);
+    assert_eq!(create(&e, ACCOUNT, TOKEN).await.status, 200);
+    let limited = create(&e, ACCOUNT, TOKEN).await;
+    assert_eq!(
+        (limited.status, code(&limited)),
+        (400, (17, Some(2_446_079)))
+    );
+}
+
+#[tokio::test]
+async fn an_audience_reads_back_with_approximate_bounds_only() {
+    let e = emulator(Config::default()).await;
+    let audience = create(&e, ACCOUNT, TOKEN).await.body["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let _ = users(
+        &e,
+        reqwest::Method::POST,
+        &audience,
+        json!("EMAIL_SHA256"),
+        json!((0..2000).map(hash).collect::<Vec<_>>()),
+    )
+    .await;
+    let read = call(reqwest::Method::GET, format!("{}/v27.0/{audience}?fields=approximate_count_lower_bound,approximate_count_upper_bound", e.base_url()), Some(TOKEN), &[]).await;
+    let (lower, upper) = (
+        read.body["approximate_count_lower_bound"]
+            .as_u64()
+            .expect("lower"),
+        read.body["approximate_count_upper_bound"]
+            .as_u64()
+            .expect("upper"),
+    );
+    assert!(lower < 2000 && 2000 < upper, "{}", read.body);
 }

@@ -19,6 +19,7 @@ pub fn router(state: Shared) -> Router {
         .route("/_emulator/tokens/{token}/revoke", post(revoke))
         .route("/_emulator/ad_accounts", post(add_account))
         .route("/_emulator/ad_accounts/{id}", get(account))
+        .route("/_emulator/ad_accounts/{id}/budget", post(budget))
         .route("/_emulator/faults", post(faults))
         .route("/_emulator/config", get(config).post(set_config))
         .with_state(state)
@@ -84,6 +85,27 @@ async fn account(AxState(state): AxState<Shared>, Path(id): Path<String>) -> Jso
         Some(a) => Json(
             json!({ "id": id, "calls": a.total_calls, "throttled": a.throttled, "budget": a.budget, "tos_accepted": a.tos_accepted }),
         ),
+        None => Json(json!({ "error": "unknown ad account" })),
+    }
+}
+
+#[derive(Deserialize)]
+struct Budget {
+    calls_per_window: u64,
+}
+
+/// Changes an ad account's budget, keeping its window (a budget halved mid-export).
+async fn budget(
+    AxState(state): AxState<Shared>,
+    Path(id): Path<String>,
+    Json(b): Json<Budget>,
+) -> Json<Value> {
+    let mut s = lock(&state);
+    match s.ad_accounts.get_mut(&id) {
+        Some(a) => {
+            a.budget = b.calls_per_window;
+            Json(json!({ "ok": true }))
+        }
         None => Json(json!({ "error": "unknown ad account" })),
     }
 }

@@ -201,7 +201,7 @@ fn dispatch(
             match (method.as_str(), edge) {
                 ("GET", None) => plain(Ok(s.tos(id))),
                 ("POST", Some("customaudiences")) => {
-                    charged(s, id, 0, |s| s.create_audience(&token, id, p))
+                    charged(s, &token, id, 0, |s| s.create_audience(&token, id, p))
                 }
                 _ => plain(Err(unsupported(method, account))),
             }
@@ -222,7 +222,7 @@ fn dispatch(
             };
             let records = payload.len();
             let fault = s.next_fault();
-            let mut answer = charged(s, &account, records, |s| {
+            let mut answer = charged(s, &token, &account, records, |s| {
                 match fault.as_ref().and_then(State::failure) {
                     Some(failure) => Err(failure),
                     None if fault == Some(Fault::Reset) => Ok(Value::Null),
@@ -249,12 +249,13 @@ fn dispatch(
 /// Runs a call that counts against the ad account's rate limit.
 fn charged(
     s: &mut State,
+    token: &str,
     account: &str,
     records: usize,
     call: impl FnOnce(&mut State) -> Result<Value, GraphFailure>,
 ) -> Answer {
     let delay = s.delay(records);
-    match s.charge(account) {
+    match s.charge(token, account) {
         Err((throttled, usage)) => Answer {
             result: Err(throttled),
             delay: s.delay(0),

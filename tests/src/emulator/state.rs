@@ -24,6 +24,8 @@ pub struct Config {
     pub require_appsecret_proof: bool,
     /// Calls per window for ad accounts that do not set their own.
     pub default_budget: u64,
+    /// Calls per window per token across all accounts (user-level limit, code 17).
+    pub user_budget: u64,
     /// Length of the rate-limit window, in seconds (Meta's is an hour).
     pub window_secs: f64,
     pub latency: Latency,
@@ -55,6 +57,7 @@ impl Default for Config {
             app_secret: None,
             require_appsecret_proof: false,
             default_budget: 1_000_000,
+            user_budget: 10_000_000,
             window_secs: 3600.0,
             latency: Latency::default(),
             seed: 1,
@@ -202,6 +205,8 @@ pub(super) struct State {
     pub scripted_faults: VecDeque<Fault>,
     /// OAuth dialog codes not yet exchanged, and the token each yields.
     pub codes: HashMap<String, TokenSeed>,
+    /// Recent calls per token, for the user-level limit.
+    user_calls: HashMap<String, VecDeque<Instant>>,
     next_id: u64,
     rng: StdRng,
 }
@@ -297,6 +302,7 @@ impl State {
             calls: Vec::new(),
             scripted_faults: VecDeque::new(),
             codes: HashMap::new(),
+            user_calls: HashMap::new(),
             next_id: 23_850_000_000_000_000,
             rng,
         };
@@ -456,9 +462,26 @@ impl State {
     }
 
     /// Counts a call against an ad account's window and throttles past 100%.
-    pub fn charge(&mut self, ad_account: &str) -> Result<Usage, (GraphFailure, Usage)> {
+    /// Counts a call against the token's user-level window first (code 17 past `user_budget`),
+    /// then the ad account's (code 80003 past its budget). Refused calls are not counted.
+    pub fn charge(
+        &mut self,
+        token: &str,
+        ad_account: &str,
+    ) -> Result<Usage, (GraphFailure, Usage)> {
         let window = Duration::from_secs_f64(self.config.window_secs.max(0.001));
         let now = Instant::now();
+        let user = self.user_calls.entry(token.to_owned()).or_default();
+        while user
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= window)
+        {
+            user.pop_front();
+        }
+        let user_limited = user.len() as u64 >= self.config.user_budget.max(1);
+        if !user_limited {
+            user.push_back(now);
+        }
         let account = self
             .ad_accounts
             .get_mut(ad_account)
@@ -490,11 +513,25 @@ impl State {
                 reset_secs: oldest.as_secs(),
             }
         };
+        if user_limited {
+            account.throttled += 1;
+            let u = usage(used, account);
+            return Err((
+                GraphFailure::new(
+                    400,
+                    17,
+                    Some(2_446_079),
+                    "OAuthException",
+                    "(#17) User request limit reached",
+                ),
+                u,
+            ));
+        }
         if used >= budget {
             account.throttled += 1;
             let u = usage(used, account);
             return Err((
-                GraphFailure::new(400, 80003, Some(2_446_079), "OAuthException", "(#80003) There have been too many calls to this ad-account. Wait a bit and try again."),
+                GraphFailure::new(400, 80003, None, "OAuthException", "(#80003) There have been too many calls to this ad-account. Wait a bit and try again."),
                 u,
             ));
         }
