@@ -212,6 +212,7 @@ impl TestApp {
             "fields": fields,
             "source": {"url": format!("file://{}", segment.display()), "format": "ndjson"},
             "notify": {"emails": ["marketer@example.com"]},
+            "default_phone_country": "US",
             "requested_by": "marketer@example.com"
         })
     }
@@ -307,6 +308,8 @@ impl TestApp {
                 .expect("role task joins")
                 .expect("role ends cleanly");
         }
+        // Closed while the runtime still runs, so lapin's I/O loop ends quietly.
+        let _ = self.connection.close(200, "done").await;
     }
 }
 

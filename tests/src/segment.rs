@@ -86,7 +86,44 @@ fn sha(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
-const COUNTRY_CODES: [&str; 5] = ["1", "44", "33", "49", "81"];
+/// A number that exists in its country's numbering plan, as (country code, national number),
+/// from blocks that libphonenumber's metadata marks wholly valid: US geographic lines (real area
+/// codes, exchange [2-9]XX not N11), UK mobiles (074[0-46-9]), French mobiles (06[0-24-8]),
+/// German mobiles (0151) and Japanese mobiles (090[1-9]).
+fn valid_mobile_or_line(rng: &mut StdRng) -> (&'static str, String) {
+    let digits = |rng: &mut StdRng, n: usize| -> String {
+        (0..n)
+            .map(|_| char::from(b'0' + rng.gen_range(0..10)))
+            .collect()
+    };
+    let pick = |rng: &mut StdRng, from: &[&'static str]| from[rng.gen_range(0..from.len())];
+    match rng.gen_range(0..5) {
+        0 => {
+            let area = pick(
+                rng,
+                &["212", "415", "646", "310", "312", "617", "202", "305"],
+            );
+            let mut exchange = format!("{}{}", rng.gen_range(2..10), digits(rng, 2));
+            if exchange.ends_with("11") {
+                exchange.replace_range(2..3, "2");
+            }
+            ("1", format!("{area}{exchange}{}", digits(rng, 4)))
+        }
+        1 => {
+            let block = pick(rng, &["0", "1", "2", "3", "4", "6", "7", "8", "9"]);
+            ("44", format!("74{block}{}", digits(rng, 7)))
+        }
+        2 => {
+            let block = pick(rng, &["0", "1", "2", "4", "5", "6", "7", "8"]);
+            ("33", format!("6{block}{}", digits(rng, 7)))
+        }
+        3 => ("49", format!("151{}", digits(rng, 8))),
+        _ => (
+            "81",
+            format!("90{}{}", rng.gen_range(1..10), digits(rng, 7)),
+        ),
+    }
+}
 const DOMAINS: [&str; 5] = [
     "example.com",
     "Example.org",
@@ -179,43 +216,26 @@ pub fn generate(path: &Path, members: u64, seed: u64) -> std::io::Result<Generat
                 Expect::Invalid,
             ),
             _ => {
-                let cc = COUNTRY_CODES[rng.gen_range(0..COUNTRY_CODES.len())];
-                let national: String = (0..10)
-                    .map(|k| {
-                        if k == 0 {
-                            char::from(b'2' + rng.gen_range(0..8))
-                        } else {
-                            char::from(b'0' + rng.gen_range(0..10))
-                        }
-                    })
-                    .collect();
+                let (cc, national) = valid_mobile_or_line(&mut rng);
                 let canonical = format!("{cc}{national}");
-                let raw: serde_json::Value = match rng.gen_range(0..5) {
-                    0 => format!(
-                        "+{cc} ({}) {}-{}",
-                        &national[..3],
-                        &national[3..6],
-                        &national[6..]
-                    )
-                    .into(),
-                    1 => format!(
-                        "00{cc} {} {} {}",
-                        &national[..3],
-                        &national[3..6],
-                        &national[6..]
-                    )
-                    .into(),
-                    2 => format!(
-                        " +{cc}.{}.{}.{} ",
-                        &national[..3],
-                        &national[3..6],
-                        &national[6..]
-                    )
-                    .into(),
-                    3 => {
+                let (a, b, c) = (&national[..3], &national[3..6], &national[6..]);
+                let raw: serde_json::Value = match (cc, rng.gen_range(0..8)) {
+                    // The job's default country is the US: national notations must get +1.
+                    ("1", 0) => format!("({a}) {b}-{c}").into(),
+                    ("1", 1) => format!("{a}.{b}.{c} ext. {}", rng.gen_range(1..999)).into(),
+                    (_, 0 | 1) => format!("011 {cc} {a} {b} {c}").into(),
+                    (_, 2) => format!("+{cc} ({a}) {b}-{c}").into(),
+                    (_, 3) => format!("00{cc} {a} {b} {c}").into(),
+                    (_, 4) => format!(" +{cc}.{a}.{b}.{c} ").into(),
+                    (_, 5) => {
                         serde_json::Value::Number(canonical.parse::<u64>().expect("digits").into())
                     }
                     _ => format!("+{canonical}").into(),
+                };
+                // A bare number is read as national: only US numbers keep their meaning.
+                let raw = match raw {
+                    serde_json::Value::Number(_) if cc != "1" => format!("+{canonical}").into(),
+                    other => other,
                 };
                 (
                     Some(raw),

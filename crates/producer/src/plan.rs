@@ -348,6 +348,7 @@ impl<'a> Sharder<'a> {
             shard_index: totals.shards as u32,
             records,
             attempt: 1,
+            default_phone_country: self.job.default_phone_country.clone(),
         };
         totals.shards += 1;
         let body = serde_json::to_vec(&shard).expect("a shard always serializes");

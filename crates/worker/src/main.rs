@@ -2,7 +2,7 @@
 //! so support can answer "why did this user not match".
 
 use audience_export_core::{config::Settings, shutdown, telemetry, Field};
-use audience_export_worker::normalize::normalize;
+use audience_export_worker::normalize::{normalize, Rules};
 use clap::{Parser, Subcommand};
 use std::io::{BufRead, Write};
 
@@ -23,13 +23,23 @@ enum Command {
     Normalize {
         #[arg(long)]
         field: Field,
+        /// Country of phone numbers written without their country code, e.g. US.
+        #[arg(long)]
+        default_country: Option<String>,
     },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Some(Command::Normalize { field }) => normalize_stdin(field),
+        Some(Command::Normalize {
+            field,
+            default_country,
+        }) => {
+            let rules =
+                Rules::with_country(default_country.as_deref()).map_err(anyhow::Error::msg)?;
+            normalize_stdin(field, &rules)
+        }
         None => {
             let settings = Settings::load()?;
             telemetry::init_logging(&settings.log);
@@ -39,11 +49,11 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-fn normalize_stdin(field: Field) -> anyhow::Result<()> {
+fn normalize_stdin(field: Field, rules: &Rules) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for line in std::io::stdin().lock().lines() {
-        match normalize(field, &line?) {
+        match normalize(field, &line?, rules) {
             Ok(n) => writeln!(out, "{}\t{}", n.normalized, n.sent)?,
             Err(reason) => writeln!(out, "invalid: {}", reason.as_str())?,
         }

@@ -1,10 +1,12 @@
 //! Meta's normalization rules, per field, and the hashing that follows them. This is the only
 //! code that turns a raw identifier into what leaves the fleet; it never logs a value.
 //!
-//! Rules (reference/graph-api.md): email trimmed and lowercased, then SHA-256; phone reduced to
-//! digits without leading zeros (so `+` and `00` prefixes keep the country code), then SHA-256;
-//! MADID lowercased with hyphens kept and not hashed. A value that is already a SHA-256 hex
-//! string is passed through lowercased, never hashed twice.
+//! Rules (reference/graph-api.md): email trimmed and lowercased, then SHA-256; phone parsed with
+//! libphonenumber's metadata (the `phonenumber` crate) into E.164 with its country code: a number
+//! written with `+` or an international prefix keeps its country, a national number gets the
+//! export's default country; then its digits are hashed. MADID lowercased with hyphens kept and
+//! not hashed. A value that is already a SHA-256 hex string is passed through lowercased, never
+//! hashed twice.
 
 use audience_export_core::Field;
 use sha2::{Digest, Sha256};
@@ -15,8 +17,12 @@ use sha2::{Digest, Sha256};
 pub enum Invalid {
     Empty,
     EmailFormat,
+    /// No phone number could be read from the value.
     PhoneFormat,
-    PhoneLength,
+    /// A national number, and the export names no default country.
+    PhoneNoCountry,
+    /// Read, but not a number that exists in its country's numbering plan.
+    PhoneInvalid,
     MadidFormat,
     /// The all-zero IDFA of a user who denied tracking.
     MadidZero,
@@ -28,7 +34,8 @@ impl Invalid {
             Invalid::Empty => "empty",
             Invalid::EmailFormat => "email_format",
             Invalid::PhoneFormat => "phone_format",
-            Invalid::PhoneLength => "phone_length",
+            Invalid::PhoneNoCountry => "phone_no_country",
+            Invalid::PhoneInvalid => "phone_invalid",
             Invalid::MadidFormat => "madid_format",
             Invalid::MadidZero => "madid_zero",
         }
@@ -46,7 +53,29 @@ pub struct Normalized {
     pub prehashed: bool,
 }
 
-pub fn normalize(field: Field, raw: &str) -> Result<Normalized, Invalid> {
+/// The rules of one export: today, the country of national phone numbers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rules {
+    pub default_country: Option<phonenumber::country::Id>,
+}
+
+impl Rules {
+    /// Rules with `default_country` (ISO 3166-1 alpha-2, any case), if it names a country
+    /// libphonenumber knows.
+    pub fn with_country(default_country: Option<&str>) -> Result<Rules, String> {
+        let default_country = match default_country {
+            None => None,
+            Some(c) => Some(
+                c.to_ascii_uppercase()
+                    .parse()
+                    .map_err(|_| format!("unknown country `{c}`"))?,
+            ),
+        };
+        Ok(Rules { default_country })
+    }
+}
+
+pub fn normalize(field: Field, raw: &str, rules: &Rules) -> Result<Normalized, Invalid> {
     let value = raw.trim();
     if value.is_empty() {
         return Err(Invalid::Empty);
@@ -61,7 +90,7 @@ pub fn normalize(field: Field, raw: &str) -> Result<Normalized, Invalid> {
     }
     let normalized = match field {
         Field::Email => email(value)?,
-        Field::Phone => phone(value)?,
+        Field::Phone => phone(value, rules)?,
         Field::Madid => {
             let id = madid(value)?;
             return Ok(Normalized {
@@ -98,21 +127,48 @@ fn email(value: &str) -> Result<String, Invalid> {
     }
 }
 
-fn phone(value: &str) -> Result<String, Invalid> {
-    if value.chars().any(|c| c.is_alphabetic()) {
-        return Err(Invalid::PhoneFormat);
+fn phone(value: &str, rules: &Rules) -> Result<String, Invalid> {
+    use phonenumber::Mode;
+    // A number with its country code is parsed without a default region: given one, the
+    // `phonenumber` port (0.3.10) strips that region's national prefix from foreign numbers
+    // ("+49 151 ..." with US as default lost the 1 of 151). International prefixes ("00", or
+    // the default country's own, such as 011 in the US) are rewritten to "+" for the same reason.
+    let international = international_form(value.trim(), rules);
+    let parsed = match &international {
+        Some(plus) => phonenumber::parse(None, plus),
+        None => match rules.default_country {
+            Some(country) => phonenumber::parse(Some(country), value),
+            None if value.chars().any(|c| c.is_ascii_digit())
+                && !value.chars().any(char::is_alphabetic) =>
+            {
+                return Err(Invalid::PhoneNoCountry)
+            }
+            None => return Err(Invalid::PhoneFormat),
+        },
+    };
+    let number = parsed.map_err(|_| Invalid::PhoneFormat)?;
+    if !number.is_valid() {
+        return Err(Invalid::PhoneInvalid);
     }
-    let digits: String = value.chars().filter(char::is_ascii_digit).collect();
-    let digits = digits.trim_start_matches('0');
-    if digits.is_empty() {
-        return Err(Invalid::PhoneFormat);
+    let e164 = number.format().mode(Mode::E164).to_string();
+    Ok(e164.trim_start_matches('+').to_owned())
+}
+
+/// The value rewritten with a leading "+" when it carries its country code: written with "+",
+/// or starting with "00" or with the default country's international prefix.
+fn international_form(value: &str, rules: &Rules) -> Option<String> {
+    if value.starts_with('+') {
+        return Some(value.to_owned());
     }
-    // E.164 numbers have at most 15 digits; fewer than 8 cannot carry a country code and a
-    // subscriber number.
-    if !(8..=15).contains(&digits.len()) {
-        return Err(Invalid::PhoneLength);
+    if let Some(rest) = value.strip_prefix("00") {
+        return Some(format!("+{rest}"));
     }
-    Ok(digits.to_owned())
+    let country = rules.default_country?;
+    let idd = phonenumber::metadata::DATABASE
+        .by_id(country.as_ref())?
+        .international_prefix()?;
+    let found = idd.find(value)?;
+    (found.start() == 0 && found.end() > 0).then(|| format!("+{}", &value[found.end()..]))
 }
 
 fn madid(value: &str) -> Result<String, Invalid> {
@@ -145,81 +201,161 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    fn sent(field: Field, raw: &str) -> Result<String, Invalid> {
-        normalize(field, raw).map(|n| n.sent)
+    fn rules(country: Option<&str>) -> Rules {
+        Rules::with_country(country).expect("a known country")
     }
 
-    /// Golden vectors: each expected hash was computed with `printf '%s' VALUE | sha256sum`.
+    /// Golden vectors: (field, default country, raw value, normalized form or the reason it is
+    /// invalid). Expected forms follow Meta's published rules, written by hand.
     #[test]
-    fn emails_are_trimmed_lowercased_and_hashed() {
-        let h = "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b"; // test@example.com
-        assert_eq!(sent(Field::Email, "test@example.com").unwrap(), h);
-        assert_eq!(sent(Field::Email, "  Test@Example.COM\t").unwrap(), h);
-        assert_eq!(
-            sent(Field::Email, "\u{2003}test@example.com\u{00a0}").unwrap(),
-            h
-        );
-        assert_eq!(
-            normalize(Field::Email, "A+Tag@X.io").unwrap().normalized,
-            "a+tag@x.io"
-        );
-        for bad in [
-            "no-at-sign",
-            "a@b",
-            "@example.com",
-            "a@.com",
-            "a b@example.com",
-            "a@example.com.",
-        ] {
-            assert_eq!(sent(Field::Email, bad), Err(Invalid::EmailFormat), "{bad}");
+    fn golden_vectors() {
+        use Field::*;
+        let ok = |s: &str| Ok::<String, Invalid>(s.to_owned());
+        let cases: Vec<(Field, Option<&str>, &str, Result<String, Invalid>)> = vec![
+            (Email, None, "test@example.com", ok("test@example.com")),
+            (Email, None, "  Test@Example.COM\t", ok("test@example.com")),
+            (
+                Email,
+                None,
+                "\u{2003}test@example.com\u{00a0}",
+                ok("test@example.com"),
+            ),
+            (
+                Email,
+                None,
+                "Jane.Doe+Promo@Gmail.com",
+                ok("jane.doe+promo@gmail.com"),
+            ),
+            (
+                Email,
+                None,
+                "User@B\u{dc}CHER.de",
+                ok("user@b\u{fc}cher.de"),
+            ),
+            (Email, None, "no-at-sign", Err(Invalid::EmailFormat)),
+            (Email, None, "a@b", Err(Invalid::EmailFormat)),
+            (Email, None, "@example.com", Err(Invalid::EmailFormat)),
+            (Email, None, "a@.com", Err(Invalid::EmailFormat)),
+            (Email, None, "a b@example.com", Err(Invalid::EmailFormat)),
+            (Email, None, "a@example.com.", Err(Invalid::EmailFormat)),
+            (Email, None, "a@@example.com", Err(Invalid::EmailFormat)),
+            (Email, None, " \t ", Err(Invalid::Empty)),
+            (Phone, Some("US"), "(212) 736-5000", ok("12127365000")),
+            (Phone, Some("US"), "+1 212-736-5000", ok("12127365000")),
+            (Phone, None, "+1.212.736.5000", ok("12127365000")),
+            (Phone, Some("US"), "212-736-5000 ext. 42", ok("12127365000")),
+            (Phone, Some("US"), "011 44 20 7946 0958", ok("442079460958")),
+            (Phone, Some("US"), "0044 20 7946 0958", ok("442079460958")),
+            (Phone, None, "0044 20 7946 0958", ok("442079460958")),
+            (Phone, Some("FR"), "+44 (0)20 7946 0958", ok("442079460958")),
+            (Phone, Some("GB"), "020 7946 0958", ok("442079460958")),
+            (Phone, Some("gb"), "07911 123456", ok("447911123456")),
+            (Phone, Some("US"), "+33 6 12 34 56 78", ok("33612345678")),
+            (Phone, Some("FR"), "06 12 34 56 78", ok("33612345678")),
+            (Phone, Some("US"), "+49 151 234 56789", ok("4915123456789")),
+            (
+                Phone,
+                Some("US"),
+                "011 49 151 234 56789",
+                ok("4915123456789"),
+            ),
+            (Phone, None, "2127365000", Err(Invalid::PhoneNoCountry)),
+            (Phone, Some("US"), "n/a", Err(Invalid::PhoneFormat)),
+            (
+                Phone,
+                Some("US"),
+                "+1 212 736 50",
+                Err(Invalid::PhoneInvalid),
+            ),
+            (
+                Phone,
+                Some("US"),
+                "+1 (000) 000-0000",
+                Err(Invalid::PhoneFormat),
+            ),
+            (
+                Madid,
+                None,
+                "6D92078A-8246-4BA4-AE5B-76104861E7DC",
+                ok("6d92078a-8246-4ba4-ae5b-76104861e7dc"),
+            ),
+            (
+                Madid,
+                None,
+                " 6d92078a-8246-4ba4-ae5b-76104861e7dc ",
+                ok("6d92078a-8246-4ba4-ae5b-76104861e7dc"),
+            ),
+            (
+                Madid,
+                None,
+                "00000000-0000-0000-0000-000000000000",
+                Err(Invalid::MadidZero),
+            ),
+            (
+                Madid,
+                None,
+                "6d92078a82464ba4ae5b76104861e7dc",
+                Err(Invalid::MadidFormat),
+            ),
+            (
+                Madid,
+                None,
+                "6d92078a-8246-4ba4-ae5b-76104861e7dz",
+                Err(Invalid::MadidFormat),
+            ),
+        ];
+        for (field, country, raw, expected) in cases {
+            let got = normalize(field, raw, &rules(country)).map(|n| n.normalized);
+            assert_eq!(got, expected, "{field} {country:?} {raw:?}");
         }
-        assert_eq!(sent(Field::Email, "   "), Err(Invalid::Empty));
     }
 
+    /// What is sent is the SHA-256 of the normalized form, lowercase hex (computed with
+    /// `printf '%s' VALUE | sha256sum`), except for MADIDs, which are sent as they are.
     #[test]
-    fn phones_keep_their_country_code_as_digits() {
-        let canonical = normalize(Field::Phone, "15551234567").unwrap();
-        // printf '%s' 15551234567 | sha256sum
+    fn hashes_are_lowercase_sha256_and_madids_are_not_hashed() {
+        let us = rules(Some("US"));
+        let sent = |field, raw| normalize(field, raw, &us).expect("valid").sent;
         assert_eq!(
-            canonical.sent,
-            "d6736136ea896c1bfdc553e0e86e702c70d060d805696ca3e4e9e0961353860a"
+            sent(Field::Email, " Test@Example.COM"),
+            "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b"
         );
-        for same in ["+1 (555) 123-4567", "001 555 123 4567", "+1.555.123.4567"] {
-            assert_eq!(normalize(Field::Phone, same).unwrap(), canonical, "{same}");
-        }
-        assert_eq!(sent(Field::Phone, "n/a"), Err(Invalid::PhoneFormat));
-        assert_eq!(sent(Field::Phone, "123"), Err(Invalid::PhoneLength));
         assert_eq!(
-            sent(Field::Phone, "+1 555 123 4567 8901 23"),
-            Err(Invalid::PhoneLength)
+            sent(Field::Phone, "(212) 736-5000"),
+            "19b8135df3f09b5e492186fc900f9294c26dc81a0a63a6ddec5ad5b7007bd589"
         );
-        assert_eq!(sent(Field::Phone, "000"), Err(Invalid::PhoneFormat));
-    }
-
-    #[test]
-    fn madids_are_lowercased_and_never_hashed() {
-        let idfa = "6D92078A-8246-4BA4-AE5B-76104861E7DC";
         assert_eq!(
-            sent(Field::Madid, idfa).unwrap(),
+            sent(Field::Email, "User@B\u{dc}CHER.de"),
+            "a6667ab428f538753ae2bcb430005815a8dc028d87c4d53fe5ef7015a7a8e671"
+        );
+        assert_eq!(
+            sent(Field::Madid, "6D92078A-8246-4BA4-AE5B-76104861E7DC"),
             "6d92078a-8246-4ba4-ae5b-76104861e7dc"
         );
-        assert_eq!(
-            sent(Field::Madid, "00000000-0000-0000-0000-000000000000"),
-            Err(Invalid::MadidZero)
-        );
-        assert_eq!(
-            sent(Field::Madid, "6d92078a82464ba4ae5b76104861e7dc"),
-            Err(Invalid::MadidFormat)
-        );
-        assert_eq!(sent(Field::Madid, "not-a-uuid"), Err(Invalid::MadidFormat));
     }
 
     #[test]
-    fn prehashed_values_pass_through_lowercased() {
+    fn prehashed_values_pass_through_lowercased_and_are_counted() {
         let upper = "973DFE463EC85785F5F95AF5BA3906EEDB2D931C24E69824A89EA65DBA4E813B";
-        let n = normalize(Field::Email, upper).unwrap();
-        assert!(n.prehashed);
-        assert_eq!(n.sent, upper.to_ascii_lowercase());
-        assert!(normalize(Field::Phone, upper).unwrap().prehashed);
+        for field in [Field::Email, Field::Phone] {
+            let n = normalize(field, upper, &Rules::default()).expect("valid");
+            assert!(n.prehashed, "{field}");
+            assert_eq!(
+                n.sent,
+                upper.to_ascii_lowercase(),
+                "{field}: never hashed twice"
+            );
+        }
+        assert_eq!(
+            normalize(Field::Madid, upper, &Rules::default()),
+            Err(Invalid::MadidFormat),
+            "a MADID is never a hash"
+        );
+    }
+
+    #[test]
+    fn unknown_default_countries_are_refused() {
+        assert!(Rules::with_country(Some("XX")).is_err());
+        assert!(Rules::with_country(Some("de")).is_ok());
     }
 }

@@ -1,7 +1,7 @@
 //! Turns a shard's raw values into the entries of one upload: normalized, hashed, deduplicated,
 //! with every dropped value counted by reason. Pure CPU work, run on the blocking pool.
 
-use crate::normalize::{normalize, Invalid};
+use crate::normalize::{normalize, Invalid, Rules};
 use audience_export_core::Field;
 use std::collections::{BTreeMap, HashSet};
 
@@ -29,14 +29,14 @@ impl Prepared {
     }
 }
 
-pub fn prepare(field: Field, records: &[String]) -> Prepared {
+pub fn prepare(field: Field, records: &[String], rules: &Rules) -> Prepared {
     let mut seen = HashSet::with_capacity(records.len());
     let mut out = Prepared {
         data: Vec::with_capacity(records.len()),
         ..Prepared::default()
     };
     for raw in records {
-        match normalize(field, raw) {
+        match normalize(field, raw, rules) {
             Ok(n) => {
                 if n.prehashed {
                     out.prehashed += 1;
@@ -63,7 +63,7 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let p = prepare(Field::Email, &records);
+        let p = prepare(Field::Email, &records, &Rules::default());
         assert_eq!(p.data.len(), 2);
         assert_eq!(p.duplicates, 1);
         assert_eq!(p.invalid.get(&Invalid::EmailFormat), Some(&1));

@@ -3,6 +3,7 @@
 //! `Outcome`; the consumer loop alone acks, retries or rejects.
 
 use crate::metrics::Metrics;
+use crate::normalize::Rules;
 use crate::prepare::{prepare, Prepared};
 use audience_export_core::amqp::{PublishError, Publisher, Topology};
 use audience_export_core::consumer::Outcome;
@@ -90,9 +91,11 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
     let field = shard.field;
     // Hashing 10,000 values takes milliseconds: off the async threads, so other uploads' I/O
     // is not held up. The records come back because a retry must carry them.
+    // The producer checked the country when it accepted the job.
+    let rules = Rules::with_country(shard.default_phone_country.as_deref()).unwrap_or_default();
     let records = std::mem::take(&mut shard.records);
     let (prepared, records): (Prepared, Vec<String>) = tokio::task::spawn_blocking(move || {
-        let prepared = prepare(field, &records);
+        let prepared = prepare(field, &records, &rules);
         (prepared, records)
     })
     .await

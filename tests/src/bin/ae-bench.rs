@@ -199,6 +199,7 @@ async fn worker_rate(shards: u32) -> anyhow::Result<f64> {
             shard_index: index,
             records,
             attempt: 1,
+            default_phone_country: None,
         };
         publisher.to_queue(&topology.shards(), &shard).await?;
     }

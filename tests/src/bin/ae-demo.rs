@@ -115,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
         "fields": ["email", "phone", "madid"],
         "source": {"url": format!("file://{}", std::fs::canonicalize(&args.segment)?.display()), "format": "ndjson"},
         "notify": {"emails": ["marketer@example.com"]},
+        "default_phone_country": "US",
         "requested_by": "marketer@example.com"
     });
     let enqueued = Instant::now();

@@ -128,8 +128,12 @@ impl ExportJob {
             return invalid("source.compression is not supported yet");
         }
         if let Some(c) = &self.default_phone_country {
-            if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_alphabetic()) {
-                return invalid("default_phone_country must be an ISO 3166-1 alpha-2 code");
+            let known = c.len() == 2
+                && c.to_ascii_uppercase()
+                    .parse::<phonenumber::country::Id>()
+                    .is_ok();
+            if !known {
+                return invalid("default_phone_country must be an ISO 3166-1 alpha-2 code with a numbering plan, e.g. US");
             }
         }
         Ok(())
@@ -248,6 +252,11 @@ mod tests {
                 "csv",
                 Box::new(|v| v["source"]["format"] = serde_json::json!("csv")),
                 "csv",
+            ),
+            (
+                "unknown country",
+                Box::new(|v| v["default_phone_country"] = serde_json::json!("XX")),
+                "default_phone_country",
             ),
         ];
         for (name, mutate, expected) in cases {

@@ -17,6 +17,10 @@ pub struct Shard {
     pub records: Vec<String>,
     /// 1 on first delivery; incremented each time the shard is scheduled for a retry.
     pub attempt: u32,
+    /// Country of phone numbers written without their country code (ISO 3166-1 alpha-2), from
+    /// the job. Absent: such numbers are invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_phone_country: Option<String>,
 }
 
 impl Shard {
