@@ -211,7 +211,8 @@ mod tests {
     fn golden_vectors() {
         use Field::*;
         let ok = |s: &str| Ok::<String, Invalid>(s.to_owned());
-        let cases: Vec<(Field, Option<&str>, &str, Result<String, Invalid>)> = vec![
+        type Case<'a> = (Field, Option<&'a str>, &'a str, Result<String, Invalid>);
+        let cases: Vec<Case> = vec![
             (Email, None, "test@example.com", ok("test@example.com")),
             (Email, None, "  Test@Example.COM\t", ok("test@example.com")),
             (
