@@ -26,4 +26,5 @@ up:
 # Benchmarks (release build); figures and their commands are in BENCHMARKS.md.
 bench: up
     cargo build --release --quiet -p audience-export-harness --bin ae-bench
+    taskset -c 0 target/release/ae-bench hashing --runs 5 --secs 1
     target/release/ae-bench emulator --runs 3 --secs 3 --shards 40

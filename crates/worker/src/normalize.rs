@@ -76,40 +76,72 @@ impl Rules {
 }
 
 pub fn normalize(field: Field, raw: &str, rules: &Rules) -> Result<Normalized, Invalid> {
+    Ok(match normalize_to_entry(field, raw, rules)? {
+        Entry::Hashed {
+            normalized,
+            digest,
+            prehashed,
+        } => Normalized {
+            normalized,
+            sent: hex::encode(digest),
+            prehashed,
+        },
+        Entry::Plain(id) => Normalized {
+            normalized: id.clone(),
+            sent: id,
+            prehashed: false,
+        },
+    })
+}
+
+/// What one value becomes, before its text form: the hot path dedups on the 32-byte digest and
+/// encodes hex only for what it sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A SHA-256 digest (computed here, or decoded from a pre-hashed input).
+    Hashed {
+        normalized: String,
+        digest: [u8; 32],
+        prehashed: bool,
+    },
+    /// Sent as it is (MADID).
+    Plain(String),
+}
+
+pub fn normalize_to_entry(field: Field, raw: &str, rules: &Rules) -> Result<Entry, Invalid> {
     let value = raw.trim();
     if value.is_empty() {
         return Err(Invalid::Empty);
     }
-    if field != Field::Madid && is_sha256_hex(value) {
-        let lower = value.to_ascii_lowercase();
-        return Ok(Normalized {
-            normalized: lower.clone(),
-            sent: lower,
+    if field == Field::Madid {
+        return madid(value).map(Entry::Plain);
+    }
+    let mut digest = [0u8; 32];
+    if value.len() == 64 && hex::decode_to_slice(value, &mut digest).is_ok() {
+        return Ok(Entry::Hashed {
+            normalized: value.to_ascii_lowercase(),
+            digest,
             prehashed: true,
         });
     }
     let normalized = match field {
         Field::Email => email(value)?,
-        Field::Phone => phone(value, rules)?,
-        Field::Madid => {
-            let id = madid(value)?;
-            return Ok(Normalized {
-                normalized: id.clone(),
-                sent: id,
-                prehashed: false,
-            });
-        }
+        _ => phone(value, rules)?,
     };
-    let sent = sha256_hex(normalized.as_bytes());
-    Ok(Normalized {
+    digest.copy_from_slice(&Sha256::digest(normalized.as_bytes()));
+    Ok(Entry::Hashed {
         normalized,
-        sent,
+        digest,
         prehashed: false,
     })
 }
 
 fn email(value: &str) -> Result<String, Invalid> {
-    let lower = value.to_lowercase();
+    let lower = if value.is_ascii() {
+        value.to_ascii_lowercase()
+    } else {
+        value.to_lowercase()
+    };
     let (local, domain) = lower.split_once('@').ok_or(Invalid::EmailFormat)?;
     let well_formed = !local.is_empty()
         && local.len() <= 64
@@ -186,15 +218,6 @@ fn madid(value: &str) -> Result<String, Invalid> {
         return Err(Invalid::MadidZero);
     }
     Ok(lower)
-}
-
-fn is_sha256_hex(value: &str) -> bool {
-    value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// Lowercase hex SHA-256.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 #[cfg(test)]

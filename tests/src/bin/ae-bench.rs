@@ -39,6 +39,18 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         clients: usize,
     },
+    /// Normalize + hash + encode one 10,000-record shard per field on one core, beside the raw
+    /// SHA-256 rate on the same (normalized) inputs (records/s).
+    Hashing {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 1.0)]
+        secs: f64,
+        /// Only this field (email, phone, madid).
+        #[arg(long)]
+        field: Option<Field>,
+    },
 }
 
 const TOKEN: &str = "EAAbench";
@@ -68,6 +80,9 @@ async fn main() -> anyhow::Result<()> {
                 "median: emulator {e:.0} records/s, one worker {w:.0} records/s, ratio {:.1}",
                 e / w
             );
+        }
+        Command::Hashing { runs, secs, field } => {
+            hashing(runs, Duration::from_secs_f64(secs), field)
         }
     }
     Ok(())
@@ -220,4 +235,63 @@ async fn worker_rate(shards: u32) -> anyhow::Result<f64> {
     emulator.stop();
     anyhow::ensure!(done.is_some(), "the worker did not finish in 300 s");
     Ok(shards as f64 * RECORDS as f64 / elapsed.as_secs_f64())
+}
+
+/// Runs `work` (one shard) repeatedly for `secs` and returns records per second.
+fn rate(records: usize, secs: Duration, mut work: impl FnMut() -> usize) -> f64 {
+    let started = Instant::now();
+    let mut done = 0usize;
+    let mut sink = 0usize;
+    while started.elapsed() < secs {
+        sink = sink.wrapping_add(work());
+        done += records;
+    }
+    std::hint::black_box(sink);
+    done as f64 / started.elapsed().as_secs_f64()
+}
+
+fn hashing(runs: usize, secs: Duration, only: Option<Field>) {
+    use audience_export_worker::normalize::Rules;
+    use audience_export_worker::prepare::prepare;
+    use sha2::Digest;
+    let rules = Rules::with_country(Some("US")).expect("US");
+    let shards: Vec<(Field, Vec<String>)> = vec![
+        (
+            Field::Email,
+            (0..RECORDS)
+                .map(|i| format!(" User{i}.Name@Example.COM "))
+                .collect(),
+        ),
+        (
+            Field::Phone,
+            (0..RECORDS)
+                .map(|i| format!("+1 (212) {:03}-{:04}", 200 + i % 700, i))
+                .collect(),
+        ),
+        (
+            Field::Madid,
+            (0..RECORDS)
+                .map(|i| format!("6D92078A-8246-4BA4-AE5B-{i:012X}"))
+                .collect(),
+        ),
+    ];
+    for (field, raw) in shards.iter().filter(|(f, _)| only.is_none_or(|o| o == *f)) {
+        let normalized: Vec<String> = raw.iter().map(|r| r.trim().to_lowercase()).collect();
+        let mut prepared = Vec::new();
+        let mut raw_sha = Vec::new();
+        for _ in 0..runs {
+            prepared.push(rate(RECORDS, secs, || {
+                let p = prepare(*field, raw, &rules);
+                audience_export_core::graph::users_form(field.schema(), &p.data).len()
+            }));
+            raw_sha.push(rate(RECORDS, secs, || {
+                normalized
+                    .iter()
+                    .map(|v| sha2::Sha256::digest(v.as_bytes())[0] as usize)
+                    .sum()
+            }));
+        }
+        let (p, r) = (median(&mut prepared), median(&mut raw_sha));
+        println!("{field:<6} normalize+hash+encode {p:>12.0} records/s   raw SHA-256 {r:>12.0} records/s   ({:.0}% of raw)", 100.0 * p / r);
+    }
 }

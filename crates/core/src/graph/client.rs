@@ -168,8 +168,9 @@ impl GraphClient {
         data: &[String],
     ) -> Result<AddUsersResponse, GraphError> {
         let url = format!("{}/{}/users", self.base, audience_id);
-        let payload = serde_json::json!({ "schema": schema, "data": data }).to_string();
-        let body = self.post(&url, token, vec![("payload", payload)]).await?;
+        let body = self
+            .post_encoded(&url, token, users_form(schema, data))
+            .await?;
         decode(200, &body)
     }
 
@@ -177,10 +178,25 @@ impl GraphClient {
         &self,
         url: &str,
         token: &SecretString,
-        mut form: Vec<(&'static str, String)>,
+        form: Vec<(&'static str, String)>,
+    ) -> Result<bytes_body::Body, GraphError> {
+        let body = serde_urlencoded::to_string(&form).map_err(|e| GraphError::Unexpected {
+            status: 0,
+            detail: format!("the request could not be encoded: {e}"),
+        })?;
+        self.post_encoded(url, token, body).await
+    }
+
+    /// POSTs a form-encoded body, adding `appsecret_proof`.
+    async fn post_encoded(
+        &self,
+        url: &str,
+        token: &SecretString,
+        mut body: String,
     ) -> Result<bytes_body::Body, GraphError> {
         if let Some(proof) = self.appsecret_proof(token) {
-            form.push(("appsecret_proof", proof));
+            body.push_str("&appsecret_proof=");
+            body.push_str(&proof);
         }
         let response = self
             .http
@@ -189,7 +205,11 @@ impl GraphClient {
                 reqwest::header::AUTHORIZATION,
                 format!("Bearer {}", token.expose_secret()),
             )
-            .form(&form)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
             .send()
             .await
             .map_err(|e| GraphError::Transport(e.without_url()))?;
@@ -219,6 +239,53 @@ impl GraphClient {
         mac.update(token.expose_secret().as_bytes());
         Some(hex::encode(mac.finalize().into_bytes()))
     }
+}
+
+/// The form body `payload=<JSON>` of an add-users call, as Meta's SDKs send it. Entries made
+/// only of characters that neither JSON nor a form escapes (hex digests, MADIDs) are written
+/// straight in: encoding 10,000 of them through the general encoders cost more than hashing them.
+pub fn users_form(schema: &str, data: &[String]) -> String {
+    // A table, not a chain of comparisons: this check reads every byte of the payload.
+    const PLAIN: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            table[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c == b'_';
+            b += 1;
+        }
+        table
+    };
+    let plain = |s: &str| s.bytes().fold(true, |ok, b| ok & PLAIN[usize::from(b)]);
+    if !plain(schema) || !data.iter().all(|d| plain(d)) {
+        return general_users_form(schema, data);
+    }
+    let mut out = String::with_capacity(64 + data.iter().map(|d| d.len() + 9).sum::<usize>());
+    out.push_str("payload=%7B%22schema%22%3A%22");
+    out.push_str(schema);
+    out.push_str("%22%2C%22data%22%3A%5B");
+    for (i, entry) in data.iter().enumerate() {
+        if i > 0 {
+            out.push_str("%2C");
+        }
+        out.push_str("%22");
+        out.push_str(entry);
+        out.push_str("%22");
+    }
+    out.push_str("%5D%7D");
+    out
+}
+
+#[derive(serde::Serialize)]
+struct UsersPayload<'a> {
+    schema: &'a str,
+    data: &'a [String],
+}
+
+fn general_users_form(schema: &str, data: &[String]) -> String {
+    let payload =
+        serde_json::to_string(&UsersPayload { schema, data }).expect("strings always serialize");
+    serde_urlencoded::to_string([("payload", payload)]).expect("a string pair always encodes")
 }
 
 mod bytes_body {
@@ -275,6 +342,31 @@ mod tests {
         assert_eq!(
             proof,
             "e941110e3d2bfe82621f0e3e1434730d7305d106c5f68c87165d0b27a4611a4a"
+        );
+    }
+
+    #[test]
+    fn the_fast_users_form_is_byte_for_byte_the_general_encoding() {
+        let general = general_users_form;
+        let hashes: Vec<String> = (0..3).map(|i| format!("{i:064x}")).collect();
+        assert_eq!(
+            users_form("EMAIL_SHA256", &hashes),
+            general("EMAIL_SHA256", &hashes)
+        );
+        let madids = vec!["6d92078a-8246-4ba4-ae5b-76104861e7dc".to_owned()];
+        assert_eq!(
+            users_form("MOBILE_ADVERTISER_ID", &madids),
+            general("MOBILE_ADVERTISER_ID", &madids)
+        );
+        let odd = vec!["a\"b c&d".to_owned()];
+        assert_eq!(
+            users_form("EMAIL", &odd),
+            general("EMAIL", &odd),
+            "falls back when escaping is needed"
+        );
+        assert_eq!(
+            users_form("EMAIL_SHA256", &[]),
+            general("EMAIL_SHA256", &[])
         );
     }
 

@@ -6,4 +6,4 @@ mod classify;
 mod client;
 
 pub use classify::{classify, ErrorClass};
-pub use client::{AddUsersResponse, GraphClient, GraphError, MetaError};
+pub use client::{users_form, AddUsersResponse, GraphClient, GraphError, MetaError};
