@@ -486,3 +486,138 @@ fn assert_same_entries(field: Field, got: &HashMap<String, u32>, want: &HashMap<
         want.len()
     );
 }
+
+/// Reads one sample of a role's Prometheus metrics, e.g. `audience_export_shards_total{outcome="deferred"}`.
+async fn metric(ops: std::net::SocketAddr, series: &str) -> u64 {
+    let text = reqwest::get(format!("http://{ops}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
+    let app = spawn_app_with(Roles::ALL, |s| {
+        s.producer.shard_size = 100;
+        // One attempt only: if waiting out a throttle spent an attempt, a shard would fail.
+        s.worker.max_attempts = 1;
+        s.worker.concurrency = 1;
+        s.worker.throttle_pause_ms = 300;
+    })
+    .await;
+    let segment = app.dir.join("throttle.ndjson");
+    let generated = generate(&segment, 450, 17).expect("segment");
+    let want = generated.expectation(Field::Email, 100);
+    app.emulator.inject([Fault::Error {
+        http: 400,
+        code: 80003,
+        subcode: None,
+        message: "(#80003) There have been too many calls to this ad-account.".into(),
+    }]);
+    app.enqueue(
+        app.job("exp-throttle", &["email"], &segment)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+
+    let report = app.finished("exp-throttle", DEADLINE).await;
+    let email = &report.audiences[0];
+    assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
+    assert_eq!(email.shards_failed, 0);
+    assert_eq!(email.uploaded, want.uploaded);
+    let worker_ops = app.ops[1];
+    assert!(
+        metric(
+            worker_ops,
+            "audience_export_shards_total{outcome=\"deferred\"}"
+        )
+        .await
+            >= 1,
+        "shards waited out the pause"
+    );
+    let throttled = app
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.error_code == Some(80003))
+        .count();
+    assert_eq!(
+        throttled, 1,
+        "no call reached Meta while the account was paused"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_share_one_ad_account_budget() {
+    let tune = |s: &mut audience_export_core::config::Settings| {
+        s.producer.shard_size = 10;
+        s.worker.concurrency = 2;
+        s.worker.calls_per_second_per_account = 10;
+        s.worker.usage_pause_threshold_pct = 60;
+        s.worker.usage_pause_ms = 500;
+        s.worker.throttle_pause_ms = 1_000;
+    };
+    let app = spawn_app_with(Roles::ALL, tune).await;
+    // 20 calls per 2-second window: 10 calls/s for the account, a third of what three workers
+    // would send unpaced.
+    app.emulator.configure(|c| c.window_secs = 2.0);
+    app.emulator.set_budget(AD_ACCOUNT, 20);
+    app.emulator
+        .set_latency(audience_export_harness::emulator::Latency {
+            base_ms: 20,
+            per_record_us: 0,
+            jitter_ms: 10,
+        });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut extra = Vec::new();
+    for _ in 0..2 {
+        extra.push(
+            audience_export_worker::start(app.settings.clone(), shutdown.clone())
+                .await
+                .expect("another worker"),
+        );
+    }
+    let segment = app.dir.join("shared.ndjson");
+    let generated = generate(&segment, 700, 23).expect("segment");
+    let want = generated.expectation(Field::Email, 10);
+    app.enqueue(
+        app.job("exp-shared", &["email"], &segment)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+
+    let report = app.finished("exp-shared", Duration::from_secs(120)).await;
+    shutdown.cancel();
+    for w in extra {
+        w.task.await.expect("joins").expect("ends cleanly");
+    }
+    let email = &report.audiences[0];
+    assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
+    assert_eq!(email.uploaded, want.uploaded);
+    let (calls, throttled) = app.emulator.account_stats(AD_ACCOUNT);
+    eprintln!(
+        "shared budget: {calls} calls, {throttled} throttled, {} shards",
+        email.shards
+    );
+    assert!(
+        calls > email.shards,
+        "every shard was uploaded: {calls} calls"
+    );
+    assert!(
+        throttled * 50 <= calls,
+        "throttled calls stay under 2%: {throttled} of {calls}"
+    );
+    app.stop().await;
+}

@@ -80,6 +80,18 @@ impl Topology {
         self.shard_retry_delays_ms.get(i).copied().unwrap_or(1_000)
     }
 
+    /// The shortest shard delay queue that holds a message at least `ms`, or the longest one.
+    pub fn shard_delay_at_least(&self, ms: u64) -> u64 {
+        let mut delays = self.shard_retry_delays_ms.clone();
+        delays.sort_unstable();
+        delays
+            .iter()
+            .copied()
+            .find(|d| *d >= ms)
+            .or(delays.last().copied())
+            .unwrap_or(1_000)
+    }
+
     /// Declares everything, idempotently. Every role calls it at start so none depends on
     /// another having started first.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
@@ -387,6 +399,14 @@ mod tests {
         assert_eq!(t.shard_retry_delay(3), 20);
         assert_eq!(t.shard_retry_delay(4), 40);
         assert_eq!(t.shard_retry_delay(9), 40);
+    }
+
+    #[test]
+    fn a_deferral_waits_in_the_shortest_queue_that_is_long_enough() {
+        let t = Topology::new("ns", vec![1_000, 5_000, 30_000]);
+        assert_eq!(t.shard_delay_at_least(10), 1_000);
+        assert_eq!(t.shard_delay_at_least(1_001), 5_000);
+        assert_eq!(t.shard_delay_at_least(99_000), 30_000);
     }
 
     #[test]

@@ -71,8 +71,14 @@ pub struct WorkerSettings {
     pub max_attempts: u32,
     /// Delays of the retry queues, in milliseconds; attempt n waits the n-th (the last repeats).
     pub retry_delays_ms: Vec<u64>,
-    /// Graph calls per second per ad account allowed by this process.
+    /// Graph calls per second per ad account allowed by this process (no bursts).
     pub calls_per_second_per_account: u32,
+    /// Usage percentage (from Meta's usage headers) at which an ad account is paused fleet-wide.
+    pub usage_pause_threshold_pct: u64,
+    /// How long an account is paused when usage passes the threshold, in milliseconds.
+    pub usage_pause_ms: u64,
+    /// How long an account is paused after a throttling answer without a regain time.
+    pub throttle_pause_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +139,9 @@ impl Default for WorkerSettings {
             max_attempts: 5,
             retry_delays_ms: vec![1_000, 5_000, 30_000, 120_000],
             calls_per_second_per_account: 50,
+            usage_pause_threshold_pct: 90,
+            usage_pause_ms: 10_000,
+            throttle_pause_ms: 60_000,
         }
     }
 }

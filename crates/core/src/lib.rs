@@ -10,6 +10,7 @@ pub mod config;
 pub mod consumer;
 pub mod contract;
 pub mod graph;
+pub mod pause;
 pub mod progress;
 pub mod shutdown;
 pub mod telemetry;

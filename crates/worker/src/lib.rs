@@ -12,6 +12,7 @@ use audience_export_core::amqp::{self, Publisher, Topology};
 use audience_export_core::config::Settings;
 use audience_export_core::consumer;
 use audience_export_core::graph::GraphClient;
+use audience_export_core::pause::AccountPauses;
 use audience_export_core::progress::ProgressStore;
 use audience_export_core::telemetry::{self, Health};
 use audience_export_core::Running;
@@ -41,6 +42,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     )
     .await?;
     let graph = GraphClient::from_settings(&settings.graph)?;
+    let pauses = AccountPauses::connect(&settings.redis_url, &settings.namespace)
+        .await
+        .context("connecting to Redis")?;
     let task = tokio::spawn(async move {
         consumer::reconnecting("worker", &health, &shutdown, || async {
             let connection = amqp::connect(&settings.amqp_url, "audience-worker").await?;
@@ -57,6 +61,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 token: token.clone(),
                 metrics: metrics.clone(),
                 max_attempts: settings.worker.max_attempts,
+                pauses: pauses.clone(),
+                pacing: upload::Pacing::from_settings(&settings.worker),
             });
             let channel = connection.create_channel().await?;
             health.set_broker(true);

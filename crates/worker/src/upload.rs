@@ -9,13 +9,14 @@ use audience_export_core::amqp::{PublishError, Publisher, Topology};
 use audience_export_core::consumer::Outcome;
 use audience_export_core::contract::Event;
 use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
+use audience_export_core::pause::AccountPauses;
 use audience_export_core::progress::{ProgressError, ProgressStore};
 use audience_export_core::Shard;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use secrecy::SecretString;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::{info, warn, Instrument};
 
 /// Everything a shard upload needs, shared by the worker's concurrent uploads.
@@ -30,12 +31,34 @@ pub struct Deps {
     pub token: SecretString,
     pub metrics: Metrics,
     pub max_attempts: u32,
+    /// Fleet-wide pauses per ad account.
+    pub pauses: AccountPauses,
+    pub pacing: Pacing,
+}
+
+/// When to pause an ad account, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Pacing {
+    pub usage_threshold_pct: u64,
+    pub usage_pause: Duration,
+    pub throttle_pause: Duration,
+}
+
+impl Pacing {
+    pub fn from_settings(w: &audience_export_core::config::WorkerSettings) -> Pacing {
+        Pacing {
+            usage_threshold_pct: w.usage_pause_threshold_pct,
+            usage_pause: Duration::from_millis(w.usage_pause_ms),
+            throttle_pause: Duration::from_millis(w.throttle_pause_ms),
+        }
+    }
 }
 
 impl Deps {
     pub fn limiter(calls_per_second: u32) -> DefaultKeyedRateLimiter<String> {
         let rate = NonZeroU32::new(calls_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
-        governor::RateLimiter::keyed(Quota::per_second(rate))
+        // No burst: after a pause, a worker resumes one call at a time rather than all at once.
+        governor::RateLimiter::keyed(Quota::per_second(rate).allow_burst(NonZeroU32::MIN))
     }
 }
 
@@ -46,6 +69,8 @@ enum InfraError {
     Progress(#[from] ProgressError),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error("Redis failed: {0}")]
+    Pause(#[from] redis::RedisError),
 }
 
 pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
@@ -111,7 +136,17 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
         return finish(deps, &shard, None, counters).await;
     }
 
+    // The permit is taken on every attempt; then the fleet-wide pause is checked last, so a
+    // pause set while this upload waited is honoured.
     deps.limiter.until_key_ready(&shard.ad_account_id).await;
+    if let Some(remaining) = deps.pauses.remaining(&shard.ad_account_id).await? {
+        return Ok(defer(
+            deps,
+            shard,
+            remaining,
+            "Ad account paused; shard deferred.",
+        ));
+    }
     let call = Instant::now();
     let result = deps
         .graph
@@ -130,6 +165,22 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
     match result {
         Ok(answer) => {
             deps.metrics.graph_requests.with_label_values(&["ok"]).inc();
+            if let Some(usage) = answer
+                .usage
+                .filter(|u| u.percent >= deps.pacing.usage_threshold_pct)
+            {
+                if deps
+                    .pauses
+                    .pause(&shard.ad_account_id, deps.pacing.usage_pause)
+                    .await?
+                {
+                    info!(
+                        message = "Ad account usage past the threshold; pausing it fleet-wide.",
+                        percent = usage.percent,
+                        pause_ms = deps.pacing.usage_pause.as_millis() as u64
+                    );
+                }
+            }
             counters.push((format!("{field}:uploaded"), prepared.data.len() as u64));
             counters.push((format!("{field}:meta_received"), answer.num_received));
             counters.push((format!("{field}:meta_invalid"), answer.num_invalid_entries));
@@ -169,6 +220,22 @@ async fn failed_call(
         .graph_requests
         .with_label_values(&[class.as_str()])
         .inc();
+    if matches!(class, ErrorClass::Throttled | ErrorClass::Blocked) {
+        // Waiting is the remedy, not another attempt: pause the account for the whole fleet
+        // and defer the shard without spending one of its attempts.
+        let pause = error
+            .usage()
+            .and_then(|u| u.regain)
+            .unwrap_or(deps.pacing.throttle_pause);
+        deps.pauses.pause(&shard.ad_account_id, pause).await?;
+        warn!(message = "Meta throttled the ad account; pausing it fleet-wide.", class = class.as_str(), pause_ms = pause.as_millis() as u64, %error);
+        return Ok(defer(
+            deps,
+            shard,
+            pause,
+            "Shard deferred until the ad account recovers.",
+        ));
+    }
     if class.is_retryable() && shard.attempt < deps.max_attempts {
         shard.attempt += 1;
         let delay_ms = deps.topology.shard_retry_delay(shard.attempt);
@@ -200,6 +267,18 @@ async fn failed_call(
     };
     deps.metrics.shards.with_label_values(&["failed"]).inc();
     finish(deps, &shard, Some(&reason), counters).await
+}
+
+/// Sends the shard to the shortest delay queue that outlasts `wait`, with its attempt unchanged:
+/// no call was spent.
+fn defer(deps: &Deps, shard: Shard, wait: Duration, why: &'static str) -> Outcome {
+    let delay_ms = deps.topology.shard_delay_at_least(wait.as_millis() as u64);
+    info!(message = why, delay_ms);
+    deps.metrics.shards.with_label_values(&["deferred"]).inc();
+    Outcome::Delay {
+        queue: Topology::retry(&deps.topology.shards(), delay_ms),
+        body: serde_json::to_vec(&shard).expect("a shard always serializes"),
+    }
 }
 
 /// Records the shard (once) and announces it to the finalizer.

@@ -140,6 +140,11 @@ impl Emulator {
         self.with(|s| s.scripted_faults.extend(faults))
     }
 
+    /// Changes the configuration in place (window, user budget, fault rates...).
+    pub fn configure(&self, change: impl FnOnce(&mut Config)) {
+        self.with(|s| change(&mut s.config))
+    }
+
     pub fn set_latency(&self, latency: Latency) {
         self.with(|s| s.config.latency = latency)
     }

@@ -3,6 +3,7 @@
 //! a JSON string, as Meta's own SDKs send them.
 
 use super::classify::{classify, ErrorClass};
+use super::usage::Usage;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -39,7 +40,12 @@ struct Envelope {
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
     #[error("Meta answered HTTP {status}: {} (code {:?}, subcode {:?})", .error.message, .error.code, .error.error_subcode)]
-    Meta { status: u16, error: Box<MetaError> },
+    Meta {
+        status: u16,
+        error: Box<MetaError>,
+        /// What the answer's usage headers said (throttling answers carry them too).
+        usage: Option<Usage>,
+    },
     #[error("the Graph API could not be reached: {0}")]
     Transport(#[source] reqwest::Error),
     #[error("the Graph API answered HTTP {status} with a body that is not Graph JSON: {detail}")]
@@ -49,7 +55,7 @@ pub enum GraphError {
 impl GraphError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            GraphError::Meta { status, error } => {
+            GraphError::Meta { status, error, .. } => {
                 classify(*status, error.code, error.error_subcode, error.is_transient)
             }
             GraphError::Transport(_) => ErrorClass::Transient,
@@ -59,6 +65,14 @@ impl GraphError {
 
     pub fn is_retryable(&self) -> bool {
         self.class().is_retryable()
+    }
+
+    /// The usage headers of the answer that failed, if any.
+    pub fn usage(&self) -> Option<Usage> {
+        match self {
+            GraphError::Meta { usage, .. } => *usage,
+            _ => None,
+        }
     }
 
     /// Meta's code and subcode, when Meta answered.
@@ -95,6 +109,9 @@ pub struct AddUsersResponse {
     pub num_invalid_entries: u64,
     #[serde(default)]
     pub invalid_entry_samples: serde_json::Value,
+    /// The answer's usage headers, if Meta sent them.
+    #[serde(skip)]
+    pub usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
@@ -171,7 +188,9 @@ impl GraphClient {
         let body = self
             .post_encoded(&url, token, users_form(schema, data))
             .await?;
-        decode(200, &body)
+        let mut answer: AddUsersResponse = decode(200, &body)?;
+        answer.usage = body.1;
+        Ok(answer)
     }
 
     async fn post(
@@ -214,21 +233,23 @@ impl GraphClient {
             .await
             .map_err(|e| GraphError::Transport(e.without_url()))?;
         let status = response.status().as_u16();
+        let usage = Usage::from_headers(response.headers());
         let bytes = response
             .bytes()
             .await
             .map_err(|e| GraphError::Transport(e.without_url()))?;
         if !(200..300).contains(&status) {
-            return Err(error_from(status, &bytes));
+            return Err(error_from(status, &bytes, usage));
         }
         // Meta sometimes answers 200 with an error envelope.
         if let Ok(env) = serde_json::from_slice::<Envelope>(&bytes) {
             return Err(GraphError::Meta {
                 status,
                 error: Box::new(env.error),
+                usage,
             });
         }
-        Ok(bytes_body::Body(bytes.to_vec()))
+        Ok(bytes_body::Body(bytes.to_vec(), usage))
     }
 
     /// `appsecret_proof`: hex HMAC-SHA256 of the token keyed by the app secret.
@@ -289,8 +310,9 @@ fn general_users_form(schema: &str, data: &[String]) -> String {
 }
 
 mod bytes_body {
-    /// A successful answer's body, kept opaque so callers decode it through `decode`.
-    pub struct Body(pub Vec<u8>);
+    /// A successful answer's body, kept opaque so callers decode it through `decode`, and its
+    /// usage headers.
+    pub struct Body(pub Vec<u8>, pub Option<super::Usage>);
 }
 
 fn decode<T: serde::de::DeserializeOwned>(
@@ -303,11 +325,12 @@ fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn error_from(status: u16, bytes: &[u8]) -> GraphError {
+fn error_from(status: u16, bytes: &[u8], usage: Option<Usage>) -> GraphError {
     match serde_json::from_slice::<Envelope>(bytes) {
         Ok(env) => GraphError::Meta {
             status,
             error: Box::new(env.error),
+            usage,
         },
         Err(_) => GraphError::Unexpected {
             status,
@@ -372,12 +395,13 @@ mod tests {
 
     #[test]
     fn an_html_error_page_is_unexpected_and_transient_on_5xx() {
-        let err = error_from(502, b"<html>Bad gateway</html>");
+        let err = error_from(502, b"<html>Bad gateway</html>", None);
         assert!(matches!(err, GraphError::Unexpected { .. }));
         assert_eq!(err.class(), ErrorClass::Transient);
         let err = error_from(
             400,
             br#"{"error":{"message":"x","code":80003,"error_user_msg":"Too many calls"}}"#,
+            None,
         );
         assert_eq!(err.class(), ErrorClass::Throttled);
         assert_eq!(err.user_message(), "Too many calls");
