@@ -621,3 +621,97 @@ async fn three_workers_share_one_ad_account_budget() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_permanent_failure_class_ends_the_shard_with_a_reason_that_names_the_fix() {
+    let app = spawn_app().await;
+    let segment = app.dir.join("classes.ndjson");
+    generate(&segment, 60, 29).expect("segment");
+    let error = |code, subcode, message: &str| Fault::Error {
+        http: 400,
+        code,
+        subcode,
+        message: message.into(),
+    };
+    let cases = [
+        (
+            "token",
+            error(
+                190,
+                Some(463),
+                "Error validating access token: Session has expired.",
+            ),
+            "token invalid: Meta refused the Facebook connection",
+        ),
+        (
+            "permission",
+            error(200, None, "(#200) Requires ads_management permission"),
+            "permission lost: the connected user can no longer manage ad account act_1001",
+        ),
+        (
+            "terms",
+            error(2655, Some(1_870_090), "Terms of service not accepted"),
+            "https://business.facebook.com/ads/manage/customaudiences/tos/?act=1001",
+        ),
+        (
+            "gone",
+            error(100, Some(33), "Object does not exist"),
+            "audience gone",
+        ),
+        (
+            "bad",
+            error(2650, Some(1_713_230), "Audience flagged for integrity"),
+            "Audience flagged for integrity",
+        ),
+    ];
+    for (name, fault, reason) in cases {
+        app.emulator.inject([fault]);
+        let export_id = format!("exp-class-{name}");
+        app.enqueue(
+            app.job(&export_id, &["email"], &segment)
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+        let report = app.finished(&export_id, DEADLINE).await;
+        assert_eq!(report.status, ExportStatus::Failed, "{name}: {report:?}");
+        assert!(
+            report
+                .reason
+                .as_deref()
+                .unwrap_or_default()
+                .contains(reason),
+            "{name}: {:?}",
+            report.reason
+        );
+        let mail = app
+            .smtp
+            .wait_for(DEADLINE, |m| {
+                m.subject().is_some_and(|s| s.contains("failed")) && m.body().contains(&export_id)
+            })
+            .await;
+        assert!(
+            mail.expect("the requester is told").body().contains(reason),
+            "{name}: the email carries the reason"
+        );
+    }
+    let invalidated = app
+        .events()
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::ConnectionInvalidated {
+                    code: 190,
+                    subcode: Some(463),
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(
+        invalidated, 1,
+        "only the token failure invalidates the connection"
+    );
+    app.stop().await;
+}

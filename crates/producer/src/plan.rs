@@ -257,10 +257,14 @@ fn refusal(job: &ExportJob, field: Field, e: &GraphError) -> PlanError {
     let account = job.ad_account_number();
     let class = e.class();
     let reason = match class {
-        ErrorClass::TokenInvalid => format!("token invalid: Meta refused the Facebook connection ({}). Reconnect Facebook for this workspace.", e.user_message()),
-        ErrorClass::PermissionLost => format!("permission lost: the connected user can no longer manage ad account act_{account} ({}).", e.user_message()),
-        ErrorClass::TermsNotAccepted => format!("terms not accepted: accept the Custom Audience terms for act_{account} at https://business.facebook.com/ads/manage/customaudiences/tos/?act={account}"),
-        _ => format!("Meta refused to create the {} audience: {}", field.label(), e.user_message()),
+        ErrorClass::TokenInvalid | ErrorClass::PermissionLost | ErrorClass::TermsNotAccepted => {
+            e.explain(account)
+        }
+        _ => format!(
+            "Meta refused to create the {} audience: {}",
+            field.label(),
+            e.user_message()
+        ),
     };
     let invalid_token = (class == ErrorClass::TokenInvalid).then(|| {
         let meta = e.meta().cloned().unwrap_or_default();

@@ -261,10 +261,7 @@ async fn failed_call(
             )
             .await?;
     }
-    let reason = match class {
-        ErrorClass::TokenInvalid => format!("token invalid: {}", error.user_message()),
-        _ => error.user_message(),
-    };
+    let reason = error.explain(&shard.ad_account_id);
     deps.metrics.shards.with_label_values(&["failed"]).inc();
     finish(deps, &shard, Some(&reason), counters).await
 }

@@ -67,6 +67,20 @@ impl GraphError {
         self.class().is_retryable()
     }
 
+    /// The sentence for the marketer's report: what failed, and the fix when there is one
+    /// (reconnect, regain access, accept the terms). Starts with the class for token, permission,
+    /// terms and audience failures so reports and events can be read by people and by code.
+    pub fn explain(&self, ad_account: &str) -> String {
+        let said = self.user_message();
+        match self.class() {
+            ErrorClass::TokenInvalid => format!("token invalid: Meta refused the Facebook connection ({said}). Reconnect Facebook for this workspace."),
+            ErrorClass::PermissionLost => format!("permission lost: the connected user can no longer manage ad account act_{ad_account} ({said}). Ask an admin of the ad account to grant access again."),
+            ErrorClass::TermsNotAccepted => format!("terms not accepted: accept the Custom Audience terms for act_{ad_account} at https://business.facebook.com/ads/manage/customaudiences/tos/?act={ad_account}"),
+            ErrorClass::AudienceGone => format!("audience gone: the audience was deleted or is no longer shared with this account ({said})."),
+            _ => said,
+        }
+    }
+
     /// The usage headers of the answer that failed, if any.
     pub fn usage(&self) -> Option<Usage> {
         match self {
