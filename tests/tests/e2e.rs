@@ -633,16 +633,8 @@ async fn each_permanent_failure_class_ends_the_shard_with_a_reason_that_names_th
         subcode,
         message: message.into(),
     };
+    // The token case last: once Meta refuses the token, no later shard calls Meta with it.
     let cases = [
-        (
-            "token",
-            error(
-                190,
-                Some(463),
-                "Error validating access token: Session has expired.",
-            ),
-            "token invalid: Meta refused the Facebook connection",
-        ),
         (
             "permission",
             error(200, None, "(#200) Requires ads_management permission"),
@@ -662,6 +654,15 @@ async fn each_permanent_failure_class_ends_the_shard_with_a_reason_that_names_th
             "bad",
             error(2650, Some(1_713_230), "Audience flagged for integrity"),
             "Audience flagged for integrity",
+        ),
+        (
+            "token",
+            error(
+                190,
+                Some(463),
+                "Error validating access token: Session has expired.",
+            ),
+            "token invalid: Meta refused the Facebook connection",
         ),
     ];
     for (name, fault, reason) in cases {
@@ -713,5 +714,64 @@ async fn each_permanent_failure_class_ends_the_shard_with_a_reason_that_names_th
         invalidated, 1,
         "only the token failure invalidates the connection"
     );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_meta_refuses_a_token_no_worker_calls_meta_with_it_again() {
+    let app = spawn_app_with(Roles::ALL, |s| {
+        s.producer.shard_size = 20;
+        s.worker.concurrency = 1;
+    })
+    .await;
+    app.emulator
+        .set_latency(audience_export_harness::emulator::Latency {
+            base_ms: 30,
+            per_record_us: 0,
+            jitter_ms: 0,
+        });
+    let segment = app.dir.join("revoke.ndjson");
+    generate(&segment, 400, 31).expect("segment");
+    app.enqueue(
+        app.job("exp-revoke", &["email"], &segment)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let started = eventually(DEADLINE, || async {
+        let s = app.progress.snapshot("exp-revoke").await.ok()?;
+        (s.is_sealed() && s.count("shards_done") >= 3).then_some(())
+    })
+    .await;
+    assert!(started.is_some(), "a few shards upload first");
+    assert!(app.emulator.revoke(&app.token, 460));
+
+    let report = app.finished("exp-revoke", DEADLINE).await;
+    let email = &report.audiences[0];
+    assert_eq!(report.status, ExportStatus::PartiallyFailed, "{report:?}");
+    assert!(
+        email.shards_failed >= 1 && email.shards_failed < email.shards,
+        "{email:?}"
+    );
+    assert!(
+        report
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("token invalid"),
+        "{:?}",
+        report.reason
+    );
+    assert_eq!(
+        app.emulator.calls_after_revocation(&app.token),
+        1,
+        "only the call that learnt of the revocation"
+    );
+    let invalidations = app
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::ConnectionInvalidated { .. }))
+        .count();
+    assert_eq!(invalidations, 1);
     app.stop().await;
 }

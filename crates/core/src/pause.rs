@@ -1,6 +1,8 @@
-//! Fleet-wide pauses of an ad account, in Redis: when Meta's usage headers pass the threshold or
-//! Meta throttles, one worker pauses the account for every worker, and shards for it wait in the
-//! delay queues instead of calling Meta (or being held unacked). Keys hold nothing but a deadline.
+//! Fleet-wide stops, in Redis. Pauses of an ad account: when Meta's usage headers pass the
+//! threshold or Meta throttles, one worker pauses the account for every worker, and shards for it
+//! wait in the delay queues instead of calling Meta (or being held unacked). Revoked tokens: once
+//! Meta refuses a workspace's token, no worker calls Meta with it again. Keys hold a deadline or a
+//! reason, and name a token only by a fingerprint, never the token.
 
 use redis::aio::ConnectionManager;
 use std::time::Duration;
@@ -14,6 +16,18 @@ if current < tonumber(ARGV[1]) then
 end
 return 0
 "#;
+
+/// How long a revoked token stays recorded: longer than a user token lives (about 60 days).
+const REVOCATION_TTL_SECS: u64 = 90 * 24 * 3600;
+
+/// A token's name in Redis: the first 16 hex digits of its SHA-256. Identifies it without
+/// revealing it.
+pub fn token_fingerprint(token: &secrecy::SecretString) -> String {
+    use secrecy::ExposeSecret;
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(token.expose_secret().as_bytes());
+    hex::encode(&digest[..8])
+}
 
 #[derive(Clone)]
 pub struct AccountPauses {
@@ -44,6 +58,41 @@ impl AccountPauses {
             .query_async(&mut c)
             .await?;
         Ok((ttl > 0).then(|| Duration::from_millis(ttl as u64)))
+    }
+
+    fn revoked_key(&self, workspace: &str, fingerprint: &str) -> String {
+        format!("{}:workspace:{workspace}:revoked:{fingerprint}", self.ns)
+    }
+
+    /// Records that Meta refused this workspace's token, with the reason the reports show.
+    /// A new token has another fingerprint, so reconnecting lifts the stop by itself.
+    pub async fn revoke_token(
+        &self,
+        workspace: &str,
+        fingerprint: &str,
+        reason: &str,
+    ) -> redis::RedisResult<()> {
+        let mut c = self.redis.clone();
+        redis::cmd("SET")
+            .arg(self.revoked_key(workspace, fingerprint))
+            .arg(reason)
+            .arg("EX")
+            .arg(REVOCATION_TTL_SECS)
+            .query_async(&mut c)
+            .await
+    }
+
+    /// Why this workspace's token was refused, if it was.
+    pub async fn token_revoked(
+        &self,
+        workspace: &str,
+        fingerprint: &str,
+    ) -> redis::RedisResult<Option<String>> {
+        let mut c = self.redis.clone();
+        redis::cmd("GET")
+            .arg(self.revoked_key(workspace, fingerprint))
+            .query_async(&mut c)
+            .await
     }
 
     /// Pauses the account for at least `for_`. Returns whether this call set or extended it.

@@ -62,6 +62,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 metrics: metrics.clone(),
                 max_attempts: settings.worker.max_attempts,
                 pauses: pauses.clone(),
+                token_fingerprint: audience_export_core::pause::token_fingerprint(&token),
                 pacing: upload::Pacing::from_settings(&settings.worker),
             });
             let channel = connection.create_channel().await?;

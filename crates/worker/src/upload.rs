@@ -31,8 +31,10 @@ pub struct Deps {
     pub token: SecretString,
     pub metrics: Metrics,
     pub max_attempts: u32,
-    /// Fleet-wide pauses per ad account.
+    /// Fleet-wide pauses per ad account, and revoked tokens.
     pub pauses: AccountPauses,
+    /// `pause::token_fingerprint` of `token`.
+    pub token_fingerprint: String,
     pub pacing: Pacing,
 }
 
@@ -146,6 +148,15 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
             remaining,
             "Ad account paused; shard deferred.",
         ));
+    }
+    let revoked = deps
+        .pauses
+        .token_revoked(&shard.workspace_id, &deps.token_fingerprint)
+        .await?;
+    if let Some(reason) = revoked {
+        // Meta already refused this token: fail the shard without calling Meta again.
+        deps.metrics.shards.with_label_values(&["failed"]).inc();
+        return finish(deps, &shard, Some(&reason), counters).await;
     }
     let call = Instant::now();
     let result = deps
@@ -262,6 +273,11 @@ async fn failed_call(
             .await?;
     }
     let reason = error.explain(&shard.ad_account_id);
+    if class == ErrorClass::TokenInvalid {
+        deps.pauses
+            .revoke_token(&shard.workspace_id, &deps.token_fingerprint, &reason)
+            .await?;
+    }
     deps.metrics.shards.with_label_values(&["failed"]).inc();
     finish(deps, &shard, Some(&reason), counters).await
 }
