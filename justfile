@@ -28,3 +28,4 @@ bench: up
     cargo build --release --quiet -p audience-export-harness --bin ae-bench
     taskset -c 0 target/release/ae-bench hashing --runs 5 --secs 1
     target/release/ae-bench emulator --runs 3 --secs 3 --shards 40
+    target/release/ae-bench ratelimit --rate 20 --shards 500 --latency-ms 200 --window-secs 30

@@ -39,6 +39,22 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         clients: usize,
     },
+    /// The fleet against an emulator enforcing R calls/s per ad account: achieved rate / R,
+    /// throttled calls and failed shards, then the same with the budget halved mid-export.
+    Ratelimit {
+        /// R: the ad account's budget, in calls per second (also the workers' configured rate).
+        #[arg(long, default_value_t = 20)]
+        rate: u64,
+        /// Shards of 10 records to export.
+        #[arg(long, default_value_t = 500)]
+        shards: u64,
+        /// Emulator latency per call, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        latency_ms: u64,
+        /// Length of the emulator's rate-limit window, in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        window_secs: f64,
+    },
     /// Normalize + hash + encode one 10,000-record shard per field on one core, beside the raw
     /// SHA-256 rate on the same (normalized) inputs (records/s).
     Hashing {
@@ -80,6 +96,16 @@ async fn main() -> anyhow::Result<()> {
                 "median: emulator {e:.0} records/s, one worker {w:.0} records/s, ratio {:.1}",
                 e / w
             );
+        }
+        Command::Ratelimit {
+            rate,
+            shards,
+            latency_ms,
+            window_secs,
+        } => {
+            for halve in [false, true] {
+                ratelimit(rate, shards, latency_ms, window_secs, halve).await?;
+            }
         }
         Command::Hashing { runs, secs, field } => {
             hashing(runs, Duration::from_secs_f64(secs), field)
@@ -294,4 +320,80 @@ fn hashing(runs: usize, secs: Duration, only: Option<Field>) {
         let (p, r) = (median(&mut prepared), median(&mut raw_sha));
         println!("{field:<6} normalize+hash+encode {p:>12.0} records/s   raw SHA-256 {r:>12.0} records/s   ({:.0}% of raw)", 100.0 * p / r);
     }
+}
+
+/// One export of `shards` 10-record email shards through the whole in-process fleet, the emulator
+/// allowing `rate` calls/s per ad account (as `rate × window` calls per sliding window).
+async fn ratelimit(
+    rate: u64,
+    shards: u64,
+    latency_ms: u64,
+    window_secs: f64,
+    halve: bool,
+) -> anyhow::Result<()> {
+    use audience_export_harness::app::{spawn_app_with, Roles, AD_ACCOUNT};
+    use audience_export_harness::emulator::Latency;
+    let app = spawn_app_with(Roles::ALL, |s| {
+        s.producer.shard_size = 10;
+        s.worker.calls_per_second_per_account = rate as u32;
+        s.worker.usage_pause_ms = 1_000;
+    })
+    .await;
+    let budget = (rate as f64 * window_secs) as u64;
+    app.emulator.configure(|c| {
+        c.window_secs = window_secs;
+        c.record_entries = false;
+    });
+    app.emulator.set_budget(AD_ACCOUNT, budget);
+    app.emulator.set_latency(Latency {
+        base_ms: latency_ms,
+        per_record_us: 0,
+        jitter_ms: latency_ms / 10,
+    });
+    let segment = app.dir.join("ratelimit.ndjson");
+    write_plain_emails(&segment, shards * 10)?;
+    let started = Instant::now();
+    app.enqueue(
+        app.job("bench-rate", &["email"], &segment)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    if halve {
+        let half = eventually(Duration::from_secs(600), || async {
+            let s = app.progress.snapshot("bench-rate").await.ok()?;
+            (s.count("shards_done") >= shards / 2).then_some(())
+        })
+        .await;
+        anyhow::ensure!(half.is_some(), "half the export did not finish");
+        app.emulator.set_budget(AD_ACCOUNT, budget / 2);
+    }
+    let report = app.finished("bench-rate", Duration::from_secs(1_800)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (calls, throttled) = app.emulator.account_stats(AD_ACCOUNT);
+    let uploads = calls - throttled - 1; // one call created the audience
+    let email = &report.audiences[0];
+    println!(
+        "{}: R = {rate} calls/s, {latency_ms} ms latency, {shards} shards: {uploads} uploads in {elapsed:.1} s = {:.2} calls/s = {:.0}% of R; throttled {throttled} of {calls} calls ({:.2}%); failed shards {}",
+        if halve { "budget halved mid-export" } else { "steady budget" },
+        uploads as f64 / elapsed,
+        100.0 * uploads as f64 / elapsed / rate as f64,
+        100.0 * throttled as f64 / calls as f64,
+        email.shards_failed,
+    );
+    app.stop().await;
+    Ok(())
+}
+
+/// Writes `members` members with distinct, valid emails.
+fn write_plain_emails(path: &std::path::Path, members: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for i in 0..members {
+        writeln!(
+            out,
+            "{{\"external_id\":\"u{i}\",\"email\":\"member{i}@example.com\"}}"
+        )?;
+    }
+    out.flush()
 }
