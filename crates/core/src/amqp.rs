@@ -299,10 +299,26 @@ impl Publisher {
         body: &[u8],
         headers: FieldTable,
     ) -> Result<PendingConfirm, PublishError> {
-        let props = BasicProperties::default()
+        self.send_expiring(exchange, routing_key, body, headers, None)
+            .await
+    }
+
+    /// `send` with a per-message expiration, for jittered delays in the TTL queues.
+    pub async fn send_expiring(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        headers: FieldTable,
+        expiration_ms: Option<u64>,
+    ) -> Result<PendingConfirm, PublishError> {
+        let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type(ShortString::from("application/json"))
             .with_headers(headers);
+        if let Some(ms) = expiration_ms {
+            props = props.with_expiration(ShortString::from(ms.to_string()));
+        }
         let confirm = self
             .channel
             .basic_publish(

@@ -29,7 +29,12 @@ pub enum Outcome {
     Ack,
     /// Publish `body` to the delay queue `queue` (which dead-letters back into the work queue),
     /// then ack.
-    Delay { queue: String, body: Vec<u8> },
+    Delay {
+        queue: String,
+        body: Vec<u8>,
+        /// A per-message expiration shorter than the queue's TTL, to spread retries (jitter).
+        expiration_ms: Option<u64>,
+    },
     /// Unusable: dead-letter the original with the reason in a header, then ack.
     Reject { reason: String },
     /// Our own infrastructure failed before the effect was recorded: give it back to the broker.
@@ -44,10 +49,15 @@ pub async fn settle(publisher: &Publisher, queue: &str, delivery: Delivery, outc
         Outcome::Delay {
             queue: delay_queue,
             body,
+            expiration_ms,
         } => {
-            publisher
-                .publish("", delay_queue, body, FieldTable::default())
+            match publisher
+                .send_expiring("", delay_queue, body, FieldTable::default(), *expiration_ms)
                 .await
+            {
+                Ok(pending) => pending.wait().await,
+                Err(e) => Err(e),
+            }
         }
         Outcome::Reject { reason } => {
             warn!(message = "Message rejected to the dead-letter queue.", %queue, %reason);

@@ -85,6 +85,7 @@ fn delay(deps: &Deps, body: &[u8]) -> Outcome {
     Outcome::Delay {
         queue: Topology::retry(&deps.topology.finalizer(), FINALIZER_RETRY_MS),
         body: body.to_vec(),
+        expiration_ms: None,
     }
 }
 

@@ -254,7 +254,11 @@ async fn failed_call(
         deps.metrics.shards.with_label_values(&["retried"]).inc();
         let queue = Topology::retry(&deps.topology.shards(), delay_ms);
         let body = serde_json::to_vec(&shard).expect("a shard always serializes");
-        return Ok(Outcome::Delay { queue, body });
+        return Ok(Outcome::Delay {
+            queue,
+            body,
+            expiration_ms: Some(jittered(delay_ms)),
+        });
     }
     warn!(message = "Upload failed for good.", class = class.as_str(), %error);
     if class == ErrorClass::TokenInvalid {
@@ -291,7 +295,16 @@ fn defer(deps: &Deps, shard: Shard, wait: Duration, why: &'static str) -> Outcom
     Outcome::Delay {
         queue: Topology::retry(&deps.topology.shards(), delay_ms),
         body: serde_json::to_vec(&shard).expect("a shard always serializes"),
+        // No jitter below the pause: the shard must not come back while the account is paused.
+        expiration_ms: None,
     }
+}
+
+/// A retry delay drawn from `[delay/2, delay]`, so shards that failed together do not come back
+/// together. The delay queue's own TTL (`delay`) is the upper bound.
+fn jittered(delay_ms: u64) -> u64 {
+    use rand::Rng;
+    rand::thread_rng().gen_range(delay_ms / 2..=delay_ms.max(1))
 }
 
 /// Records the shard (once) and announces it to the finalizer.
@@ -326,4 +339,14 @@ async fn announce(deps: &Deps, shard: &Shard, failed: bool) -> Result<(), Publis
             },
         )
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn retry_delays_are_jittered_within_the_queue_ttl() {
+        let draws: Vec<u64> = (0..200).map(|_| super::jittered(1_000)).collect();
+        assert!(draws.iter().all(|d| (500..=1_000).contains(d)));
+        assert!(draws.iter().any(|d| *d != draws[0]), "not a constant");
+    }
 }
