@@ -314,14 +314,16 @@ impl TestApp {
 }
 
 impl Drop for TestApp {
-    /// Deletes the namespace's queues and files, also when a test panicked: quorum queues left
-    /// behind would pile up on the shared broker run after run.
+    /// Deletes the namespace's queues, Redis keys and files, also when a test panicked: quorum
+    /// queues left behind would pile up on the shared broker run after run.
     fn drop(&mut self) {
         self.shutdown.cancel();
         self.emulator.stop();
         self.smtp.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
         let url = self.settings.amqp_url.clone();
+        let redis_url = self.settings.redis_url.clone();
+        let pattern = format!("{}:*", self.settings.namespace);
         let topology = self.topology.clone();
         // A thread with its own runtime: Drop cannot await, and may run inside the test's runtime.
         let cleanup = std::thread::spawn(move || {
@@ -333,7 +335,23 @@ impl Drop for TestApp {
                 let connection = amqp::connect(&url, "test-cleanup").await.ok()?;
                 let channel = connection.create_channel().await.ok()?;
                 topology.delete(&channel).await.ok()?;
-                connection.close(200, "cleaned").await.ok()
+                connection.close(200, "cleaned").await.ok()?;
+                // The namespace's Redis keys too: some (workspace settings) have no TTL.
+                let client = redis::Client::open(redis_url).ok()?;
+                let mut redis = client.get_multiplexed_async_connection().await.ok()?;
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(&pattern)
+                    .query_async(&mut redis)
+                    .await
+                    .ok()?;
+                if !keys.is_empty() {
+                    redis::cmd("DEL")
+                        .arg(&keys)
+                        .query_async::<i64>(&mut redis)
+                        .await
+                        .ok()?;
+                }
+                Some(())
             })
         });
         let _ = cleanup.join();

@@ -775,3 +775,66 @@ async fn after_meta_refuses_a_token_no_worker_calls_meta_with_it_again() {
     assert_eq!(invalidations, 1);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn national_phone_numbers_take_the_jobs_country_else_the_workspaces() {
+    use audience_export_core::workspace::Workspaces;
+    let app = spawn_app().await;
+    let workspaces = Workspaces::connect(&app.settings.redis_url, app.namespace())
+        .await
+        .expect("redis");
+    workspaces
+        .set_default_phone_country("ws-1", Some("gb"))
+        .await
+        .expect("set");
+    assert!(
+        workspaces
+            .set_default_phone_country("ws-1", Some("XX"))
+            .await
+            .is_err(),
+        "unknown countries are refused"
+    );
+    let segment = app.dir.join("national.ndjson");
+    std::fs::write(&segment, "{\"phone\":\"020 7946 0958\"}\n{\"phone\":\"07400 123456\"}\n{\"phone\":\"(212) 736-5000\"}\n").expect("segment");
+    let sha = |s: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()));
+
+    // No country on the job: the workspace's GB applies. (212) 736-5000 is no UK number.
+    let mut job = app.job("exp-ws-country", &["phone"], &segment);
+    job.as_object_mut()
+        .expect("object")
+        .remove("default_phone_country");
+    app.enqueue(job.to_string().as_bytes()).await;
+    let report = app.finished("exp-ws-country", DEADLINE).await;
+    let phone = &report.audiences[0];
+    let entries = app
+        .emulator
+        .audience(&phone.audience_id)
+        .expect("audience")
+        .entries;
+    let mut got: Vec<String> = entries.into_keys().collect();
+    got.sort();
+    let mut want = vec![sha("442079460958"), sha("447400123456")];
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(phone.invalid_total(), 1);
+
+    // The job's US wins: now only the US number is valid.
+    app.enqueue(
+        app.job("exp-job-country", &["phone"], &segment)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let report = app.finished("exp-job-country", DEADLINE).await;
+    let phone = &report.audiences[0];
+    let entries = app
+        .emulator
+        .audience(&phone.audience_id)
+        .expect("audience")
+        .entries;
+    assert_eq!(
+        entries.into_keys().collect::<Vec<_>>(),
+        vec![sha("12127365000")]
+    );
+    app.stop().await;
+}

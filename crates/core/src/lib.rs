@@ -14,6 +14,7 @@ pub mod pause;
 pub mod progress;
 pub mod shutdown;
 pub mod telemetry;
+pub mod workspace;
 
 pub use contract::{ExportJob, Field, Shard};
 

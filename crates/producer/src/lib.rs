@@ -13,6 +13,7 @@ use audience_export_core::consumer;
 use audience_export_core::graph::GraphClient;
 use audience_export_core::progress::ProgressStore;
 use audience_export_core::telemetry::{self, Health};
+use audience_export_core::workspace::Workspaces;
 use audience_export_core::Running;
 use plan::Deps;
 use std::sync::Arc;
@@ -43,6 +44,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     )
     .await?;
     let graph = GraphClient::from_settings(&settings.graph)?;
+    let workspaces = Workspaces::connect(&settings.redis_url, &settings.namespace)
+        .await
+        .context("connecting to Redis")?;
     let task = tokio::spawn(async move {
         consumer::reconnecting("producer", &health, &shutdown, || async {
             let connection = amqp::connect(&settings.amqp_url, "audience-producer").await?;
@@ -60,6 +64,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 shard_size: settings.producer.shard_size.clamp(1, 10_000),
                 confirm_window: settings.producer.confirm_window,
                 customer_file_source: settings.producer.customer_file_source.clone(),
+                workspaces: workspaces.clone(),
                 job_ttl: Duration::from_secs(settings.finalizer.retention_secs),
             });
             let channel = connection.create_channel().await?;

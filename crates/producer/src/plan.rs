@@ -12,6 +12,7 @@ use audience_export_core::contract::{Event, ExportJob};
 use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
 use audience_export_core::progress::{now_ms, Begin, ProgressError, ProgressStore};
 use audience_export_core::telemetry::backoff;
+use audience_export_core::workspace::Workspaces;
 use audience_export_core::{Field, Shard};
 use lapin::types::FieldTable;
 use secrecy::SecretString;
@@ -34,6 +35,8 @@ pub struct Deps {
     pub shard_size: usize,
     pub confirm_window: usize,
     pub customer_file_source: String,
+    /// Workspace settings (the default phone country).
+    pub workspaces: Workspaces,
     /// How long an export's keys may live if it never finishes.
     pub job_ttl: Duration,
 }
@@ -45,6 +48,8 @@ enum PlanError {
     Progress(#[from] ProgressError),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error("Redis failed: {0}")]
+    Redis(#[from] redis::RedisError),
     /// The job cannot run; the reason goes to the requester.
     #[error("{reason}")]
     Refused {
@@ -152,7 +157,16 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
     let mut reader = SegmentReader::open(&job.source.url, job.source.format)
         .await
         .map_err(|e| refused(e.to_string()))?;
-    let mut sharder = Sharder::new(deps, job, account, audiences);
+    // The job's country wins over the workspace's default.
+    let phone_country = match &job.default_phone_country {
+        Some(country) => Some(country.to_ascii_uppercase()),
+        None => {
+            deps.workspaces
+                .default_phone_country(&job.workspace_id)
+                .await?
+        }
+    };
+    let mut sharder = Sharder::new(deps, job, account, audiences, phone_country);
     let (mut members, mut malformed) = (0u64, 0u64);
     while let Some(line) = reader.next().await.map_err(|e| refused(e.to_string()))? {
         match line {
@@ -298,6 +312,8 @@ struct Sharder<'a> {
     buffers: BTreeMap<Field, Vec<String>>,
     totals: BTreeMap<Field, FieldTotals>,
     pending: VecDeque<PendingConfirm>,
+    /// Country of national phone numbers: the job's, else the workspace's default.
+    phone_country: Option<String>,
 }
 
 impl<'a> Sharder<'a> {
@@ -306,6 +322,7 @@ impl<'a> Sharder<'a> {
         job: &'a ExportJob,
         account: &'a str,
         audiences: BTreeMap<Field, String>,
+        phone_country: Option<String>,
     ) -> Self {
         let fields = audiences.keys().copied();
         Sharder {
@@ -319,6 +336,7 @@ impl<'a> Sharder<'a> {
             totals: fields.map(|f| (f, FieldTotals::default())).collect(),
             audiences,
             pending: VecDeque::new(),
+            phone_country,
         }
     }
 
@@ -352,7 +370,7 @@ impl<'a> Sharder<'a> {
             shard_index: totals.shards as u32,
             records,
             attempt: 1,
-            default_phone_country: self.job.default_phone_country.clone(),
+            default_phone_country: self.phone_country.clone(),
         };
         totals.shards += 1;
         let body = serde_json::to_vec(&shard).expect("a shard always serializes");

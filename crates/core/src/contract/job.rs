@@ -128,11 +128,7 @@ impl ExportJob {
             return invalid("source.compression is not supported yet");
         }
         if let Some(c) = &self.default_phone_country {
-            let known = c.len() == 2
-                && c.to_ascii_uppercase()
-                    .parse::<phonenumber::country::Id>()
-                    .is_ok();
-            if !known {
+            if !crate::workspace::is_phone_country(c) {
                 return invalid("default_phone_country must be an ISO 3166-1 alpha-2 code with a numbering plan, e.g. US");
             }
         }
