@@ -266,6 +266,45 @@ impl TestApp {
         }
     }
 
+    /// Starts a worker as a real process (the binary built from the worker's main.rs), configured
+    /// through `AE_*` variables from this app's settings: what a deployment does.
+    pub fn spawn_worker_process(&self, binary: &str) -> tokio::process::Child {
+        let w = &self.settings.worker;
+        let delays = format!(
+            "[{}]",
+            w.retry_delays_ms
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        tokio::process::Command::new(binary)
+            .env("AE_NAMESPACE", self.namespace())
+            .env("AE_GRAPH__BASE_URL", &self.settings.graph.base_url)
+            .env("AE_GRAPH__ACCESS_TOKEN", &self.token)
+            .env("AE_WORKER__OPS_ADDR", "127.0.0.1:0")
+            .env("AE_WORKER__CONCURRENCY", w.concurrency.to_string())
+            .env("AE_WORKER__MAX_ATTEMPTS", w.max_attempts.to_string())
+            .env("AE_WORKER__RETRY_DELAYS_MS", delays)
+            .env(
+                "AE_WORKER__CALLS_PER_SECOND_PER_ACCOUNT",
+                w.calls_per_second_per_account.to_string(),
+            )
+            .env(
+                "AE_WORKER__USAGE_PAUSE_THRESHOLD_PCT",
+                w.usage_pause_threshold_pct.to_string(),
+            )
+            .env("AE_WORKER__USAGE_PAUSE_MS", w.usage_pause_ms.to_string())
+            .env(
+                "AE_WORKER__THROTTLE_PAUSE_MS",
+                w.throttle_pause_ms.to_string(),
+            )
+            .env("AE_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the worker binary starts")
+    }
+
     /// Takes one message from a queue (for dead-letter assertions), acking it.
     pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
         let channel = self.publisher.channel();

@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(60);
+/// The worker's real binary, for tests that kill or multiply processes.
+const WORKER_BIN: &str = env!("CARGO_BIN_EXE_audience-worker-under-test");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_export_arrives_whole_with_its_report() {
@@ -410,19 +412,7 @@ async fn a_killed_worker_process_loses_no_shard() {
     let want = generated.expectation(Field::Email, 100);
     let planned = want.with_value.div_ceil(100);
 
-    let spawn_worker = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_audience-worker-under-test"))
-            .env("AE_NAMESPACE", app.namespace())
-            .env("AE_GRAPH__BASE_URL", app.emulator.base_url())
-            .env("AE_GRAPH__ACCESS_TOKEN", &app.token)
-            .env("AE_WORKER__OPS_ADDR", "127.0.0.1:0")
-            .env("AE_WORKER__CONCURRENCY", "4")
-            .env("AE_WORKER__RETRY_DELAYS_MS", "[100,200,400]")
-            .env("AE_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the worker binary starts")
-    };
+    let spawn_worker = || app.spawn_worker_process(WORKER_BIN);
     let mut first = spawn_worker();
     app.enqueue(
         app.job("exp-kill", &["email"], &segment)
@@ -568,7 +558,15 @@ async fn three_workers_share_one_ad_account_budget() {
         s.worker.usage_pause_ms = 500;
         s.worker.throttle_pause_ms = 1_000;
     };
-    let app = spawn_app_with(Roles::ALL, tune).await;
+    let app = spawn_app_with(
+        Roles {
+            producer: true,
+            worker: false,
+            finalizer: true,
+        },
+        tune,
+    )
+    .await;
     // 20 calls per 2-second window: 10 calls/s for the account, a third of what three workers
     // would send unpaced.
     app.emulator.configure(|c| c.window_secs = 2.0);
@@ -579,15 +577,9 @@ async fn three_workers_share_one_ad_account_budget() {
             per_record_us: 0,
             jitter_ms: 10,
         });
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let mut extra = Vec::new();
-    for _ in 0..2 {
-        extra.push(
-            audience_export_worker::start(app.settings.clone(), shutdown.clone())
-                .await
-                .expect("another worker"),
-        );
-    }
+    let workers: Vec<_> = (0..3)
+        .map(|_| app.spawn_worker_process(WORKER_BIN))
+        .collect();
     let segment = app.dir.join("shared.ndjson");
     let generated = generate(&segment, 700, 23).expect("segment");
     let want = generated.expectation(Field::Email, 10);
@@ -599,9 +591,8 @@ async fn three_workers_share_one_ad_account_budget() {
     .await;
 
     let report = app.finished("exp-shared", Duration::from_secs(120)).await;
-    shutdown.cancel();
-    for w in extra {
-        w.task.await.expect("joins").expect("ends cleanly");
+    for mut w in workers {
+        w.start_kill().expect("stop the worker");
     }
     let email = &report.audiences[0];
     assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
