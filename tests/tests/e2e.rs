@@ -591,8 +591,21 @@ async fn three_workers_share_one_ad_account_budget() {
     .await;
 
     let report = app.finished("exp-shared", Duration::from_secs(120)).await;
+    // SIGTERM, as Kubernetes stops a pod: each worker drains and exits cleanly, in bounded time.
     for mut w in workers {
-        w.start_kill().expect("stop the worker");
+        let pid = w.id().expect("running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        let exit = tokio::time::timeout(Duration::from_secs(45), w.wait())
+            .await
+            .expect("exits within the drain deadline");
+        assert!(
+            exit.expect("status").success(),
+            "a SIGTERMed worker exits 0"
+        );
     }
     let email = &report.audiences[0];
     assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
@@ -826,6 +839,34 @@ async fn national_phone_numbers_take_the_jobs_country_else_the_workspaces() {
     assert_eq!(
         entries.into_keys().collect::<Vec<_>>(),
         vec![sha("12127365000")]
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_carries_appsecret_proof_when_the_app_requires_it() {
+    let app = spawn_app_with(Roles::ALL, |s| {
+        s.graph.app_secret = Some(secrecy::SecretString::from("app-s3cret"));
+    })
+    .await;
+    app.emulator.configure(|c| {
+        c.app_secret = Some("app-s3cret".into());
+        c.require_appsecret_proof = true;
+    });
+    let segment = app.dir.join("proof.ndjson");
+    generate(&segment, 200, 37).expect("segment");
+    app.enqueue(
+        app.job("exp-proof", &["email", "phone"], &segment)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let report = app.finished("exp-proof", DEADLINE).await;
+    assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
+    let calls = app.emulator.calls();
+    assert!(
+        calls.len() >= 4 && calls.iter().all(|c| c.error_code.is_none()),
+        "{calls:?}"
     );
     app.stop().await;
 }
