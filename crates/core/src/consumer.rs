@@ -3,7 +3,8 @@
 //! delayed retry, a dead letter or a requeue; a drain on shutdown; and the reconnect loop around
 //! a broker session. Handlers never ack.
 
-use crate::amqp::{PublishError, Publisher};
+use crate::amqp::{self, PublishError, Publisher, Topology};
+use crate::config::Settings;
 use crate::telemetry::{backoff, Health};
 use futures::StreamExt;
 use lapin::message::Delivery;
@@ -13,10 +14,11 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::Channel;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 /// How long in-flight deliveries may take to finish after shutdown before the channel closes
 /// and the broker requeues them.
@@ -43,7 +45,7 @@ pub enum Outcome {
 
 /// The only place a delivery is acked, delayed, rejected or requeued. Whatever is published on
 /// the way is confirmed before the ack, so a crash in between duplicates, never loses.
-pub async fn settle(publisher: &Publisher, queue: &str, delivery: Delivery, outcome: Outcome) {
+pub async fn settle(publisher: &Publisher, queue: &str, delivery: &Delivery, outcome: Outcome) {
     let handed_on: Result<(), PublishError> = match &outcome {
         Outcome::Ack => Ok(()),
         Outcome::Delay {
@@ -169,4 +171,56 @@ where
             }
         }
     }
+}
+
+/// A role's whole broker life, written once for the three roles: connect, declare the topology,
+/// build the role's per-session state with a confirming publisher, consume `queue_of(topology)`
+/// with `prefetch` deliveries in flight, hand each to `handle`, settle its outcome; reconnect with
+/// backoff when the session fails; return once `shutdown` is cancelled and in-flight work drained.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<D, B, Q, H, Fut>(
+    role: &str,
+    settings: &Settings,
+    health: &Health,
+    shutdown: &CancellationToken,
+    queue_of: Q,
+    prefetch: u16,
+    build: B,
+    handle: H,
+) -> anyhow::Result<()>
+where
+    D: Send + Sync + 'static,
+    B: Fn(Publisher, Topology) -> anyhow::Result<D>,
+    Q: Fn(&Topology) -> String,
+    H: Fn(Arc<D>, Arc<Delivery>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    reconnecting(role, health, shutdown, || async {
+        let connection = amqp::connect(&settings.amqp_url, &format!("audience-{role}")).await?;
+        let topology = Topology::from_settings(settings);
+        let publisher = Publisher::new(&connection).await?;
+        topology.declare(publisher.channel()).await?;
+        let queue = queue_of(&topology);
+        let deps = Arc::new(build(publisher.clone(), topology)?);
+        let channel = connection.create_channel().await?;
+        health.set_broker(true);
+        info!(message = "Consuming.", %role, %queue, prefetch);
+        let ended = consume(&channel, &queue, prefetch, shutdown, |delivery| {
+            let (deps, publisher, queue, handle) = (
+                deps.clone(),
+                publisher.clone(),
+                queue.clone(),
+                handle.clone(),
+            );
+            async move {
+                let delivery = Arc::new(delivery);
+                let outcome = handle(deps, delivery.clone()).await;
+                settle(&publisher, &queue, &delivery, outcome).await;
+            }
+        })
+        .await;
+        let _ = connection.close(200, "shutdown").await;
+        ended
+    })
+    .await
 }

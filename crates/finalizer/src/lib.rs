@@ -7,17 +7,17 @@ pub mod metrics;
 pub mod report;
 
 use anyhow::Context;
-use audience_export_core::amqp::{self, Publisher, Topology};
+use audience_export_core::amqp::Topology;
 use audience_export_core::config::Settings;
 use audience_export_core::consumer;
 use audience_export_core::progress::ProgressStore;
 use audience_export_core::telemetry::{self, Health};
 use audience_export_core::Running;
 use finalize::Deps;
+use lapin::message::Delivery;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 /// Events handled at once; finalization is short and mostly waits on Redis and SMTP.
 const EVENTS_IN_FLIGHT: u16 = 16;
@@ -39,14 +39,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     .await?;
     let owner = format!("finalizer-{}-{:08x}", std::process::id(), rand_suffix());
     let task = tokio::spawn(async move {
-        consumer::reconnecting("finalizer", &health, &shutdown, || async {
-            let connection = amqp::connect(&settings.amqp_url, "audience-finalizer").await?;
-            let topology = Topology::from_settings(&settings);
-            let publisher = Publisher::new(&connection).await?;
-            topology.declare(publisher.channel()).await?;
-            let queue = topology.finalizer();
-            let f = &settings.finalizer;
-            let deps = Arc::new(Deps {
+        let f = &settings.finalizer;
+        let build = |publisher, topology| {
+            Ok(Deps {
                 progress: progress.clone(),
                 publisher,
                 topology,
@@ -54,23 +49,21 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 metrics: metrics.clone(),
                 retention: Duration::from_secs(f.retention_secs),
                 owner: owner.clone(),
-            });
-            let channel = connection.create_channel().await?;
-            health.set_broker(true);
-            info!(message = "Finalizer consuming events.");
-            let ended =
-                consumer::consume(&channel, &queue, EVENTS_IN_FLIGHT, &shutdown, |delivery| {
-                    let deps = deps.clone();
-                    let queue = queue.clone();
-                    async move {
-                        let outcome = finalize::handle(deps.clone(), &delivery.data).await;
-                        consumer::settle(&deps.publisher, &queue, delivery, outcome).await;
-                    }
-                })
-                .await;
-            let _ = connection.close(200, "shutdown").await;
-            ended
-        })
+            })
+        };
+        let handle = |deps, delivery: Arc<Delivery>| async move {
+            finalize::handle(deps, &delivery.data).await
+        };
+        consumer::serve(
+            "finalizer",
+            &settings,
+            &health,
+            &shutdown,
+            Topology::finalizer,
+            EVENTS_IN_FLIGHT,
+            build,
+            handle,
+        )
         .await
     });
     Ok(Running { ops_addr, task })

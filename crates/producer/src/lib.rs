@@ -7,7 +7,7 @@ pub mod plan;
 pub mod source;
 
 use anyhow::Context;
-use audience_export_core::amqp::{self, Publisher, Topology};
+use audience_export_core::amqp::Topology;
 use audience_export_core::config::Settings;
 use audience_export_core::consumer;
 use audience_export_core::graph::GraphClient;
@@ -15,11 +15,11 @@ use audience_export_core::progress::ProgressStore;
 use audience_export_core::telemetry::{self, Health};
 use audience_export_core::workspace::Workspaces;
 use audience_export_core::Running;
+use lapin::message::Delivery;
 use plan::Deps;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 /// Jobs planned at once by one producer process. Planning is I/O bound (reading the segment,
 /// waiting for confirms); two keeps one large export from holding up a small one.
@@ -48,13 +48,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .await
         .context("connecting to Redis")?;
     let task = tokio::spawn(async move {
-        consumer::reconnecting("producer", &health, &shutdown, || async {
-            let connection = amqp::connect(&settings.amqp_url, "audience-producer").await?;
-            let topology = Topology::from_settings(&settings);
-            let publisher = Publisher::new(&connection).await?;
-            topology.declare(publisher.channel()).await?;
-            let queue = topology.jobs();
-            let deps = Arc::new(Deps {
+        let build = |publisher, topology| {
+            Ok(Deps {
                 graph: graph.clone(),
                 progress: progress.clone(),
                 publisher,
@@ -66,23 +61,20 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 customer_file_source: settings.producer.customer_file_source.clone(),
                 workspaces: workspaces.clone(),
                 job_ttl: Duration::from_secs(settings.finalizer.retention_secs),
-            });
-            let channel = connection.create_channel().await?;
-            health.set_broker(true);
-            info!(message = "Producer consuming export jobs.");
-            let ended =
-                consumer::consume(&channel, &queue, JOBS_IN_FLIGHT, &shutdown, |delivery| {
-                    let deps = deps.clone();
-                    let queue = queue.clone();
-                    async move {
-                        let outcome = plan::handle(deps.clone(), &delivery.data).await;
-                        consumer::settle(&deps.publisher, &queue, delivery, outcome).await;
-                    }
-                })
-                .await;
-            let _ = connection.close(200, "shutdown").await;
-            ended
-        })
+            })
+        };
+        let handle =
+            |deps, delivery: Arc<Delivery>| async move { plan::handle(deps, &delivery.data).await };
+        consumer::serve(
+            "producer",
+            &settings,
+            &health,
+            &shutdown,
+            Topology::jobs,
+            JOBS_IN_FLIGHT,
+            build,
+            handle,
+        )
         .await
     });
     Ok(Running { ops_addr, task })

@@ -8,7 +8,7 @@ pub mod prepare;
 pub mod upload;
 
 use anyhow::Context;
-use audience_export_core::amqp::{self, Publisher, Topology};
+use audience_export_core::amqp::Topology;
 use audience_export_core::config::Settings;
 use audience_export_core::consumer;
 use audience_export_core::graph::GraphClient;
@@ -16,9 +16,9 @@ use audience_export_core::pause::AccountPauses;
 use audience_export_core::progress::ProgressStore;
 use audience_export_core::telemetry::{self, Health};
 use audience_export_core::Running;
+use lapin::message::Delivery;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 use upload::Deps;
 
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
@@ -46,13 +46,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .await
         .context("connecting to Redis")?;
     let task = tokio::spawn(async move {
-        consumer::reconnecting("worker", &health, &shutdown, || async {
-            let connection = amqp::connect(&settings.amqp_url, "audience-worker").await?;
-            let topology = Topology::from_settings(&settings);
-            let publisher = Publisher::new(&connection).await?;
-            topology.declare(publisher.channel()).await?;
-            let queue = topology.shards();
-            let deps = Arc::new(Deps {
+        let build = |publisher, topology| {
+            Ok(Deps {
                 graph: graph.clone(),
                 progress: progress.clone(),
                 publisher,
@@ -64,31 +59,22 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 pauses: pauses.clone(),
                 token_fingerprint: audience_export_core::pause::token_fingerprint(&token),
                 pacing: upload::Pacing::from_settings(&settings.worker),
-            });
-            let channel = connection.create_channel().await?;
-            health.set_broker(true);
-            info!(
-                message = "Worker consuming shards.",
-                concurrency = settings.worker.concurrency
-            );
-            let ended = consumer::consume(
-                &channel,
-                &queue,
-                settings.worker.concurrency,
-                &shutdown,
-                |delivery| {
-                    let deps = deps.clone();
-                    let queue = queue.clone();
-                    async move {
-                        let outcome = upload::handle(deps.clone(), &delivery.data).await;
-                        consumer::settle(&deps.publisher, &queue, delivery, outcome).await;
-                    }
-                },
-            )
-            .await;
-            let _ = connection.close(200, "shutdown").await;
-            ended
-        })
+            })
+        };
+        let handle = |deps, delivery: Arc<Delivery>| async move {
+            upload::handle(deps, &delivery.data).await
+        };
+        let prefetch = settings.worker.concurrency;
+        consumer::serve(
+            "worker",
+            &settings,
+            &health,
+            &shutdown,
+            Topology::shards,
+            prefetch,
+            build,
+            handle,
+        )
         .await
     });
     Ok(Running { ops_addr, task })
