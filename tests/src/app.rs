@@ -55,6 +55,8 @@ pub struct TestApp {
     connection: lapin::Connection,
     shutdown: CancellationToken,
     roles: Vec<Running>,
+    /// `stop` deleted the namespace already.
+    cleaned: bool,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -140,6 +142,7 @@ pub async fn spawn_app_with(roles: Roles, tune: impl FnOnce(&mut Settings)) -> T
         connection,
         shutdown,
         roles: running,
+        cleaned: false,
     }
 }
 
@@ -347,6 +350,8 @@ impl TestApp {
                 .expect("role task joins")
                 .expect("role ends cleanly");
         }
+        delete_namespace(&self.settings, &self.topology, self.publisher.channel()).await;
+        self.cleaned = true;
         // Closed while the runtime still runs, so lapin's I/O loop ends quietly.
         let _ = self.connection.close(200, "done").await;
     }
@@ -354,16 +359,17 @@ impl TestApp {
 
 impl Drop for TestApp {
     /// Deletes the namespace's queues, Redis keys and files, also when a test panicked: quorum
-    /// queues left behind would pile up on the shared broker run after run.
+    /// queues left behind would pile up on the shared broker run after run. `stop` cleans up on
+    /// the test's own runtime; this is the fallback for a test that never reached it.
     fn drop(&mut self) {
         self.shutdown.cancel();
         self.emulator.stop();
         self.smtp.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
-        let url = self.settings.amqp_url.clone();
-        let redis_url = self.settings.redis_url.clone();
-        let pattern = format!("{}:*", self.settings.namespace);
-        let topology = self.topology.clone();
+        if self.cleaned {
+            return;
+        }
+        let (settings, topology) = (self.settings.clone(), self.topology.clone());
         // A thread with its own runtime: Drop cannot await, and may run inside the test's runtime.
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -371,29 +377,39 @@ impl Drop for TestApp {
                 .build()
                 .ok()?;
             runtime.block_on(async {
-                let connection = amqp::connect(&url, "test-cleanup").await.ok()?;
-                let channel = connection.create_channel().await.ok()?;
-                topology.delete(&channel).await.ok()?;
-                connection.close(200, "cleaned").await.ok()?;
-                // The namespace's Redis keys too: some (workspace settings) have no TTL.
-                let client = redis::Client::open(redis_url).ok()?;
-                let mut redis = client.get_multiplexed_async_connection().await.ok()?;
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(&pattern)
-                    .query_async(&mut redis)
+                let connection = amqp::connect(&settings.amqp_url, "test-cleanup")
                     .await
                     .ok()?;
-                if !keys.is_empty() {
-                    redis::cmd("DEL")
-                        .arg(&keys)
-                        .query_async::<i64>(&mut redis)
-                        .await
-                        .ok()?;
-                }
-                Some(())
+                let channel = connection.create_channel().await.ok()?;
+                delete_namespace(&settings, &topology, &channel).await;
+                connection.close(200, "cleaned").await.ok()
             })
         });
         let _ = cleanup.join();
+    }
+}
+
+/// Deletes a namespace's queues, exchange and Redis keys (some, like workspace settings, have no
+/// TTL). Best effort: a failure leaves litter, not a broken test.
+async fn delete_namespace(settings: &Settings, topology: &Topology, channel: &lapin::Channel) {
+    let _ = topology.delete(channel).await;
+    let Ok(client) = redis::Client::open(settings.redis_url.as_str()) else {
+        return;
+    };
+    let Ok(mut redis) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let pattern = format!("{}:*", settings.namespace);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut redis)
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _ = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async::<i64>(&mut redis)
+            .await;
     }
 }
 

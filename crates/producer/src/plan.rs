@@ -182,13 +182,11 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
     let totals = sharder.finish().await?;
     deps.metrics.members.inc_by(members);
 
+    let shards: u64 = totals.values().map(|t| t.shards).sum();
     let mut seal: Vec<(String, u64)> = vec![
         ("members_read".into(), members),
         ("malformed_records".into(), malformed),
-        (
-            "shards_planned".into(),
-            totals.values().map(|t| t.shards).sum(),
-        ),
+        ("shards_planned".into(), shards),
     ];
     for (field, t) in &totals {
         seal.push((format!("{field}:with_value"), t.with_value));
@@ -207,9 +205,7 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
     deps.metrics.jobs.with_label_values(&["planned"]).inc();
     info!(
         message = "Export planned and sealed.",
-        members,
-        malformed,
-        shards = seal[2].1
+        members, malformed, shards
     );
     Ok(Outcome::Ack)
 }
