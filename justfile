@@ -29,3 +29,4 @@ bench: up
     taskset -c 0 target/release/ae-bench hashing --runs 5 --secs 1
     target/release/ae-bench emulator --runs 3 --secs 3 --shards 40
     target/release/ae-bench ratelimit --rate 20 --shards 500 --latency-ms 200 --window-secs 30
+    target/release/ae-bench sdk --members 1000000 --latency-base-ms 300 --latency-per-record-us 20

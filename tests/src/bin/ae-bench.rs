@@ -55,6 +55,20 @@ enum Command {
         #[arg(long, default_value_t = 30.0)]
         window_secs: f64,
     },
+    /// Meta's Python SDK against the fleet, on the same generated segment and the same emulator
+    /// latency: (a) its format_params vs our prepare + encode, one core each; (b) its sequential
+    /// add_users of every field vs the whole fleet's export.
+    Sdk {
+        #[arg(long, default_value_t = 1_000_000)]
+        members: u64,
+        #[arg(long, default_value_t = 300)]
+        latency_base_ms: u64,
+        #[arg(long, default_value_t = 20)]
+        latency_per_record_us: u64,
+        /// Uploads in flight in the fleet's one worker.
+        #[arg(long, default_value_t = 16)]
+        concurrency: u16,
+    },
     /// Normalize + hash + encode one 10,000-record shard per field on one core, beside the raw
     /// SHA-256 rate on the same (normalized) inputs (records/s).
     Hashing {
@@ -107,6 +121,12 @@ async fn main() -> anyhow::Result<()> {
                 ratelimit(rate, shards, latency_ms, window_secs, halve).await?;
             }
         }
+        Command::Sdk {
+            members,
+            latency_base_ms,
+            latency_per_record_us,
+            concurrency,
+        } => sdk(members, latency_base_ms, latency_per_record_us, concurrency).await?,
         Command::Hashing { runs, secs, field } => {
             hashing(runs, Duration::from_secs_f64(secs), field)
         }
@@ -396,4 +416,171 @@ fn write_plain_emails(path: &std::path::Path, members: u64) -> std::io::Result<(
         )?;
     }
     out.flush()
+}
+
+/// The Python virtual environment with Meta's SDK, created on first use from
+/// bench/sdk/requirements.txt (PyPI).
+fn sdk_python() -> anyhow::Result<std::path::PathBuf> {
+    let python = std::path::PathBuf::from(".bench/venv/bin/python");
+    if !python.exists() {
+        println!("Creating .bench/venv with facebook-business (bench/sdk/requirements.txt)...");
+        let ok = std::process::Command::new("python3")
+            .args(["-m", "venv", ".bench/venv"])
+            .status()?
+            .success()
+            && std::process::Command::new(".bench/venv/bin/pip")
+                .args(["install", "--quiet", "-r", "bench/sdk/requirements.txt"])
+                .status()?
+                .success();
+        anyhow::ensure!(ok, "could not create the SDK's virtual environment");
+    }
+    Ok(python)
+}
+
+/// Runs the SDK script; returns (field, records, seconds) per line it prints.
+fn run_sdk(
+    python: &std::path::Path,
+    mode: &str,
+    graph: &str,
+    token: &str,
+    segment: &std::path::Path,
+) -> anyhow::Result<Vec<(String, u64, f64)>> {
+    let out = std::process::Command::new(python)
+        .args([
+            "bench/sdk/sdk_bench.py",
+            mode,
+            "--graph",
+            graph,
+            "--token",
+            token,
+            "--account",
+            ACCOUNT,
+            "--segment",
+        ])
+        .arg(segment)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the SDK run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            Ok((
+                v["field"].as_str().unwrap_or_default().to_owned(),
+                v["records"].as_u64().unwrap_or(0),
+                v["seconds"].as_f64().unwrap_or(0.0),
+            ))
+        })
+        .collect()
+}
+
+async fn sdk(
+    members: u64,
+    base_ms: u64,
+    per_record_us: u64,
+    concurrency: u16,
+) -> anyhow::Result<()> {
+    use audience_export_core::contract::SourceFormat;
+    use audience_export_harness::app::{spawn_app_with, Roles, AD_ACCOUNT};
+    use audience_export_harness::emulator::Latency;
+    use audience_export_producer::source::{Line, SegmentReader};
+    use audience_export_worker::normalize::Rules;
+    use audience_export_worker::prepare::prepare;
+
+    let python = sdk_python()?;
+    std::fs::create_dir_all(".bench")?;
+    let segment = std::fs::canonicalize(".bench")?.join("sdk-segment.ndjson");
+    let generated = audience_export_harness::segment::generate(&segment, members, 42)?;
+    drop(generated);
+    let latency = Latency {
+        base_ms,
+        per_record_us,
+        jitter_ms: base_ms / 10,
+    };
+    println!(
+        "Segment: {members} members. Emulator latency: {base_ms} ms + {per_record_us} us/record."
+    );
+
+    // (a) Normalize + hash: the SDK's format_params vs our prepare + users_form, one core each.
+    let emulator = start_emulator().await?;
+    let sdk_hash = run_sdk(&python, "hash", &emulator.base_url(), TOKEN, &segment)?;
+    let mut values: std::collections::BTreeMap<Field, Vec<String>> = Default::default();
+    let mut reader = SegmentReader::open(
+        &format!("file://{}", segment.display()),
+        SourceFormat::Ndjson,
+    )
+    .await?;
+    while let Some(line) = reader.next().await? {
+        if let Line::Record(r) = line {
+            for field in Field::ALL {
+                if let Some(v) = r.value(field) {
+                    values.entry(field).or_default().push(v);
+                }
+            }
+        }
+    }
+    let rules = Rules::with_country(Some("US")).map_err(anyhow::Error::msg)?;
+    println!("\n(a) normalize + hash, one core (records/s)\nfield   SDK format_params   ours (prepare + encode)   ratio");
+    for (field, records, seconds) in &sdk_hash {
+        let field: Field = field.parse().map_err(anyhow::Error::msg)?;
+        let ours = values.get(&field).map(Vec::as_slice).unwrap_or_default();
+        let started = Instant::now();
+        let ours_out: usize = tokio::task::block_in_place(|| {
+            ours.chunks(RECORDS)
+                .map(|chunk| {
+                    audience_export_core::graph::users_form(
+                        field.schema(),
+                        &prepare(field, chunk, &rules).data,
+                    )
+                    .len()
+                })
+                .sum()
+        });
+        std::hint::black_box(ours_out);
+        let (sdk_rate, our_rate) = (
+            *records as f64 / seconds,
+            ours.len() as f64 / started.elapsed().as_secs_f64(),
+        );
+        println!(
+            "{field:<7} {sdk_rate:>17.0}   {our_rate:>23.0}   {:>5.2}",
+            our_rate / sdk_rate
+        );
+    }
+    emulator.stop();
+
+    // (b) Upload every field: the SDK's sequential add_users vs the whole fleet.
+    let emulator = start_emulator().await?;
+    emulator.set_latency(latency.clone());
+    let sdk_upload = run_sdk(&python, "upload", &emulator.base_url(), TOKEN, &segment)?;
+    let sdk_seconds: f64 = sdk_upload.iter().map(|(_, _, s)| s).sum();
+    let sdk_records: u64 = sdk_upload.iter().map(|(_, r, _)| r).sum();
+    emulator.stop();
+
+    let app = spawn_app_with(Roles::ALL, |s| {
+        s.worker.concurrency = concurrency;
+        s.worker.calls_per_second_per_account = 1_000;
+    })
+    .await;
+    app.emulator.configure(|c| c.record_entries = false);
+    app.emulator.set_latency(latency);
+    let started = Instant::now();
+    app.enqueue(
+        app.job("bench-sdk", &["email", "phone", "madid"], &segment)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let report = app.finished("bench-sdk", Duration::from_secs(3_600)).await;
+    let ours = started.elapsed().as_secs_f64();
+    let uploaded: u64 = report.audiences.iter().map(|a| a.uploaded).sum();
+    let (calls, _) = app.emulator.account_stats(AD_ACCOUNT);
+    app.stop().await;
+    println!(
+        "\n(b) upload of {members} members x 3 fields\nSDK, sequential add_users: {sdk_records} values in {sdk_seconds:.1} s\nfleet (1 producer, 1 worker x {concurrency}, 1 finalizer): {uploaded} values uploaded in {calls} calls, {ours:.1} s from enqueue to export.finished\nratio: {:.1}x",
+        sdk_seconds / ours
+    );
+    Ok(())
 }
