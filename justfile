@@ -23,10 +23,10 @@ lint:
 up:
     scripts/services.sh
 
-# Benchmarks (release build); figures and their commands are in BENCHMARKS.md.
-bench: up
-    cargo build --release --quiet -p audience-export-harness --bin ae-bench
-    taskset -c 0 target/release/ae-bench hashing --runs 5 --secs 1
-    target/release/ae-bench emulator --runs 3 --secs 3 --shards 40
-    target/release/ae-bench ratelimit --rate 20 --shards 500 --latency-ms 200 --window-secs 30
-    target/release/ae-bench sdk --members 1000000 --latency-base-ms 300 --latency-per-record-us 20
+# Every benchmark (release build, under 15 minutes); rewrites the "Latest run" of BENCHMARKS.md.
+bench:
+    scripts/bench.sh full
+
+# The same benchmarks on small inputs (under 3 minutes), for development.
+bench-quick:
+    scripts/bench.sh quick

@@ -281,31 +281,57 @@ impl TestApp {
                 .collect::<Vec<_>>()
                 .join(",")
         );
-        tokio::process::Command::new(binary)
+        self.spawn_process(
+            binary,
+            &[
+                ("AE_WORKER__OPS_ADDR", "127.0.0.1:0".into()),
+                ("AE_WORKER__CONCURRENCY", w.concurrency.to_string()),
+                ("AE_WORKER__MAX_ATTEMPTS", w.max_attempts.to_string()),
+                ("AE_WORKER__RETRY_DELAYS_MS", delays),
+                (
+                    "AE_WORKER__CALLS_PER_SECOND_PER_ACCOUNT",
+                    w.calls_per_second_per_account.to_string(),
+                ),
+                (
+                    "AE_WORKER__USAGE_PAUSE_THRESHOLD_PCT",
+                    w.usage_pause_threshold_pct.to_string(),
+                ),
+                ("AE_WORKER__USAGE_PAUSE_MS", w.usage_pause_ms.to_string()),
+                (
+                    "AE_WORKER__THROTTLE_PAUSE_MS",
+                    w.throttle_pause_ms.to_string(),
+                ),
+            ],
+        )
+    }
+
+    /// Starts the producer as a real process, like `spawn_worker_process`.
+    pub fn spawn_producer_process(&self, binary: &str) -> tokio::process::Child {
+        let p = &self.settings.producer;
+        self.spawn_process(
+            binary,
+            &[
+                ("AE_PRODUCER__OPS_ADDR", "127.0.0.1:0".into()),
+                ("AE_PRODUCER__SHARD_SIZE", p.shard_size.to_string()),
+                ("AE_PRODUCER__CONFIRM_WINDOW", p.confirm_window.to_string()),
+            ],
+        )
+    }
+
+    fn spawn_process(&self, binary: &str, role: &[(&str, String)]) -> tokio::process::Child {
+        let mut command = tokio::process::Command::new(binary);
+        command
             .env("AE_NAMESPACE", self.namespace())
             .env("AE_GRAPH__BASE_URL", &self.settings.graph.base_url)
             .env("AE_GRAPH__ACCESS_TOKEN", &self.token)
-            .env("AE_WORKER__OPS_ADDR", "127.0.0.1:0")
-            .env("AE_WORKER__CONCURRENCY", w.concurrency.to_string())
-            .env("AE_WORKER__MAX_ATTEMPTS", w.max_attempts.to_string())
-            .env("AE_WORKER__RETRY_DELAYS_MS", delays)
-            .env(
-                "AE_WORKER__CALLS_PER_SECOND_PER_ACCOUNT",
-                w.calls_per_second_per_account.to_string(),
-            )
-            .env(
-                "AE_WORKER__USAGE_PAUSE_THRESHOLD_PCT",
-                w.usage_pause_threshold_pct.to_string(),
-            )
-            .env("AE_WORKER__USAGE_PAUSE_MS", w.usage_pause_ms.to_string())
-            .env(
-                "AE_WORKER__THROTTLE_PAUSE_MS",
-                w.throttle_pause_ms.to_string(),
-            )
             .env("AE_LOG", "warn")
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        for (key, value) in role {
+            command.env(key, value);
+        }
+        command
             .spawn()
-            .expect("the worker binary starts")
+            .unwrap_or_else(|e| panic!("{binary} starts: {e}"))
     }
 
     /// Takes one message from a queue (for dead-letter assertions), acking it.

@@ -134,14 +134,32 @@ const DOMAINS: [&str; 5] = [
 
 /// Writes `members` members (plus about 0.1% malformed lines) to `path` as NDJSON.
 pub fn generate(path: &Path, members: u64, seed: u64) -> std::io::Result<Generated> {
+    write_members(std::fs::File::create(path)?, members, seed, true)
+}
+
+/// The same members, streamed to any writer (a FIFO for a benchmark) without keeping the
+/// expectations: memory stays flat whatever `members` is.
+pub fn stream(out: impl Write, members: u64, seed: u64) -> std::io::Result<()> {
+    write_members(out, members, seed, false).map(|_| ())
+}
+
+fn write_members(
+    out: impl Write,
+    members: u64,
+    seed: u64,
+    keep: bool,
+) -> std::io::Result<Generated> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut out = BufWriter::with_capacity(1 << 20, out);
     let mut gen = Generated {
         members,
         ..Generated::default()
     };
     for f in Field::ALL {
-        gen.expect.insert(f, Vec::with_capacity(members as usize));
+        gen.expect.insert(
+            f,
+            Vec::with_capacity(if keep { members as usize } else { 0 }),
+        );
     }
     let mut previous_email: Option<(String, String)> = None;
     for i in 0..members {
@@ -202,10 +220,12 @@ pub fn generate(path: &Path, members: u64, seed: u64) -> std::io::Result<Generat
         if let Some(v) = email_json {
             record.insert("email".into(), v);
         }
-        gen.expect
-            .get_mut(&Field::Email)
-            .expect("seeded")
-            .push(email_expect);
+        if keep {
+            gen.expect
+                .get_mut(&Field::Email)
+                .expect("seeded")
+                .push(email_expect);
+        }
 
         // Phone: country code + national number, in several notations.
         let (phone_json, phone_expect) = match rng.gen_range(0..100) {
@@ -249,10 +269,12 @@ pub fn generate(path: &Path, members: u64, seed: u64) -> std::io::Result<Generat
         if let Some(v) = phone_json {
             record.insert("phone".into(), v);
         }
-        gen.expect
-            .get_mut(&Field::Phone)
-            .expect("seeded")
-            .push(phone_expect);
+        if keep {
+            gen.expect
+                .get_mut(&Field::Phone)
+                .expect("seeded")
+                .push(phone_expect);
+        }
 
         // Device id: IDFA or Android advertising id, under `idfa` or `madid`.
         let (madid_json, madid_expect) = match rng.gen_range(0..100) {
@@ -291,10 +313,12 @@ pub fn generate(path: &Path, members: u64, seed: u64) -> std::io::Result<Generat
             let key = if i % 2 == 0 { "idfa" } else { "madid" };
             record.insert(key.into(), v.into());
         }
-        gen.expect
-            .get_mut(&Field::Madid)
-            .expect("seeded")
-            .push(madid_expect);
+        if keep {
+            gen.expect
+                .get_mut(&Field::Madid)
+                .expect("seeded")
+                .push(madid_expect);
+        }
 
         serde_json::to_writer(&mut out, &record)?;
         out.write_all(b"\n")?;

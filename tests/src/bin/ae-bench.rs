@@ -69,6 +69,19 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         concurrency: u16,
     },
+    /// Peak RSS of the producer and of one worker (both real processes, release binaries) for
+    /// segments of each size, generated on the fly into a FIFO so no file holds them.
+    Memory {
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1_000_000u64, 10_000_000])]
+        members: Vec<u64>,
+    },
+    /// Export time with one worker process, then two, at `latency_ms` and no rate limit.
+    Scaleout {
+        #[arg(long, default_value_t = 160_000)]
+        members: u64,
+        #[arg(long, default_value_t = 500)]
+        latency_ms: u64,
+    },
     /// Normalize + hash + encode one 10,000-record shard per field on one core, beside the raw
     /// SHA-256 rate on the same (normalized) inputs (records/s).
     Hashing {
@@ -127,6 +140,15 @@ async fn main() -> anyhow::Result<()> {
             latency_per_record_us,
             concurrency,
         } => sdk(members, latency_base_ms, latency_per_record_us, concurrency).await?,
+        Command::Memory { members } => {
+            for m in members {
+                memory(m).await?;
+            }
+        }
+        Command::Scaleout {
+            members,
+            latency_ms,
+        } => scaleout(members, latency_ms).await?,
         Command::Hashing { runs, secs, field } => {
             hashing(runs, Duration::from_secs_f64(secs), field)
         }
@@ -581,6 +603,140 @@ async fn sdk(
     println!(
         "\n(b) upload of {members} members x 3 fields\nSDK, sequential add_users: {sdk_records} values in {sdk_seconds:.1} s\nfleet (1 producer, 1 worker x {concurrency}, 1 finalizer): {uploaded} values uploaded in {calls} calls, {ours:.1} s from enqueue to export.finished\nratio: {:.1}x",
         sdk_seconds / ours
+    );
+    Ok(())
+}
+
+const PRODUCER_BIN: &str = "target/release/audience-producer";
+const WORKER_BIN: &str = "target/release/audience-worker";
+
+/// Peak resident set size of a running process, from /proc (Linux).
+fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM for {pid}"))?;
+    Ok(kib / 1024.0)
+}
+
+async fn stop_process(mut child: tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(45), child.wait()).await;
+}
+
+async fn memory(members: u64) -> anyhow::Result<()> {
+    use audience_export_harness::app::{spawn_app_with, Roles};
+    let app = spawn_app_with(
+        Roles {
+            producer: false,
+            worker: false,
+            finalizer: true,
+        },
+        |s| {
+            s.worker.calls_per_second_per_account = 100_000;
+        },
+    )
+    .await;
+    app.emulator.configure(|c| c.record_entries = false);
+    let fifo = app.dir.join("segment.fifo");
+    anyhow::ensure!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()?
+            .success(),
+        "mkfifo failed"
+    );
+    let producer = app.spawn_producer_process(PRODUCER_BIN);
+    let worker = app.spawn_worker_process(WORKER_BIN);
+    let (producer_pid, worker_pid) = (producer.id().unwrap_or(0), worker.id().unwrap_or(0));
+    let path = fifo.clone();
+    // Opening a FIFO for writing blocks until the producer opens it to read.
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let out = std::fs::OpenOptions::new().write(true).open(path)?;
+        audience_export_harness::segment::stream(out, members, 7)
+    });
+    let started = Instant::now();
+    app.enqueue(
+        app.job("bench-memory", &["email"], &fifo)
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let report = app
+        .finished("bench-memory", Duration::from_secs(3_600))
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (producer_mib, worker_mib) = (peak_rss_mib(producer_pid)?, peak_rss_mib(worker_pid)?);
+    stop_process(producer).await;
+    stop_process(worker).await;
+    let _ = writer.join();
+    println!(
+        "{members} members (email, {} shards) in {elapsed:.1} s: producer peak RSS {producer_mib:.1} MiB, worker peak RSS {worker_mib:.1} MiB (prefetch {})",
+        report.audiences.first().map(|a| a.shards).unwrap_or(0),
+        app.settings.worker.concurrency
+    );
+    app.stop().await;
+    Ok(())
+}
+
+async fn scaleout(members: u64, latency_ms: u64) -> anyhow::Result<()> {
+    use audience_export_harness::app::{spawn_app_with, Roles};
+    use audience_export_harness::emulator::Latency;
+    let mut seconds = Vec::new();
+    for workers in [1usize, 2] {
+        let app = spawn_app_with(
+            Roles {
+                producer: true,
+                worker: false,
+                finalizer: true,
+            },
+            |s| {
+                s.producer.shard_size = 1_000;
+                s.worker.calls_per_second_per_account = 100_000;
+            },
+        )
+        .await;
+        app.emulator.configure(|c| c.record_entries = false);
+        app.emulator.set_latency(Latency {
+            base_ms: latency_ms,
+            per_record_us: 0,
+            jitter_ms: latency_ms / 10,
+        });
+        let segment = app.dir.join("scaleout.ndjson");
+        audience_export_harness::segment::stream(std::fs::File::create(&segment)?, members, 11)?;
+        let processes: Vec<_> = (0..workers)
+            .map(|_| app.spawn_worker_process(WORKER_BIN))
+            .collect();
+        let started = Instant::now();
+        app.enqueue(
+            app.job("bench-scaleout", &["email"], &segment)
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+        let report = app
+            .finished("bench-scaleout", Duration::from_secs(3_600))
+            .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        for p in processes {
+            stop_process(p).await;
+        }
+        println!(
+            "{workers} worker process(es), {} shards of 1,000 at {latency_ms} ms: {elapsed:.1} s",
+            report.audiences.first().map(|a| a.shards).unwrap_or(0)
+        );
+        seconds.push(elapsed);
+        app.stop().await;
+    }
+    println!(
+        "speed-up from a second worker: {:.2}x",
+        seconds[0] / seconds[1]
     );
     Ok(())
 }
