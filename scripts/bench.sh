@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `just bench` / `just bench-quick`: builds the release binaries, runs every benchmark, prints
-# the figures and rewrites the "Latest run" section of BENCHMARKS.md (between the markers) with
-# the date, the machine, each command and its output. Curated sections above it stay as written.
+# the figures and (full runs only) rewrites the "Latest run" section of BENCHMARKS.md (between
+# the markers) with the date, the machine, each command and its output. Curated sections above
+# it stay as written.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-full}"
@@ -44,6 +45,11 @@ out=.bench/latest.md
     echo '```'
   done
 } > "$out"
+
+if [ "$mode" = quick ]; then
+  echo "Quick run: figures in $out; BENCHMARKS.md is left to full runs."
+  exit 0
+fi
 
 python3 - "$out" <<'PY'
 import re, sys

@@ -198,7 +198,9 @@ async fn emulator_capacity(clients: usize, duration: Duration) -> anyhow::Result
     let audience = created["id"].as_str().unwrap_or_default().to_owned();
     let data: Vec<String> = (0..RECORDS).map(|i| format!("{i:064x}")).collect();
     let payload = serde_json::json!({"schema": "EMAIL_SHA256", "data": data}).to_string();
-    let body = serde_urlencoded::to_string([("payload", payload)])?;
+    // Shared, not copied, by every request: the load generator should cost little beside the
+    // emulator it loads.
+    let body = axum::body::Bytes::from(serde_urlencoded::to_string([("payload", payload)])?);
     let url = format!("{}/v27.0/{audience}/users", emulator.base_url());
     let started = Instant::now();
     let mut tasks = Vec::new();

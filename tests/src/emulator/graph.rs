@@ -3,7 +3,7 @@
 //! headers and error envelope.
 
 use super::state::{
-    bad_param, Answer, Fault, GraphFailure, Params, Payload, State, Transport, Usage,
+    bad_param, Answer, Checked, Fault, GraphFailure, Params, Payload, State, Transport, Usage,
 };
 use super::CallRecord;
 use axum::body::Bytes;
@@ -75,6 +75,15 @@ async fn respond(
 ) -> Response {
     let params = params(headers, query, body);
     let token = bearer(headers).or_else(|| params.get("access_token").cloned());
+    // Parsing and checking up to 10,000 entries is the costly part of a call: done here, on the
+    // request's task, so concurrent uploads do not queue behind one lock.
+    let checked = (edge == Some("users")).then(|| {
+        params
+            .get("payload")
+            .ok_or_else(|| bad_param("payload"))
+            .and_then(|raw| Payload::parse(raw))
+            .map(Payload::check)
+    });
     let answer = {
         let mut s = state.lock().expect("emulator state lock");
         let answer = dispatch(
@@ -84,6 +93,7 @@ async fn respond(
             node,
             edge,
             &params,
+            checked.as_ref(),
             token.as_deref(),
         );
         s.calls.push(CallRecord {
@@ -160,6 +170,7 @@ fn dispatch(
     node: &str,
     edge: Option<&str>,
     p: &Params,
+    checked: Option<&Result<Checked<'_>, GraphFailure>>,
     token: Option<&str>,
 ) -> Answer {
     let plain = |result: Result<Value, GraphFailure>| Answer {
@@ -212,21 +223,18 @@ fn dispatch(
                 Ok(a) => a,
                 Err(f) => return plain(Err(f)),
             };
-            let parsed = p
-                .get("payload")
-                .ok_or_else(|| bad_param("payload"))
-                .and_then(|raw| Payload::parse(raw));
-            let payload = match parsed {
-                Ok(payload) => payload,
-                Err(f) => return plain(Err(f)),
+            let checked = match checked {
+                Some(Ok(checked)) => checked,
+                Some(Err(f)) => return plain(Err(f.clone())),
+                None => return plain(Err(bad_param("payload"))),
             };
-            let records = payload.len();
+            let records = checked.payload.len();
             let fault = s.next_fault();
             let mut answer = charged(s, &token, &account, records, |s| {
                 match fault.as_ref().and_then(State::failure) {
                     Some(failure) => Err(failure),
                     None if fault == Some(Fault::Reset) => Ok(Value::Null),
-                    None => s.users(audience, &payload, m == "DELETE", p),
+                    None => s.users(audience, checked, m == "DELETE", p),
                 }
             });
             answer.records = records;
@@ -303,8 +311,8 @@ fn params(headers: &HeaderMap, query: HashMap<String, String>, body: &[u8]) -> P
                 );
             }
         }
-    } else if let Ok(pairs) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body) {
-        out.extend(pairs);
+    } else {
+        out.extend(form_pairs(body));
     }
     out
 }
@@ -334,6 +342,81 @@ fn usage_headers(headers: &mut HeaderMap, u: &Usage) {
     ] {
         if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
             headers.insert(name, v);
+        }
+    }
+}
+
+/// `application/x-www-form-urlencoded` pairs. Written out rather than through `serde_urlencoded`:
+/// decoding a 900 KB add-users body byte by byte was half the emulator's time, and the emulator
+/// must stay far faster than the fleet it measures. Pairs that are not UTF-8 are skipped.
+fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
+    body.split(|b| *b == b'&')
+        .filter(|pair| !pair.is_empty())
+        .filter_map(|pair| {
+            let (name, value) = match pair.iter().position(|b| *b == b'=') {
+                Some(i) => (&pair[..i], &pair[i + 1..]),
+                None => (pair, &pair[pair.len()..]),
+            };
+            Some((percent_decode(name)?, percent_decode(value)?))
+        })
+        .collect()
+}
+
+fn percent_decode(input: &[u8]) -> Option<String> {
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(i) = rest.iter().position(|b| *b == b'%' || *b == b'+') {
+        out.extend_from_slice(&rest[..i]);
+        if rest[i] == b'+' {
+            out.push(b' ');
+            rest = &rest[i + 1..];
+            continue;
+        }
+        match (
+            rest.get(i + 1).copied().and_then(hex),
+            rest.get(i + 2).copied().and_then(hex),
+        ) {
+            (Some(high), Some(low)) => {
+                out.push(high << 4 | low);
+                rest = &rest[i + 3..];
+            }
+            _ => {
+                out.push(b'%');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.extend_from_slice(rest);
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::form_pairs;
+
+    #[test]
+    fn form_bodies_decode_like_the_general_decoder() {
+        let bodies: [&[u8]; 4] = [
+            b"payload=%7B%22schema%22%3A%22EMAIL_SHA256%22%7D&access_token=EA%2Bb",
+            b"a=1+2&b=%zz&c&=d&e=%C3%A4",
+            b"",
+            b"x=%2",
+        ];
+        for body in bodies {
+            let general: Vec<(String, String)> =
+                serde_urlencoded::from_bytes(body).expect("decodes");
+            assert_eq!(
+                form_pairs(body),
+                general,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 }

@@ -814,96 +814,31 @@ impl State {
 
     /// `POST` (add) or `DELETE` (remove) `/{audience_id}/users`, with the payload parsed once by
     /// the caller.
+    /// Applies a checked payload to an audience. Only this part runs under the state's lock:
+    /// parsing and per-record validation happen before it, on the request's own task.
     pub fn users(
         &mut self,
         audience_id: &str,
-        payload: &Payload<'_>,
+        checked: &Checked<'_>,
         remove: bool,
         p: &Params,
     ) -> Result<Value, GraphFailure> {
-        let received = payload.len();
-        if received > 10_000 {
-            return Err(GraphFailure::new(
-                400,
-                100,
-                None,
-                "OAuthException",
-                format!("(#100) Too many entries in one request: {received} (at most 10000)"),
-            ));
-        }
-        if received == 0 {
-            return Err(GraphFailure::new(
-                400,
-                100,
-                None,
-                "OAuthException",
-                "(#100) The data parameter is empty",
-            ));
-        }
-        for k in &payload.keys {
-            if !KNOWN_KEYS.contains(&k.as_ref()) {
-                return Err(GraphFailure::new(
-                    400,
-                    100,
-                    None,
-                    "OAuthException",
-                    format!("(#100) Invalid schema key: {k}"),
-                ));
-            }
-        }
-        if !self.audiences.contains_key(audience_id) {
-            return Err(missing_object(audience_id));
+        if let Some(refusal) = &checked.refusal {
+            return Err(refusal.clone());
         }
         let record = self.config.record_entries;
-        let mut invalid = 0u64;
-        let mut samples = serde_json::Map::new();
-        let mut accepted: Vec<String> = Vec::with_capacity(if record { received } else { 0 });
-        let mut reject = |row: String| {
-            invalid += 1;
-            if samples.len() < 10 {
-                samples.insert(row, json!("Invalid format"));
-            }
-        };
-        match &payload.rows {
-            Rows::Single(values) => {
-                let key = payload.keys[0].as_ref();
-                for v in values {
-                    if !v.is_empty() && valid_entry(key, v) {
-                        if record {
-                            accepted.push(v.to_string());
-                        }
-                    } else {
-                        reject(v.to_string());
-                    }
-                }
-            }
-            Rows::Multi(rows) => {
-                for row in rows {
-                    let valid = row.len() == payload.keys.len()
-                        && payload
-                            .keys
-                            .iter()
-                            .zip(row)
-                            .all(|(k, v)| v.is_empty() || valid_entry(k, v))
-                        && row.iter().any(|v| !v.is_empty());
-                    if !valid {
-                        reject(format!("{row:?}"));
-                    } else if record {
-                        accepted.push(row.join("|"));
-                    }
-                }
-            }
-        }
         let audience = self
             .audiences
             .get_mut(audience_id)
             .ok_or_else(|| missing_object(audience_id))?;
         audience.calls += 1;
-        for entry in accepted {
-            if remove {
-                audience.entries.remove(&entry);
-            } else {
-                *audience.entries.entry(entry).or_default() += 1;
+        if record {
+            for entry in checked.accepted() {
+                if remove {
+                    audience.entries.remove(&entry);
+                } else {
+                    *audience.entries.entry(entry).or_default() += 1;
+                }
             }
         }
         let session_id = p
@@ -914,9 +849,9 @@ impl State {
         Ok(json!({
             "audience_id": audience_id,
             "session_id": session_id,
-            "num_received": received,
-            "num_invalid_entries": invalid,
-            "invalid_entry_samples": samples,
+            "num_received": checked.payload.len(),
+            "num_invalid_entries": checked.invalid,
+            "invalid_entry_samples": checked.samples,
         }))
     }
 
@@ -1003,17 +938,28 @@ const KNOWN_KEYS: [&str; 17] = [
 ];
 
 /// Meta's per-record checks: hashed keys must be SHA-256 hex; MADIDs must look like a device id.
+const LOWER_HEX: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = matches!(b as u8, b'0'..=b'9' | b'a'..=b'f');
+        b += 1;
+    }
+    table
+};
+
 fn valid_entry(key: &str, value: &str) -> bool {
     match key {
         "MOBILE_ADVERTISER_ID" | "MADID" => {
             value.len() == 36 && value.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
         }
         "EXTERN_ID" => !value.is_empty(),
+        // A branch-free fold over a table: this check reads every byte of every upload.
         _ => {
             value.len() == 64
                 && value
                     .bytes()
-                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                    .fold(true, |ok, b| ok & LOWER_HEX[usize::from(b)])
         }
     }
 }
@@ -1080,7 +1026,115 @@ struct MultiKey<'a> {
     data: Vec<Vec<Cow<'a, str>>>,
 }
 
+/// A payload after Meta's checks: the request-level refusal if any, and per row whether it is
+/// valid, with the invalid count and samples.
+pub(super) struct Checked<'a> {
+    pub payload: Payload<'a>,
+    pub refusal: Option<GraphFailure>,
+    pub valid: Vec<bool>,
+    pub invalid: u64,
+    pub samples: serde_json::Map<String, Value>,
+}
+
+impl Checked<'_> {
+    /// The valid rows as stored entries (multi-key rows joined with `|`).
+    fn accepted(&self) -> Vec<String> {
+        let keep = |i: usize| self.valid.get(i).copied().unwrap_or(false);
+        match &self.payload.rows {
+            Rows::Single(values) => values
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| keep(*i))
+                .map(|(_, v)| v.to_string())
+                .collect(),
+            Rows::Multi(rows) => rows
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| keep(*i))
+                .map(|(_, r)| r.join("|"))
+                .collect(),
+        }
+    }
+}
+
 impl<'a> Payload<'a> {
+    /// Meta's request- and record-level checks, done without the emulator's lock.
+    pub fn check(self) -> Checked<'a> {
+        let received = self.len();
+        let refusal = if received > 10_000 {
+            Some(GraphFailure::new(
+                400,
+                100,
+                None,
+                "OAuthException",
+                format!("(#100) Too many entries in one request: {received} (at most 10000)"),
+            ))
+        } else if received == 0 {
+            Some(GraphFailure::new(
+                400,
+                100,
+                None,
+                "OAuthException",
+                "(#100) The data parameter is empty",
+            ))
+        } else {
+            self.keys
+                .iter()
+                .find(|k| !KNOWN_KEYS.contains(&k.as_ref()))
+                .map(|k| {
+                    GraphFailure::new(
+                        400,
+                        100,
+                        None,
+                        "OAuthException",
+                        format!("(#100) Invalid schema key: {k}"),
+                    )
+                })
+        };
+        let mut checked = Checked {
+            valid: Vec::new(),
+            invalid: 0,
+            samples: serde_json::Map::new(),
+            refusal,
+            payload: self,
+        };
+        if checked.refusal.is_some() {
+            return checked;
+        }
+        let keys = &checked.payload.keys;
+        let verdicts: Vec<(bool, Option<String>)> = match &checked.payload.rows {
+            Rows::Single(values) => values
+                .iter()
+                .map(|v| {
+                    let ok = !v.is_empty() && valid_entry(&keys[0], v);
+                    (ok, (!ok).then(|| v.to_string()))
+                })
+                .collect(),
+            Rows::Multi(rows) => rows
+                .iter()
+                .map(|row| {
+                    let ok = row.len() == keys.len()
+                        && keys
+                            .iter()
+                            .zip(row)
+                            .all(|(k, v)| v.is_empty() || valid_entry(k, v))
+                        && row.iter().any(|v| !v.is_empty());
+                    (ok, (!ok).then(|| format!("{row:?}")))
+                })
+                .collect(),
+        };
+        for (ok, sample) in verdicts {
+            checked.valid.push(ok);
+            if let Some(sample) = sample {
+                checked.invalid += 1;
+                if checked.samples.len() < 10 {
+                    checked.samples.insert(sample, json!("Invalid format"));
+                }
+            }
+        }
+        checked
+    }
+
     /// Single-key (`"schema": "EMAIL_SHA256"`) or multi-key (`"schema": [...]`) payloads. Entries
     /// that are not strings make the whole payload invalid (code 100).
     pub fn parse(raw: &'a str) -> Result<Payload<'a>, GraphFailure> {
