@@ -163,6 +163,8 @@ async fn respond(
     response
 }
 
+// The request's parts, passed as they are: a struct for them would only be unpacked again.
+#[allow(clippy::too_many_arguments)]
 fn dispatch(
     s: &mut State,
     method: &Method,
