@@ -61,9 +61,48 @@ struct OpsState {
     health: Arc<Health>,
 }
 
+/// What every role starts with: its Redis progress store, a metrics registry (the role registers
+/// its metrics into it; the registry is shared, so registering after serving is fine), its
+/// readiness, and the ops endpoints already serving all three.
+pub struct Ops {
+    pub progress: ProgressStore,
+    pub registry: Registry,
+    pub health: Arc<Health>,
+    pub addr: SocketAddr,
+}
+
+/// Connects to Redis and serves `/metrics`, `/healthz`, `/readyz` for `role` on `addr`.
+pub async fn start_ops(
+    role: &str,
+    addr: SocketAddr,
+    settings: &crate::config::Settings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Ops> {
+    use anyhow::Context;
+    let progress = ProgressStore::connect(&settings.redis_url, &settings.namespace)
+        .await
+        .context("connecting to Redis")?;
+    let registry = Registry::new();
+    let health = Health::new(progress.clone());
+    let addr = serve_ops(
+        role,
+        addr,
+        registry.clone(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    Ok(Ops {
+        progress,
+        registry,
+        health,
+        addr,
+    })
+}
+
 /// Binds the ops endpoints and serves them until `shutdown`. Returns the bound address (tests
 /// bind port 0).
-pub async fn serve_ops(
+async fn serve_ops(
     role: &str,
     addr: SocketAddr,
     registry: Registry,

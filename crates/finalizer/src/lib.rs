@@ -6,12 +6,10 @@ pub mod finalize;
 pub mod metrics;
 pub mod report;
 
-use anyhow::Context;
 use audience_export_core::amqp::Topology;
 use audience_export_core::config::Settings;
 use audience_export_core::consumer;
-use audience_export_core::progress::ProgressStore;
-use audience_export_core::telemetry::{self, Health};
+use audience_export_core::telemetry;
 use audience_export_core::Running;
 use finalize::Deps;
 use lapin::message::Delivery;
@@ -23,20 +21,15 @@ use tokio_util::sync::CancellationToken;
 const EVENTS_IN_FLIGHT: u16 = 16;
 
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let progress = ProgressStore::connect(&settings.redis_url, &settings.namespace)
-        .await
-        .context("connecting to Redis")?;
-    let registry = prometheus::Registry::new();
-    let metrics = metrics::Metrics::register(&registry)?;
-    let health = Health::new(progress.clone());
-    let ops_addr = telemetry::serve_ops(
+    let ops = telemetry::start_ops(
         "finalizer",
         settings.finalizer.ops_addr,
-        registry,
-        health.clone(),
-        shutdown.clone(),
+        &settings,
+        &shutdown,
     )
     .await?;
+    let metrics = metrics::Metrics::register(&ops.registry)?;
+    let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let owner = format!("finalizer-{}-{:08x}", std::process::id(), rand_suffix());
     let task = tokio::spawn(async move {
         let f = &settings.finalizer;

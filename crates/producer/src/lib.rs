@@ -11,8 +11,7 @@ use audience_export_core::amqp::Topology;
 use audience_export_core::config::Settings;
 use audience_export_core::consumer;
 use audience_export_core::graph::GraphClient;
-use audience_export_core::progress::ProgressStore;
-use audience_export_core::telemetry::{self, Health};
+use audience_export_core::telemetry;
 use audience_export_core::workspace::Workspaces;
 use audience_export_core::Running;
 use lapin::message::Delivery;
@@ -29,20 +28,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let token = settings.graph.access_token.clone().context(
         "AE_GRAPH__ACCESS_TOKEN is not set: the producer has no token to create audiences with",
     )?;
-    let progress = ProgressStore::connect(&settings.redis_url, &settings.namespace)
-        .await
-        .context("connecting to Redis")?;
-    let registry = prometheus::Registry::new();
-    let metrics = metrics::Metrics::register(&registry)?;
-    let health = Health::new(progress.clone());
-    let ops_addr = telemetry::serve_ops(
-        "producer",
-        settings.producer.ops_addr,
-        registry,
-        health.clone(),
-        shutdown.clone(),
-    )
-    .await?;
+    let ops =
+        telemetry::start_ops("producer", settings.producer.ops_addr, &settings, &shutdown).await?;
+    let metrics = metrics::Metrics::register(&ops.registry)?;
+    let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let graph = GraphClient::from_settings(&settings.graph)?;
     let workspaces = Workspaces::connect(&settings.redis_url, &settings.namespace)
         .await

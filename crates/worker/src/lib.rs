@@ -13,8 +13,7 @@ use audience_export_core::config::Settings;
 use audience_export_core::consumer;
 use audience_export_core::graph::GraphClient;
 use audience_export_core::pause::AccountPauses;
-use audience_export_core::progress::ProgressStore;
-use audience_export_core::telemetry::{self, Health};
+use audience_export_core::telemetry;
 use audience_export_core::Running;
 use lapin::message::Delivery;
 use std::sync::Arc;
@@ -27,20 +26,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .access_token
         .clone()
         .context("AE_GRAPH__ACCESS_TOKEN is not set: the worker has no token to upload with")?;
-    let progress = ProgressStore::connect(&settings.redis_url, &settings.namespace)
-        .await
-        .context("connecting to Redis")?;
-    let registry = prometheus::Registry::new();
-    let metrics = metrics::Metrics::register(&registry)?;
-    let health = Health::new(progress.clone());
-    let ops_addr = telemetry::serve_ops(
-        "worker",
-        settings.worker.ops_addr,
-        registry,
-        health.clone(),
-        shutdown.clone(),
-    )
-    .await?;
+    let ops =
+        telemetry::start_ops("worker", settings.worker.ops_addr, &settings, &shutdown).await?;
+    let metrics = metrics::Metrics::register(&ops.registry)?;
+    let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let graph = GraphClient::from_settings(&settings.graph)?;
     let pauses = AccountPauses::connect(&settings.redis_url, &settings.namespace)
         .await
