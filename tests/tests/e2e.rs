@@ -20,8 +20,8 @@ async fn a_segment_export_arrives_whole_with_its_report() {
     let app = spawn_app().await;
     let segment = app.dir.join("segment.ndjson");
     let generated = generate(&segment, 25_000, 7).expect("segment written");
-    let job = app.job("exp-e2e", &["email", "phone", "madid"], &segment);
-    app.enqueue(job.to_string().as_bytes()).await;
+    app.export("exp-e2e", &["email", "phone", "madid"], &segment)
+        .await;
 
     let report = app.finished("exp-e2e", DEADLINE).await;
     assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
@@ -205,12 +205,7 @@ async fn malformed_jobs_are_dead_lettered_with_a_reason_and_the_next_job_runs() 
         .expect("object")
         .remove("fields");
     app.enqueue(missing_fields.to_string().as_bytes()).await;
-    app.enqueue(
-        app.job("exp-good", &["email"], &segment)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    app.export("exp-good", &["email"], &segment).await;
 
     let good = app.finished("exp-good", DEADLINE).await;
     assert_eq!(good.status, ExportStatus::Succeeded);
@@ -274,12 +269,7 @@ async fn transient_answers_are_retried_and_permanent_ones_fail_the_shard() {
             message: "Audience flagged for integrity".into(),
         },
     ]);
-    app.enqueue(
-        app.job("exp-retry", &["email"], &segment)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    app.export("exp-retry", &["email"], &segment).await;
     let report = app.finished("exp-retry", DEADLINE).await;
     let email = &report.audiences[0];
     assert_eq!(report.status, ExportStatus::PartiallyFailed, "{report:?}");
@@ -322,12 +312,7 @@ async fn a_revoked_token_refuses_the_export_and_reports_the_connection() {
     let segment = app.dir.join("s.ndjson");
     generate(&segment, 10, 1).expect("segment");
     assert!(app.emulator.revoke(&app.token, 460));
-    app.enqueue(
-        app.job("exp-revoked", &["email"], &segment)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    app.export("exp-revoked", &["email"], &segment).await;
     let report = app.finished("exp-revoked", DEADLINE).await;
     assert_eq!(report.status, ExportStatus::Rejected);
     assert!(
@@ -414,12 +399,7 @@ async fn a_killed_worker_process_loses_no_shard() {
 
     let spawn_worker = || app.spawn_worker_process(WORKER_BIN);
     let mut first = spawn_worker();
-    app.enqueue(
-        app.job("exp-kill", &["email"], &segment)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    app.export("exp-kill", &["email"], &segment).await;
     let some_done = eventually(DEADLINE, || async {
         let s = app.progress.snapshot("exp-kill").await.ok()?;
         (s.is_sealed() && s.count("shards_done") >= 5).then_some(())
@@ -513,12 +493,7 @@ async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
         subcode: None,
         message: "(#80003) There have been too many calls to this ad-account.".into(),
     }]);
-    app.enqueue(
-        app.job("exp-throttle", &["email"], &segment)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    app.export("exp-throttle", &["email"], &segment).await;
 
     let report = app.finished("exp-throttle", DEADLINE).await;
     let email = &report.audiences[0];
@@ -583,12 +558,7 @@ async fn three_workers_share_one_ad_account_budget() {
     let segment = app.dir.join("shared.ndjson");
     let generated = generate(&segment, 700, 23).expect("segment");
     let want = generated.expectation(Field::Email, 10);
-    app.enqueue(
-        app.job("exp-shared", &["email"], &segment)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    app.export("exp-shared", &["email"], &segment).await;
 
     let report = app.finished("exp-shared", Duration::from_secs(120)).await;
     // SIGTERM, as Kubernetes stops a pod: each worker drains and exits cleanly, in bounded time.
@@ -672,12 +642,7 @@ async fn each_permanent_failure_class_ends_the_shard_with_a_reason_that_names_th
     for (name, fault, reason) in cases {
         app.emulator.inject([fault]);
         let export_id = format!("exp-class-{name}");
-        app.enqueue(
-            app.job(&export_id, &["email"], &segment)
-                .to_string()
-                .as_bytes(),
-        )
-        .await;
+        app.export(&export_id, &["email"], &segment).await;
         let report = app.finished(&export_id, DEADLINE).await;
         assert_eq!(report.status, ExportStatus::Failed, "{name}: {report:?}");
         assert!(
@@ -736,12 +701,7 @@ async fn after_meta_refuses_a_token_no_worker_calls_meta_with_it_again() {
         });
     let segment = app.dir.join("revoke.ndjson");
     generate(&segment, 400, 31).expect("segment");
-    app.enqueue(
-        app.job("exp-revoke", &["email"], &segment)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    app.export("exp-revoke", &["email"], &segment).await;
     let started = eventually(DEADLINE, || async {
         let s = app.progress.snapshot("exp-revoke").await.ok()?;
         (s.is_sealed() && s.count("shards_done") >= 3).then_some(())
@@ -823,12 +783,7 @@ async fn national_phone_numbers_take_the_jobs_country_else_the_workspaces() {
     assert_eq!(phone.invalid_total(), 1);
 
     // The job's US wins: now only the US number is valid.
-    app.enqueue(
-        app.job("exp-job-country", &["phone"], &segment)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    app.export("exp-job-country", &["phone"], &segment).await;
     let report = app.finished("exp-job-country", DEADLINE).await;
     let phone = &report.audiences[0];
     let entries = app
@@ -855,12 +810,7 @@ async fn every_call_carries_appsecret_proof_when_the_app_requires_it() {
     });
     let segment = app.dir.join("proof.ndjson");
     generate(&segment, 200, 37).expect("segment");
-    app.enqueue(
-        app.job("exp-proof", &["email", "phone"], &segment)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    app.export("exp-proof", &["email", "phone"], &segment).await;
     let report = app.finished("exp-proof", DEADLINE).await;
     assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
     let calls = app.emulator.calls();

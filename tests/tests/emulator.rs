@@ -84,6 +84,18 @@ async fn users(
     .await
 }
 
+/// The common call: add single-key `EMAIL_SHA256` entries.
+async fn add(e: &Emulator, audience: &str, data: Value) -> Answer {
+    users(
+        e,
+        reqwest::Method::POST,
+        audience,
+        json!("EMAIL_SHA256"),
+        data,
+    )
+    .await
+}
+
 fn code(a: &Answer) -> (i64, Option<i64>) {
     (
         a.body["error"]["code"].as_i64().unwrap_or(-1),
@@ -168,14 +180,7 @@ async fn uploads_are_limited_validated_and_recorded() {
         .to_owned();
 
     let too_many: Vec<String> = (0..10_001).map(hash).collect();
-    let refused = users(
-        &e,
-        reqwest::Method::POST,
-        &audience,
-        json!("EMAIL_SHA256"),
-        json!(too_many),
-    )
-    .await;
+    let refused = add(&e, &audience, json!(too_many)).await;
     assert_eq!(code(&refused), (100, None));
     assert!(
         e.audience(&audience).expect("audience").entries.is_empty(),
@@ -189,14 +194,7 @@ async fn uploads_are_limited_validated_and_recorded() {
         hash(0xabcdef).to_uppercase(),
         hash(3)
     ]);
-    let answer = users(
-        &e,
-        reqwest::Method::POST,
-        &audience,
-        json!("EMAIL_SHA256"),
-        data,
-    )
-    .await;
+    let answer = add(&e, &audience, data).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.body["num_received"], 5);
     assert_eq!(
@@ -240,14 +238,7 @@ async fn uploads_are_limited_validated_and_recorded() {
         .entries
         .contains_key(&hash(1)));
 
-    let gone = users(
-        &e,
-        reqwest::Method::POST,
-        "999",
-        json!("EMAIL_SHA256"),
-        json!([hash(1)]),
-    )
-    .await;
+    let gone = add(&e, "999", json!([hash(1)])).await;
     assert_eq!(code(&gone), (100, Some(33)));
 }
 
@@ -276,23 +267,9 @@ async fn a_lookalike_needs_a_seed_of_100() {
         )
         .await
     };
-    let _ = users(
-        &e,
-        reqwest::Method::POST,
-        &seed,
-        json!("EMAIL_SHA256"),
-        json!((0..99).map(hash).collect::<Vec<_>>()),
-    )
-    .await;
+    let _ = add(&e, &seed, json!((0..99).map(hash).collect::<Vec<_>>())).await;
     assert_eq!(code(&lookalike(seed.clone()).await).0, 2654);
-    let _ = users(
-        &e,
-        reqwest::Method::POST,
-        &seed,
-        json!("EMAIL_SHA256"),
-        json!([hash(500)]),
-    )
-    .await;
+    let _ = add(&e, &seed, json!([hash(500)])).await;
     assert_eq!(lookalike(seed).await.status, 200);
 }
 
@@ -366,14 +343,7 @@ async fn random_faults_are_reproducible_from_the_seed() {
             .to_owned();
         let mut out = Vec::new();
         for i in 0..40 {
-            let a = users(
-                &e,
-                reqwest::Method::POST,
-                &audience,
-                json!("EMAIL_SHA256"),
-                json!([hash(i)]),
-            )
-            .await;
+            let a = add(&e, &audience, json!([hash(i)])).await;
             out.push(a.status * 10 + code(&a).0.max(0) as u16 % 10);
         }
         out
@@ -400,40 +370,15 @@ async fn scripted_faults_come_in_order() {
             message: "Calls limit".into(),
         },
     ]);
-    let html = users(
-        &e,
-        reqwest::Method::POST,
-        &audience,
-        json!("EMAIL_SHA256"),
-        json!([hash(1)]),
-    )
-    .await;
+    let html = add(&e, &audience, json!([hash(1)])).await;
     assert_eq!(
         (html.status, html.body.clone()),
         (502, Value::Null),
         "an HTML page, not JSON"
     );
-    let throttled = users(
-        &e,
-        reqwest::Method::POST,
-        &audience,
-        json!("EMAIL_SHA256"),
-        json!([hash(1)]),
-    )
-    .await;
+    let throttled = add(&e, &audience, json!([hash(1)])).await;
     assert_eq!(code(&throttled), (613, Some(1_487_742)));
-    assert_eq!(
-        users(
-            &e,
-            reqwest::Method::POST,
-            &audience,
-            json!("EMAIL_SHA256"),
-            json!([hash(1)])
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(add(&e, &audience, json!([hash(1)])).await.status, 200);
 }
 
 #[tokio::test]
@@ -620,11 +565,9 @@ async fn an_audience_reads_back_with_approximate_bounds_only() {
         .as_str()
         .expect("id")
         .to_owned();
-    let _ = users(
+    let _ = add(
         &e,
-        reqwest::Method::POST,
         &audience,
-        json!("EMAIL_SHA256"),
         json!((0..2000).map(hash).collect::<Vec<_>>()),
     )
     .await;
