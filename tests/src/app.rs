@@ -10,9 +10,7 @@ use audience_export_core::contract::{Event, FinishedReport};
 use audience_export_core::progress::ProgressStore;
 use audience_export_core::Running;
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use secrecy::SecretString;
 use serde_json::Value;
@@ -151,41 +149,9 @@ async fn listen(
     connection: &lapin::Connection,
     topology: &Topology,
 ) -> Arc<(Mutex<Vec<Event>>, Notify)> {
-    let channel = connection.create_channel().await.expect("a channel");
-    let queue = channel
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let (channel, mut consumer) = amqp::subscribe(connection, topology, "#")
         .await
-        .expect("an event queue");
-    channel
-        .queue_bind(
-            queue.name().as_str(),
-            &topology.events(),
-            "#",
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("binding the event queue");
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().as_str(),
-            "",
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consuming events");
+        .expect("subscribing to the fleet's events");
     let events: Arc<(Mutex<Vec<Event>>, Notify)> = Arc::default();
     let sink = events.clone();
     tokio::spawn(async move {
@@ -218,6 +184,12 @@ impl TestApp {
             "default_phone_country": "US",
             "requested_by": "marketer@example.com"
         })
+    }
+
+    /// Enqueues `job(export_id, fields, segment)`: the usual export of a test.
+    pub async fn export(&self, export_id: &str, fields: &[&str], segment: &std::path::Path) {
+        let job = self.job(export_id, fields, segment);
+        self.enqueue(job.to_string().as_bytes()).await;
     }
 
     pub async fn enqueue(&self, body: &[u8]) {

@@ -394,6 +394,49 @@ impl Publisher {
     }
 }
 
+/// Events of the fleet for `routing_key` (`#` for all), through an exclusive, auto-deleted queue
+/// consumed without acks: how the upstream platform's listener, the demo and the tests follow an
+/// export. The channel is returned with the consumer; drop both to stop listening.
+pub async fn subscribe(
+    connection: &Connection,
+    topology: &Topology,
+    routing_key: &str,
+) -> lapin::Result<(Channel, lapin::Consumer)> {
+    let channel = connection.create_channel().await?;
+    let queue = channel
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().as_str(),
+            &topology.events(),
+            routing_key,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.name().as_str(),
+            "",
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
+}
+
 /// Reads a string header of a delivery, for tests and operators' tools.
 pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
     let headers = props.headers().as_ref()?;

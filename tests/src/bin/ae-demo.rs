@@ -10,7 +10,6 @@ use audience_export_harness::app::eventually;
 use audience_export_harness::segment::generate;
 use clap::Parser;
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -73,38 +72,7 @@ async fn main() -> anyhow::Result<()> {
     let topology = Topology::from_settings(&settings);
     let publisher = Publisher::new(&connection).await?;
     topology.declare(publisher.channel()).await?;
-    let channel = connection.create_channel().await?;
-    let queue = channel
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().as_str(),
-            &topology.events(),
-            "export.finished",
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut events = channel
-        .basic_consume(
-            queue.name().as_str(),
-            "",
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let (_channel, mut events) = amqp::subscribe(&connection, &topology, "export.finished").await?;
 
     let export_id = format!("demo-{}", time::OffsetDateTime::now_utc().unix_timestamp());
     let job = serde_json::json!({
