@@ -243,6 +243,12 @@ impl GraphFailure {
         }
     }
 
+    /// Marks the failure `is_transient`, as Meta does for errors worth retrying.
+    pub fn transient(mut self) -> Self {
+        self.transient = true;
+        self
+    }
+
     pub fn envelope(&self) -> Value {
         let mut error = json!({
             "message": self.message,
@@ -704,10 +710,8 @@ impl State {
     pub fn failure(fault: &Fault) -> Option<GraphFailure> {
         Some(match fault {
             Fault::Http500 => {
-                let mut f =
-                    GraphFailure::new(500, 1, None, "OAuthException", "An unknown error occurred");
-                f.transient = true;
-                f
+                GraphFailure::new(500, 1, None, "OAuthException", "An unknown error occurred")
+                    .transient()
             }
             Fault::HtmlBadGateway => {
                 let mut f = GraphFailure::new(
@@ -720,17 +724,14 @@ impl State {
                 f.html = true;
                 f
             }
-            Fault::Transient => {
-                let mut f = GraphFailure::new(
-                    400,
-                    2,
-                    None,
-                    "OAuthException",
-                    "An unexpected error has occurred. Please retry your request later.",
-                );
-                f.transient = true;
-                f
-            }
+            Fault::Transient => GraphFailure::new(
+                400,
+                2,
+                None,
+                "OAuthException",
+                "An unexpected error has occurred. Please retry your request later.",
+            )
+            .transient(),
             Fault::Error {
                 http,
                 code,
