@@ -37,13 +37,13 @@ pub struct AccountPauses {
 }
 
 impl AccountPauses {
-    pub async fn connect(url: &str, namespace: &str) -> redis::RedisResult<AccountPauses> {
-        let redis = ConnectionManager::new(redis::Client::open(url)?).await?;
-        Ok(AccountPauses {
+    /// On a shared connection (`ProgressStore::connection`).
+    pub fn new(redis: ConnectionManager, namespace: &str) -> AccountPauses {
+        AccountPauses {
             redis,
             ns: namespace.to_owned(),
             extend: redis::Script::new(EXTEND),
-        })
+        }
     }
 
     fn key(&self, ad_account: &str) -> String {

@@ -137,6 +137,12 @@ impl ProgressStore {
         })
     }
 
+    /// Its Redis connection, for the other stores of the process to share: one connection
+    /// manager per process, not one per store.
+    pub fn connection(&self) -> ConnectionManager {
+        self.redis.clone()
+    }
+
     fn key(&self, export_id: &str, what: &str) -> String {
         format!("{}:export:{{{export_id}}}:{what}", self.ns)
     }

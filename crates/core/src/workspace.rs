@@ -21,11 +21,20 @@ pub struct Workspaces {
 }
 
 impl Workspaces {
-    pub async fn connect(url: &str, namespace: &str) -> redis::RedisResult<Workspaces> {
-        Ok(Workspaces {
-            redis: ConnectionManager::new(redis::Client::open(url)?).await?,
+    /// On a shared connection (`ProgressStore::connection`).
+    pub fn new(redis: ConnectionManager, namespace: &str) -> Workspaces {
+        Workspaces {
+            redis,
             ns: namespace.to_owned(),
-        })
+        }
+    }
+
+    /// With a connection of its own, for operators' commands.
+    pub async fn connect(url: &str, namespace: &str) -> redis::RedisResult<Workspaces> {
+        Ok(Workspaces::new(
+            ConnectionManager::new(redis::Client::open(url)?).await?,
+            namespace,
+        ))
     }
 
     fn key(&self, workspace: &str) -> String {

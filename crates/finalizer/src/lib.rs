@@ -30,7 +30,11 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     .await?;
     let metrics = metrics::Metrics::register(&ops.registry)?;
     let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
-    let owner = format!("finalizer-{}-{:08x}", std::process::id(), rand_suffix());
+    let owner = format!(
+        "finalizer-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
     let task = tokio::spawn(async move {
         let f = &settings.finalizer;
         let build = |publisher, topology| {
@@ -60,16 +64,4 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .await
     });
     Ok(Running { ops_addr, task })
-}
-
-fn rand_suffix() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish() as u32
 }

@@ -33,9 +33,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let metrics = metrics::Metrics::register(&ops.registry)?;
     let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let graph = GraphClient::from_settings(&settings.graph)?;
-    let workspaces = Workspaces::connect(&settings.redis_url, &settings.namespace)
-        .await
-        .context("connecting to Redis")?;
+    let workspaces = Workspaces::new(progress.connection(), &settings.namespace);
     let task = tokio::spawn(async move {
         let build = |publisher, topology| {
             Ok(Deps {

@@ -31,9 +31,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let metrics = metrics::Metrics::register(&ops.registry)?;
     let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let graph = GraphClient::from_settings(&settings.graph)?;
-    let pauses = AccountPauses::connect(&settings.redis_url, &settings.namespace)
-        .await
-        .context("connecting to Redis")?;
+    let pauses = AccountPauses::new(progress.connection(), &settings.namespace);
     let task = tokio::spawn(async move {
         let build = |publisher, topology| {
             Ok(Deps {
