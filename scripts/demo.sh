@@ -15,10 +15,14 @@ rm -rf "$DEMO" && mkdir -p "$DEMO/mail" "$DEMO/logs"
 BIN="$PWD/target/debug"
 ACCOUNT=1234567890
 
-# Embedded defaults, spelled out: one namespace, the emulator's URL, a demo token.
+# Embedded defaults, spelled out: one namespace, the emulator's URL, and this run's secrets:
+# the key sealing tokens at rest and the producer API's key (the workspace's token itself comes
+# from the OAuth dialog, played by the emulator).
 export AE_NAMESPACE=demo
 export AE_GRAPH__BASE_URL=http://127.0.0.1:8470
-export AE_GRAPH__ACCESS_TOKEN="EAAdemo$(date +%s)"
+export AE_GRAPH__APP_SECRET="demo-app-secret-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export AE_CONNECTIONS__ENCRYPTION_KEYS="demo:$(head -c 32 /dev/urandom | base64)"
+export AE_API__KEY="demo-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export AE_FINALIZER__SMTP_PORT=2525
 
 pids=()
@@ -28,7 +32,7 @@ stop() {
 }
 trap stop EXIT
 
-"$BIN/graph-emulator" --listen 127.0.0.1:8470 --token "$AE_GRAPH__ACCESS_TOKEN" --ad-account "$ACCOUNT" \
+"$BIN/graph-emulator" --listen 127.0.0.1:8470 --ad-account "$ACCOUNT" \
   --latency-base-ms 40 --latency-per-record-us 5 --latency-jitter-ms 20 >"$DEMO/logs/graph-emulator.log" 2>&1 &
 pids+=($!)
 "$BIN/smtp-sink" --listen 127.0.0.1:2525 --dir "$DEMO/mail" >"$DEMO/logs/smtp-sink.log" 2>&1 &

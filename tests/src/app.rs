@@ -2,17 +2,20 @@
 //! the real RabbitMQ and Redis, under a fresh namespace so tests run side by side, with the Graph
 //! emulator and the SMTP sink on free ports, and a listener on the fleet's events.
 
-use crate::emulator::Emulator;
+use crate::emulator::{AdAccountSeed, Config, Emulator, Seed, TokenSeed};
 use crate::smtp::SmtpSink;
 use audience_export_core::amqp::{self, Publisher, Topology};
 use audience_export_core::config::Settings;
+use audience_export_core::connection::{AdAccountStatus, Connections, NewToken};
 use audience_export_core::contract::{Event, FinishedReport};
+use audience_export_core::progress::now_ms;
 use audience_export_core::progress::ProgressStore;
+use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::Running;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use std::future::Future;
 use std::path::PathBuf;
@@ -22,6 +25,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub const AD_ACCOUNT: &str = "1001";
+/// The workspace of `TestApp::job`, connected with `TestApp::token` before the roles start.
+pub const WORKSPACE: &str = "ws-1";
+/// Who connected `WORKSPACE`: told when its connection breaks or expires.
+pub const CONNECTED_BY: &str = "admin@example.com";
+/// The Meta app's secret, known to the emulator and the fleet (`appsecret_proof`, OAuth).
+pub const APP_SECRET: &str = "test-app-secret";
 
 /// Which roles a test runs.
 #[derive(Clone, Copy)]
@@ -41,7 +50,11 @@ impl Roles {
 
 pub struct TestApp {
     pub settings: Settings,
+    /// `WORKSPACE`'s user token.
     pub token: String,
+    pub connections: Connections,
+    /// The producer's HTTP API, when a producer runs.
+    pub api: Option<std::net::SocketAddr>,
     pub emulator: Emulator,
     pub smtp: SmtpSink,
     pub progress: ProgressStore,
@@ -63,20 +76,37 @@ pub async fn spawn_app() -> TestApp {
 
 /// Spawns the roles asked for, after `tune` adjusts the settings.
 pub async fn spawn_app_with(roles: Roles, tune: impl FnOnce(&mut Settings)) -> TestApp {
-    // Logs show up with a failing test's output; RUST_LOG overrides.
-    audience_export_core::telemetry::init_logging("warn");
+    // Logs go to stderr at warn (RUST_LOG overrides) and, at debug, to `logs::captured`.
+    crate::logs::init();
     let id = uuid::Uuid::new_v4().simple().to_string();
     let namespace = format!("t{}", &id[..12]);
     let token = format!("EAAtest{}", &id[..16]);
-    let emulator = Emulator::with_token(&token, AD_ACCOUNT).await;
+    let emulator = Emulator::start(
+        ([127, 0, 0, 1], 0).into(),
+        Config {
+            app_secret: Some(APP_SECRET.into()),
+            ..Config::default()
+        },
+        Seed {
+            tokens: vec![TokenSeed::user(&token, &[AD_ACCOUNT])],
+            ad_accounts: vec![AdAccountSeed::new(AD_ACCOUNT)],
+        },
+    )
+    .await
+    .expect("binding a loopback port");
     let smtp = SmtpSink::on_free_port().await;
     let dir = std::env::temp_dir().join(format!("ae-{namespace}"));
     std::fs::create_dir_all(&dir).expect("creating a temp dir");
 
     let mut settings = Settings::for_namespace(&namespace);
     settings.graph.base_url = emulator.base_url();
-    settings.graph.access_token = Some(SecretString::from(token.clone()));
+    settings.graph.app_secret = Some(SecretString::from(APP_SECRET));
     settings.graph.timeout_ms = 10_000;
+    settings.connections.encryption_keys = Some(TokenCipher::generate_config("test"));
+    settings.api.addr = ([127, 0, 0, 1], 0).into();
+    settings.api.key = Some(SecretString::from(format!("key-{}", &id[16..])));
+    settings.oauth.dialog_base_url = emulator.base_url();
+    settings.oauth.redirect_uri = "https://app.example.com/integrations/facebook/return".into();
     settings.worker.retry_delays_ms = vec![100, 200, 400];
     settings.finalizer.smtp_port = smtp.addr.port();
     settings.finalizer.retention_secs = 3600;
@@ -102,6 +132,10 @@ pub async fn spawn_app_with(roles: Roles, tune: impl FnOnce(&mut Settings)) -> T
         .await
         .expect("Redis at 127.0.0.1:6379");
     let events = listen(&connection, &topology).await;
+    let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())
+        .expect("the generated key");
+    let connections = Connections::new(progress.connection(), &namespace, cipher);
+    connect_workspace(&connections, WORKSPACE, &token, AD_ACCOUNT).await;
 
     let shutdown = CancellationToken::new();
     let mut running = Vec::new();
@@ -128,8 +162,10 @@ pub async fn spawn_app_with(roles: Roles, tune: impl FnOnce(&mut Settings)) -> T
     }
     TestApp {
         ops: running.iter().map(|r| r.ops_addr).collect(),
+        api: running.iter().find_map(|r| r.api_addr),
         settings,
         token,
+        connections,
         emulator,
         smtp,
         progress,
@@ -142,6 +178,34 @@ pub async fn spawn_app_with(roles: Roles, tune: impl FnOnce(&mut Settings)) -> T
         roles: running,
         cleaned: false,
     }
+}
+
+/// Connects `workspace` with a user token for `ad_account` (terms accepted), as the OAuth
+/// callback would, without the dialog: most tests and benchmarks are about exports, not
+/// connecting.
+pub async fn connect_workspace(
+    connections: &Connections,
+    workspace: &str,
+    token: &str,
+    ad_account: &str,
+) {
+    let new = NewToken {
+        token: SecretString::from(token.to_owned()),
+        expires_at: now_ms() / 1000 + 60 * 24 * 3600,
+        scopes: vec!["ads_management".into()],
+        ad_accounts: vec![ad_account.into()],
+    };
+    connections
+        .store_user_token(workspace, &new, Some(CONNECTED_BY), now_ms())
+        .await
+        .expect("storing the test connection");
+    connections
+        .select_ad_accounts(
+            workspace,
+            &[AdAccountStatus::new(ad_account, true, now_ms())],
+        )
+        .await
+        .expect("selecting the test ad account");
 }
 
 /// Binds an exclusive queue to every event and collects them.
@@ -175,7 +239,7 @@ impl TestApp {
     pub fn job(&self, export_id: &str, fields: &[&str], segment: &std::path::Path) -> Value {
         serde_json::json!({
             "export_id": export_id,
-            "workspace_id": "ws-1",
+            "workspace_id": WORKSPACE,
             "segment": {"id": "seg-1", "name": "Spring buyers"},
             "ad_account_id": format!("act_{AD_ACCOUNT}"),
             "fields": fields,
@@ -286,6 +350,8 @@ impl TestApp {
                 ("AE_PRODUCER__OPS_ADDR", "127.0.0.1:0".into()),
                 ("AE_PRODUCER__SHARD_SIZE", p.shard_size.to_string()),
                 ("AE_PRODUCER__CONFIRM_WINDOW", p.confirm_window.to_string()),
+                ("AE_API__ADDR", "127.0.0.1:0".into()),
+                ("AE_API__INSECURE_DEV_MODE", "true".into()),
             ],
         )
     }
@@ -295,7 +361,24 @@ impl TestApp {
         command
             .env("AE_NAMESPACE", self.namespace())
             .env("AE_GRAPH__BASE_URL", &self.settings.graph.base_url)
-            .env("AE_GRAPH__ACCESS_TOKEN", &self.token)
+            .env(
+                "AE_GRAPH__APP_SECRET",
+                self.settings
+                    .graph
+                    .app_secret
+                    .as_ref()
+                    .map(|s| s.expose_secret())
+                    .unwrap_or_default(),
+            )
+            .env(
+                "AE_CONNECTIONS__ENCRYPTION_KEYS",
+                self.settings
+                    .connections
+                    .encryption_keys
+                    .as_ref()
+                    .map(|k| k.expose_secret())
+                    .unwrap_or_default(),
+            )
             .env("AE_LOG", "warn")
             .kill_on_drop(true);
         for (key, value) in role {
@@ -304,6 +387,97 @@ impl TestApp {
         command
             .spawn()
             .unwrap_or_else(|e| panic!("{binary} starts: {e}"))
+    }
+
+    /// Calls the producer's HTTP API with this app's key; returns the status and JSON body.
+    pub async fn api_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let key = self
+            .settings
+            .api
+            .key
+            .as_ref()
+            .map(|k| k.expose_secret().to_owned());
+        self.api_call_with_key(method, path, body, key.as_deref())
+            .await
+    }
+
+    /// `api_call` with a key of the caller's choice (or none).
+    pub async fn api_call_with_key(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&str>,
+    ) -> (u16, Value) {
+        let api = self.api.expect("a producer with its API runs");
+        let mut request = reqwest::Client::new().request(method, format!("http://{api}{path}"));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("the API answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Every key of this app's namespace with its value(s), as text: for checks that no token
+    /// or identifier is stored in clear.
+    pub async fn redis_dump(&self) -> String {
+        let client = redis::Client::open(self.settings.redis_url.as_str()).expect("redis url");
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.namespace()))
+            .query_async(&mut c)
+            .await
+            .expect("KEYS");
+        let mut out = String::new();
+        for key in keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .expect("TYPE");
+            let value: String = match kind.as_str() {
+                "string" => redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_default(),
+                "hash" => {
+                    let h: Vec<String> = redis::cmd("HGETALL")
+                        .arg(&key)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap_or_default();
+                    h.join(" ")
+                }
+                "set" => {
+                    let m: Vec<String> = redis::cmd("SMEMBERS")
+                        .arg(&key)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap_or_default();
+                    m.join(" ")
+                }
+                other => format!("<{other}>"),
+            };
+            out.push_str(&format!("{key} {value}\n"));
+        }
+        out
     }
 
     /// Takes one message from a queue (for dead-letter assertions), acking it.

@@ -4,5 +4,6 @@
 
 pub mod app;
 pub mod emulator;
+pub mod logs;
 pub mod segment;
 pub mod smtp;

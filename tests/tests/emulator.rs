@@ -438,6 +438,74 @@ async fn oauth_codes_give_short_tokens_that_exchange_for_long_lived_ones() {
 }
 
 #[tokio::test]
+async fn the_oauth_dialog_redirects_back_with_a_code_or_a_refusal() {
+    let e = emulator(Config::default()).await;
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let dialog = |client_id: &str| {
+        format!(
+            "{}/v27.0/dialog/oauth?client_id={client_id}&redirect_uri=https%3A%2F%2Fapp%2Fcb&state=s1&scope=ads_management",
+            e.base_url()
+        )
+    };
+    let location = |r: &reqwest::Response| {
+        url::Url::parse(
+            r.headers()[reqwest::header::LOCATION]
+                .to_str()
+                .expect("ascii"),
+        )
+        .expect("url")
+    };
+    let param = |u: &url::Url, k: &str| {
+        u.query_pairs()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.into_owned())
+    };
+
+    let declined = browser
+        .get(dialog("1000000000000001"))
+        .send()
+        .await
+        .expect("dialog");
+    assert_eq!(declined.status().as_u16(), 302);
+    let back = location(&declined);
+    assert_eq!(param(&back, "error").as_deref(), Some("access_denied"));
+    assert_eq!(param(&back, "state").as_deref(), Some("s1"));
+    let unknown_app = browser.get(dialog("42")).send().await.expect("dialog");
+    assert_eq!(unknown_app.status().as_u16(), 400);
+
+    e.approve_next_dialog(TokenSeed::user("EAAdialog", &[ACCOUNT]));
+    let approved = browser
+        .get(dialog("1000000000000001"))
+        .send()
+        .await
+        .expect("dialog");
+    let back = location(&approved);
+    assert!(back.as_str().starts_with("https://app/cb?"));
+    let dialog_code = param(&back, "code").expect("code");
+    let exchange = |redirect: &str| {
+        call(
+            reqwest::Method::GET,
+            format!(
+                "{}/v27.0/oauth/access_token?client_id=1000000000000001&client_secret=x&redirect_uri={redirect}&code={dialog_code}",
+                e.base_url()
+            ),
+            None,
+            &[],
+        )
+    };
+    assert_eq!(
+        code(&exchange("https%3A%2F%2Fother%2Fcb").await),
+        (100, Some(36008)),
+        "the exchange must name the dialog's redirect_uri"
+    );
+    let token = exchange("https%3A%2F%2Fapp%2Fcb").await;
+    assert_eq!(token.body["access_token"], "EAAdialog", "{}", token.body);
+}
+
+#[tokio::test]
 async fn appsecret_proof_is_checked_when_the_app_requires_it() {
     let config = Config {
         app_secret: Some("s3cret".into()),

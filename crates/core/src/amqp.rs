@@ -369,13 +369,20 @@ impl Publisher {
         event: &crate::contract::Event,
     ) -> Result<(), PublishError> {
         let body = serde_json::to_vec(event)?;
-        self.publish(
-            &topology.events(),
-            event.routing_key(),
-            &body,
-            FieldTable::default(),
-        )
-        .await
+        let key = event.routing_key();
+        match self
+            .publish(&topology.events(), key, &body, FieldTable::default())
+            .await
+        {
+            // Events the fleet itself consumes must reach the finalizer's queue: unroutable
+            // means the topology is missing. The others are broadcasts for the upstream
+            // platform; nobody listening is not a failure of ours.
+            Err(PublishError::Unroutable(_)) if !FINALIZER_EVENTS.contains(&key) => {
+                tracing::debug!(message = "Nobody listens to this event.", routing_key = key);
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Parks a message in `queue`'s dead-letter queue with the reason in the

@@ -28,6 +28,9 @@ pub struct Settings {
     pub producer: ProducerSettings,
     pub worker: WorkerSettings,
     pub finalizer: FinalizerSettings,
+    pub connections: ConnectionSettings,
+    pub api: ApiSettings,
+    pub oauth: OAuthSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,11 +40,8 @@ pub struct GraphSettings {
     pub base_url: String,
     /// Graph API version, e.g. `v27.0`. Marketing API versions live about a year.
     pub version: String,
-    /// Access token used for every workspace until per-workspace connections exist.
+    /// The app secret: `appsecret_proof` on every call when set, and the OAuth client secret.
     /// Never logged: `SecretString` redacts it in `Debug`.
-    #[serde(skip_serializing)]
-    pub access_token: Option<SecretString>,
-    /// App secret for `appsecret_proof`; sent with every call when set.
     #[serde(skip_serializing)]
     pub app_secret: Option<SecretString>,
     /// Whole-request timeout, in milliseconds.
@@ -93,6 +93,45 @@ pub struct FinalizerSettings {
     pub retention_secs: u64,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionSettings {
+    /// Keys sealing tokens at rest (AES-256-GCM): `<id>:<base64 of 32 bytes>`, comma-separated;
+    /// the first seals, all open (rotation). Required by the producer, workers and finalizer.
+    #[serde(skip_serializing)]
+    pub encryption_keys: Option<SecretString>,
+    /// A user token expiring within this many days gets one warning email.
+    pub expiry_warning_days: u64,
+    /// How often the finalizer looks for expiring tokens, in seconds.
+    pub expiry_check_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// Where the producer serves its HTTP API (connections).
+    pub addr: SocketAddr,
+    /// The key every request must carry (`Authorization: Bearer <key>`).
+    #[serde(skip_serializing)]
+    pub key: Option<SecretString>,
+    /// Serve without a key. For a demo on a laptop only; never in a deployment.
+    pub insecure_dev_mode: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuthSettings {
+    /// The Meta app's id (`client_id`); its secret is `graph.app_secret`.
+    pub app_id: String,
+    /// Where Meta sends the browser back with `code` and `state`: the upstream platform's page,
+    /// which passes both to `POST /v1/oauth/callback`. Registered in the Meta app.
+    pub redirect_uri: String,
+    /// Base of the OAuth dialog: Meta's is `https://www.facebook.com`.
+    pub dialog_base_url: String,
+    /// How long a connect attempt's `state` is accepted, in seconds.
+    pub state_ttl_secs: u64,
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -104,6 +143,9 @@ impl Default for Settings {
             producer: ProducerSettings::default(),
             worker: WorkerSettings::default(),
             finalizer: FinalizerSettings::default(),
+            connections: ConnectionSettings::default(),
+            api: ApiSettings::default(),
+            oauth: OAuthSettings::default(),
         }
     }
 }
@@ -113,7 +155,6 @@ impl Default for GraphSettings {
         GraphSettings {
             base_url: "http://127.0.0.1:8470".into(),
             version: "v27.0".into(),
-            access_token: None,
             app_secret: None,
             timeout_ms: 30_000,
         }
@@ -158,6 +199,37 @@ impl Default for FinalizerSettings {
     }
 }
 
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            encryption_keys: None,
+            expiry_warning_days: 7,
+            expiry_check_interval_secs: 3600,
+        }
+    }
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            addr: ([127, 0, 0, 1], 8480).into(),
+            key: None,
+            insecure_dev_mode: false,
+        }
+    }
+}
+
+impl Default for OAuthSettings {
+    fn default() -> Self {
+        OAuthSettings {
+            app_id: "1000000000000001".into(),
+            redirect_uri: "http://127.0.0.1:8480/facebook/oauth/return".into(),
+            dialog_base_url: "http://127.0.0.1:8470".into(),
+            state_ttl_secs: 600,
+        }
+    }
+}
+
 impl Settings {
     /// Defaults overridden by `AE_*` environment variables.
     pub fn load() -> Result<Settings, Box<figment::Error>> {
@@ -187,15 +259,12 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("AE_NAMESPACE", "blue");
             jail.set_env("AE_WORKER__CONCURRENCY", "3");
-            jail.set_env("AE_GRAPH__ACCESS_TOKEN", "tok");
+            jail.set_env("AE_API__KEY", "tok");
             let s = Settings::load().expect("loads");
             assert_eq!(s.namespace, "blue");
             assert_eq!(s.worker.concurrency, 3);
             assert_eq!(s.worker.max_attempts, 5);
-            assert_eq!(
-                s.graph.access_token.as_ref().map(|t| t.expose_secret()),
-                Some("tok")
-            );
+            assert_eq!(s.api.key.as_ref().map(|t| t.expose_secret()), Some("tok"));
             assert!(
                 !format!("{s:?}").contains("tok\""),
                 "token must be redacted in Debug"

@@ -7,6 +7,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod connection;
 pub mod consumer;
 pub mod contract;
 pub mod graph;
@@ -14,13 +15,15 @@ pub mod pause;
 pub mod progress;
 pub mod shutdown;
 pub mod telemetry;
+pub mod token_cipher;
 pub mod workspace;
 
 pub use contract::{ExportJob, Field, Shard};
 
-/// A started role: where its ops endpoints listen, and its main loop, which returns once
-/// shutdown is requested and in-flight work is drained.
+/// A started role: where its ops endpoints (and, for the producer, its HTTP API) listen, and its
+/// main loop, which returns once shutdown is requested and in-flight work is drained.
 pub struct Running {
     pub ops_addr: std::net::SocketAddr,
+    pub api_addr: Option<std::net::SocketAddr>,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }

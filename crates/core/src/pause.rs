@@ -20,15 +20,6 @@ return 0
 /// How long a revoked token stays recorded: longer than a user token lives (about 60 days).
 const REVOCATION_TTL_SECS: u64 = 90 * 24 * 3600;
 
-/// A token's name in Redis: the first 16 hex digits of its SHA-256. Identifies it without
-/// revealing it.
-pub fn token_fingerprint(token: &secrecy::SecretString) -> String {
-    use secrecy::ExposeSecret;
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(token.expose_secret().as_bytes());
-    hex::encode(&digest[..8])
-}
-
 #[derive(Clone)]
 pub struct AccountPauses {
     redis: ConnectionManager,

@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 /// Adds the shard to the done-set; if it was not there, applies its counters. Returns 1 when the
-/// shard was counted now, 0 when it had been counted before.
+/// shard was counted now, 0 when it had been counted before. ARGV[2]: '0' uploaded, '1' failed,
+/// '2' failed in a way that stops the whole export (its reason becomes `stop_reason`).
 const RECORD_SHARD: &str = r#"
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
-if ARGV[2] == '1' then
+if ARGV[2] == '2' then redis.call('HSETNX', KEYS[1], 'stop_reason', ARGV[4]) end
+if ARGV[2] ~= '0' then
   redis.call('HINCRBY', KEYS[1], 'shards_failed', 1)
   redis.call('HINCRBY', KEYS[1], ARGV[3] .. ':shards_failed', 1)
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[3] .. ':last_error', ARGV[4]) end
@@ -38,6 +40,31 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
+/// Why a shard failed for good. `stops_export`: the failure ends the whole export (Meta refused
+/// the connection's token); every later shard of it is dropped and the export fails with
+/// `reason`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub reason: String,
+    pub stops_export: bool,
+}
+
+impl Failure {
+    pub fn shard(reason: impl Into<String>) -> Failure {
+        Failure {
+            reason: reason.into(),
+            stops_export: false,
+        }
+    }
+
+    pub fn export(reason: impl Into<String>) -> Failure {
+        Failure {
+            reason: reason.into(),
+            stops_export: true,
+        }
+    }
+}
+
 /// Why a progress operation failed. Redis errors are retryable: the connection manager
 /// reconnects, and every operation here is idempotent.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +81,7 @@ impl ProgressError {
 
 type Result<T> = std::result::Result<T, ProgressError>;
 
-/// The outcome of trying to finalize an export.
+/// The outcome of `claim`: of trying to finalize an export, or to send a one-time notice.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
     /// This caller finalizes.
@@ -82,7 +109,6 @@ pub struct ProgressStore {
     ns: String,
     record_shard: redis::Script,
     complete: redis::Script,
-    release: redis::Script,
 }
 
 /// An export's progress hash, read at once.
@@ -133,7 +159,6 @@ impl ProgressStore {
             ns: namespace.to_owned(),
             record_shard: redis::Script::new(RECORD_SHARD),
             complete: redis::Script::new(COMPLETE),
-            release: redis::Script::new(RELEASE),
         })
     }
 
@@ -253,8 +278,22 @@ impl ProgressStore {
     }
 
     pub async fn is_shard_done(&self, export_id: &str, shard_key: &str) -> Result<bool> {
+        Ok(self.shard_gate(export_id, shard_key).await?.0)
+    }
+
+    /// Whether the shard was counted already, and why its export was stopped, if it was: what
+    /// a worker checks before doing anything with a shard.
+    pub async fn shard_gate(
+        &self,
+        export_id: &str,
+        shard_key: &str,
+    ) -> Result<(bool, Option<String>)> {
         let mut c = self.redis.clone();
-        Ok(c.sismember(self.key(export_id, "done"), shard_key).await?)
+        Ok(redis::pipe()
+            .sismember(self.key(export_id, "done"), shard_key)
+            .hget(self.key(export_id, "progress"), "stop_reason")
+            .query_async(&mut c)
+            .await?)
     }
 
     /// Counts a shard once. Returns false when it had been counted already (a redelivery).
@@ -263,7 +302,7 @@ impl ProgressStore {
         export_id: &str,
         shard_key: &str,
         field: Field,
-        failure: Option<&str>,
+        failure: Option<&Failure>,
         increments: &[(String, u64)],
     ) -> Result<bool> {
         let mut c = self.redis.clone();
@@ -272,9 +311,13 @@ impl ProgressStore {
             .key(self.key(export_id, "progress"))
             .key(self.key(export_id, "done"))
             .arg(shard_key)
-            .arg(if failure.is_some() { "1" } else { "0" })
+            .arg(match failure {
+                None => "0",
+                Some(f) if f.stops_export => "2",
+                Some(_) => "1",
+            })
             .arg(field.as_str())
-            .arg(failure.unwrap_or(""));
+            .arg(failure.map(|f| f.reason.as_str()).unwrap_or(""));
         for (name, value) in increments {
             invocation.arg(name).arg(*value);
         }
@@ -296,42 +339,14 @@ impl ProgressStore {
         lease: Duration,
     ) -> Result<Claim> {
         let mut c = self.redis.clone();
-        let key = self.key(export_id, "final");
-        let won: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(owner)
-            .arg("NX")
-            .arg("PX")
-            .arg(lease.as_millis() as u64)
-            .query_async(&mut c)
-            .await?;
-        if won.is_some() {
-            return Ok(Claim::Won);
-        }
-        let (value, ttl): (Option<String>, i64) = redis::pipe()
-            .get(&key)
-            .pttl(&key)
-            .query_async(&mut c)
-            .await?;
-        match value.as_deref() {
-            Some("done") => Ok(Claim::Done),
-            _ => Ok(Claim::Held {
-                remaining: Duration::from_millis(ttl.max(1) as u64),
-            }),
-        }
+        Ok(claim(&mut c, &self.key(export_id, "final"), owner, lease).await?)
     }
 
     /// Releases a claim after a failed attempt, so the next event retries at once rather than
     /// after the lease.
     pub async fn release_finalization(&self, export_id: &str, owner: &str) -> Result<()> {
         let mut c = self.redis.clone();
-        let _: i64 = self
-            .release
-            .key(self.key(export_id, "final"))
-            .arg(owner)
-            .invoke_async(&mut c)
-            .await?;
-        Ok(())
+        Ok(release(&mut c, &self.key(export_id, "final"), owner).await?)
     }
 
     /// Records the terminal status and starts the retention clock on every key of the export.
@@ -358,6 +373,45 @@ impl ProgressStore {
             .await?;
         Ok(())
     }
+}
+
+/// Claims `key` for `owner` with a lease (`SET NX PX`): something done once by whichever process
+/// gets there first, taken over by another if the first dies before `done`.
+pub async fn claim(
+    c: &mut ConnectionManager,
+    key: &str,
+    owner: &str,
+    lease: Duration,
+) -> redis::RedisResult<Claim> {
+    let won: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg(owner)
+        .arg("NX")
+        .arg("PX")
+        .arg(lease.as_millis() as u64)
+        .query_async(c)
+        .await?;
+    if won.is_some() {
+        return Ok(Claim::Won);
+    }
+    let (value, ttl): (Option<String>, i64) =
+        redis::pipe().get(key).pttl(key).query_async(c).await?;
+    match value.as_deref() {
+        Some("done") => Ok(Claim::Done),
+        _ => Ok(Claim::Held {
+            remaining: Duration::from_millis(ttl.max(1) as u64),
+        }),
+    }
+}
+
+/// Gives up a claim, but only if `owner` still holds it.
+pub async fn release(c: &mut ConnectionManager, key: &str, owner: &str) -> redis::RedisResult<()> {
+    let _: i64 = redis::Script::new(RELEASE)
+        .key(key)
+        .arg(owner)
+        .invoke_async(c)
+        .await?;
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch.

@@ -28,6 +28,7 @@ impl EmailError {
     }
 }
 
+#[derive(Clone)]
 pub struct Mailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
@@ -50,9 +51,18 @@ impl Mailer {
         recipients: &[String],
         report: &FinishedReport,
     ) -> Result<(), EmailError> {
-        let mut builder = Message::builder()
-            .from(self.from.clone())
-            .subject(subject(report));
+        self.send_text(recipients, subject(report), body(report))
+            .await
+    }
+
+    /// Sends a plain-text email to the recipients that parse as addresses; skips the others.
+    pub async fn send_text(
+        &self,
+        recipients: &[String],
+        subject: String,
+        body: String,
+    ) -> Result<(), EmailError> {
+        let mut builder = Message::builder().from(self.from.clone()).subject(subject);
         let mut any = false;
         for r in recipients {
             match r.parse::<Mailbox>() {
@@ -69,10 +79,91 @@ impl Mailer {
             return Err(EmailError::NoRecipient);
         }
         // lettre picks the transfer encoding: 7bit, or quoted-printable for the long link lines.
-        let message = builder.header(ContentType::TEXT_PLAIN).body(body(report))?;
+        let message = builder.header(ContentType::TEXT_PLAIN).body(body)?;
         self.transport.send(message).await?;
         Ok(())
     }
+}
+
+/// What a token-error subcode means, in words a marketer can act on.
+pub fn token_subcode_meaning(subcode: Option<i64>) -> &'static str {
+    match subcode {
+        Some(458) => "the person who connected removed the app from their Facebook account",
+        Some(459) => "Facebook asks the person who connected to log in to facebook.com and pass a security checkpoint",
+        Some(460) => "the person who connected changed their Facebook password, or Facebook reset their session",
+        Some(463) => "the token expired",
+        Some(464) => "the person who connected has an unconfirmed Facebook account",
+        Some(467) => "the token is no longer valid (logged out, or revoked)",
+        Some(492) => "the session is invalid (the person may have lost their role in the business)",
+        _ => "Meta no longer accepts the token",
+    }
+}
+
+/// The email to whoever connected a workspace when Meta refuses its connection.
+pub fn connection_invalid(
+    workspace: &str,
+    code: i64,
+    subcode: Option<i64>,
+    message: &str,
+    at: &str,
+) -> (String, String) {
+    let subject = format!("Facebook connection of workspace {workspace} must be reconnected");
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Meta refused the Facebook connection of workspace {workspace} at {at}: {}.",
+        token_subcode_meaning(subcode)
+    );
+    let _ = writeln!(
+        out,
+        "Meta said: {message} (code {code}{}).",
+        subcode
+            .map(|s| format!(", subcode {s}"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "\nExports running on this connection have stopped; each export's requester gets its own report."
+    );
+    let _ = writeln!(
+        out,
+        "New exports to Facebook from this workspace are refused until it is reconnected."
+    );
+    let _ = writeln!(
+        out,
+        "\nTo reconnect: open the workspace's Facebook integration and connect again, or set a new Business Manager system user token."
+    );
+    let _ = writeln!(
+        out,
+        "Exports refused meanwhile do not restart by themselves: export those segments again once reconnected."
+    );
+    (subject, out)
+}
+
+/// The email to whoever connected a workspace when its user token is about to expire.
+pub fn expiry_warning(workspace: &str, expires_on: &str, days_left: i64) -> (String, String) {
+    let subject = format!("Facebook connection of workspace {workspace} expires on {expires_on}");
+    let mut out = String::new();
+    if days_left > 0 {
+        let _ = writeln!(
+            out,
+            "The Facebook connection of workspace {workspace} expires on {expires_on}, in {days_left} day(s)."
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "The Facebook connection of workspace {workspace} expired on {expires_on}."
+        );
+    }
+    let _ = writeln!(
+        out,
+        "After that, exports to Facebook from this workspace fail until it is reconnected."
+    );
+    let _ = writeln!(
+        out,
+        "\nTo renew it: open the workspace's Facebook integration and connect again. A Business Manager system user token does not expire this way; setting one avoids renewals."
+    );
+    (subject, out)
 }
 
 pub fn subject(report: &FinishedReport) -> String {

@@ -4,9 +4,11 @@
 //! find it complete see the claim taken and do nothing.
 
 use crate::email::{EmailError, Mailer};
+use crate::invalidation;
 use crate::metrics::Metrics;
 use crate::report;
 use audience_export_core::amqp::{PublishError, Publisher, Topology, FINALIZER_RETRY_MS};
+use audience_export_core::connection::{ConnectionError, Connections};
 use audience_export_core::consumer::Outcome;
 use audience_export_core::contract::{Event, ExportStatus};
 use audience_export_core::progress::{now_ms, Claim, ProgressError, ProgressStore};
@@ -15,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn, Instrument};
 
-/// How long a finalizer may hold an export before another may take over.
-const LEASE: Duration = Duration::from_secs(60);
+/// How long a finalizer may hold an export (or a notice) before another may take over.
+pub const LEASE: Duration = Duration::from_secs(60);
 
 pub struct Deps {
     pub progress: ProgressStore,
@@ -27,16 +29,19 @@ pub struct Deps {
     pub retention: Duration,
     /// This process's claim owner id.
     pub owner: String,
+    pub connections: Connections,
 }
 
 #[derive(Debug, thiserror::Error)]
-enum FinalizeError {
+pub enum FinalizeError {
     #[error(transparent)]
     Progress(#[from] ProgressError),
     #[error(transparent)]
     Publish(#[from] PublishError),
     #[error(transparent)]
     Email(#[from] EmailError),
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
 }
 
 pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
@@ -65,15 +70,24 @@ pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
         }
         Event::ConnectionInvalidated {
             workspace_id,
+            token_fingerprint,
             code,
             subcode,
+            message,
             ..
         } => {
-            warn!(message = "Meta refused a workspace's token.", %workspace_id, code, ?subcode);
-            deps.metrics.invalidations.inc();
-            Ok(Outcome::Ack)
+            let refusal = invalidation::Refusal {
+                workspace_id: &workspace_id,
+                token_fingerprint: &token_fingerprint,
+                code,
+                subcode,
+                message: &message,
+            };
+            invalidation::handle(&deps, &refusal)
+                .await
+                .map(|outcome| outcome.unwrap_or_else(|| delay(&deps, body)))
         }
-        Event::ExportFinished(_) => Ok(Outcome::Ack),
+        Event::ExportFinished(_) | Event::ConnectionChanged { .. } => Ok(Outcome::Ack),
     };
     result.unwrap_or_else(|error| {
         warn!(message = "Finalization failed; retrying later.", %error);
@@ -138,9 +152,11 @@ async fn finish_claimed(
         .job(export_id)
         .await?
         .and_then(|json| serde_json::from_str(&json).ok());
-    let (status, reason, mut recipients) = match rejection {
-        Some((reason, notify)) => (ExportStatus::Rejected, Some(reason), notify),
-        None => (report::status_of(&snapshot), None, Vec::new()),
+    let (status, reason, mut recipients) = match (rejection, snapshot.get("stop_reason")) {
+        (Some((reason, notify)), _) => (ExportStatus::Rejected, Some(reason), notify),
+        // Stopped (its connection's token refused): failed, whatever arrived before.
+        (None, Some(stop)) => (ExportStatus::Failed, Some(stop.to_owned()), Vec::new()),
+        (None, None) => (report::status_of(&snapshot), None, Vec::new()),
     };
     if let Some(job) = &job {
         recipients.extend(job.notify.emails.iter().cloned());

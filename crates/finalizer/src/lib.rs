@@ -1,15 +1,20 @@
 //! The finalizer: listens to the fleet's events, finishes each export exactly once (email,
-//! `export.finished`, terminal status), and records token rejections.
+//! `export.finished`, terminal status), marks connections invalid when Meta refuses their token
+//! and tells people, and warns before user tokens expire.
 
 pub mod email;
+pub mod expiry;
 pub mod finalize;
+pub mod invalidation;
 pub mod metrics;
 pub mod report;
 
 use audience_export_core::amqp::Topology;
 use audience_export_core::config::Settings;
+use audience_export_core::connection::Connections;
 use audience_export_core::consumer;
 use audience_export_core::telemetry;
+use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::Running;
 use finalize::Deps;
 use lapin::message::Delivery;
@@ -21,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 const EVENTS_IN_FLIGHT: u16 = 16;
 
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())?;
     let ops = telemetry::start_ops(
         "finalizer",
         settings.finalizer.ops_addr,
@@ -35,6 +41,19 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         std::process::id(),
         rand::random::<u32>()
     );
+    let connections = Connections::new(progress.connection(), &settings.namespace, cipher);
+    let f = &settings.finalizer;
+    let sweeper = expiry::Sweeper {
+        connections: connections.clone(),
+        mailer: email::Mailer::new(&f.smtp_host, f.smtp_port, &f.mail_from)?,
+        metrics: metrics.clone(),
+        warn_within: Duration::from_secs(settings.connections.expiry_warning_days * 86_400),
+        owner: owner.clone(),
+    };
+    tokio::spawn(sweeper.run(
+        Duration::from_secs(settings.connections.expiry_check_interval_secs.max(1)),
+        shutdown.clone(),
+    ));
     let task = tokio::spawn(async move {
         let f = &settings.finalizer;
         let build = |publisher, topology| {
@@ -46,6 +65,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 metrics: metrics.clone(),
                 retention: Duration::from_secs(f.retention_secs),
                 owner: owner.clone(),
+                connections: connections.clone(),
             })
         };
         let handle = |deps, delivery: Arc<Delivery>| async move {
@@ -63,5 +83,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         )
         .await
     });
-    Ok(Running { ops_addr, task })
+    Ok(Running {
+        ops_addr,
+        api_addr: None,
+        task,
+    })
 }

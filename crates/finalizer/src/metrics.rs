@@ -1,6 +1,6 @@
 //! The finalizer's metrics, declared in one place, with bounded labels only.
 
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -8,8 +8,12 @@ pub struct Metrics {
     pub exports: IntCounterVec,
     /// Notification emails, by outcome: sent, failed, no_recipient.
     pub emails: IntCounterVec,
-    /// `connection.invalidated` events received.
+    /// Connections marked invalid (once per refused token, however many reported it).
     pub invalidations: IntCounter,
+    /// Connection emails sent, by kind: invalid, expiry.
+    pub notices: IntCounterVec,
+    /// Connections whose user token expires within the warning window, at the last sweep.
+    pub expiring: IntGauge,
 }
 
 impl Metrics {
@@ -30,8 +34,21 @@ impl Metrics {
         )?;
         let invalidations = IntCounter::new(
             "audience_export_connection_invalidations_total",
-            "Token rejections reported by the fleet.",
+            "Connections marked invalid because Meta refused their token.",
         )?;
+        let notices = IntCounterVec::new(
+            Opts::new(
+                "audience_export_connection_notices_total",
+                "Connection emails sent, by kind.",
+            ),
+            &["kind"],
+        )?;
+        let expiring = IntGauge::new(
+            "audience_export_connections_expiring",
+            "Connections whose user token expires within the warning window.",
+        )?;
+        registry.register(Box::new(notices.clone()))?;
+        registry.register(Box::new(expiring.clone()))?;
         registry.register(Box::new(exports.clone()))?;
         registry.register(Box::new(emails.clone()))?;
         registry.register(Box::new(invalidations.clone()))?;
@@ -39,6 +56,8 @@ impl Metrics {
             exports,
             emails,
             invalidations,
+            notices,
+            expiring,
         })
     }
 }

@@ -1,17 +1,21 @@
-//! The producer: takes export jobs, checks them, creates one audience per field, streams the
-//! segment into shards and seals the plan once the broker confirmed every shard. A job is acked
-//! only when its plan is sealed or its refusal announced.
+//! The producer: takes export jobs, checks them against the workspace's Facebook connection,
+//! creates one audience per field, streams the segment into shards and seals the plan once the
+//! broker confirmed every shard. A job is acked only when its plan is sealed or its refusal
+//! announced. It also serves the HTTP API that connects workspaces to Facebook.
 
+pub mod api;
+pub mod connect;
 pub mod metrics;
 pub mod plan;
 pub mod source;
 
-use anyhow::Context;
 use audience_export_core::amqp::Topology;
 use audience_export_core::config::Settings;
+use audience_export_core::connection::Connections;
 use audience_export_core::consumer;
 use audience_export_core::graph::GraphClient;
 use audience_export_core::telemetry;
+use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::workspace::Workspaces;
 use audience_export_core::Running;
 use lapin::message::Delivery;
@@ -25,15 +29,27 @@ use tokio_util::sync::CancellationToken;
 const JOBS_IN_FLIGHT: u16 = 2;
 
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let token = settings.graph.access_token.clone().context(
-        "AE_GRAPH__ACCESS_TOKEN is not set: the producer has no token to create audiences with",
-    )?;
+    let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())?;
     let ops =
         telemetry::start_ops("producer", settings.producer.ops_addr, &settings, &shutdown).await?;
     let metrics = metrics::Metrics::register(&ops.registry)?;
     let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let graph = GraphClient::from_settings(&settings.graph)?;
     let workspaces = Workspaces::new(progress.connection(), &settings.namespace);
+    let connections = Connections::new(progress.connection(), &settings.namespace, cipher.clone());
+    let connector = Arc::new(connect::Connector::new(
+        graph.clone(),
+        connections.clone(),
+        cipher,
+        settings.clone(),
+    ));
+    let api_addr = api::serve(
+        settings.api.addr,
+        &settings.api,
+        connector,
+        shutdown.clone(),
+    )
+    .await?;
     let task = tokio::spawn(async move {
         let build = |publisher, topology| {
             Ok(Deps {
@@ -41,7 +57,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 progress: progress.clone(),
                 publisher,
                 topology,
-                token: token.clone(),
+                connections: connections.clone(),
                 metrics: metrics.clone(),
                 shard_size: settings.producer.shard_size.clamp(1, 10_000),
                 confirm_window: settings.producer.confirm_window,
@@ -64,5 +80,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         )
         .await
     });
-    Ok(Running { ops_addr, task })
+    Ok(Running {
+        ops_addr,
+        api_addr: Some(api_addr),
+        task,
+    })
 }

@@ -1,9 +1,15 @@
 //! `audience-producer`: runs the producer (configured by `AE_*` environment variables; stops on
-//! SIGTERM or SIGINT), or manages a workspace's settings for operators.
+//! SIGTERM or SIGINT), or manages a workspace's settings and Facebook connection for operators.
 
+use audience_export_core::connection::Connections;
+use audience_export_core::graph::GraphClient;
+use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::workspace::Workspaces;
 use audience_export_core::{config::Settings, shutdown, telemetry};
+use audience_export_producer::connect::Connector;
 use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+use std::io::Read;
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +33,37 @@ enum Command {
         #[arg(long, conflicts_with = "country")]
         clear: bool,
     },
+    /// A workspace's Facebook connection, without a browser (the same checks as the HTTP API).
+    Connection {
+        #[command(subcommand)]
+        action: ConnectionAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConnectionAction {
+    /// Shows the connection's status, ad accounts and expiry (never the token).
+    Status { workspace: String },
+    /// Prints the URL of Meta's OAuth dialog for connecting the workspace.
+    ConnectUrl {
+        workspace: String,
+        /// Who connects: told when the connection breaks or is about to expire.
+        #[arg(long)]
+        connected_by: Option<String>,
+    },
+    /// Sets or replaces the Business Manager system user token, read from standard input (never
+    /// from the command line, where `ps` and shell history would keep it).
+    SetSystemUserToken { workspace: String },
+    /// Selects the ad accounts the workspace may export to and checks their terms.
+    SelectAdAccounts {
+        workspace: String,
+        #[arg(required = true)]
+        ad_account_ids: Vec<String>,
+    },
+    /// Deletes the connection and its tokens.
+    Disconnect { workspace: String },
+    /// Re-seals every stored token with the first key of AE_CONNECTIONS__ENCRYPTION_KEYS.
+    RotateKeys,
 }
 
 #[tokio::main]
@@ -54,6 +91,56 @@ async fn main() -> anyhow::Result<()> {
                 "{workspace}: {}",
                 current.as_deref().unwrap_or("no default phone country")
             );
+            Ok(())
+        }
+        Some(Command::Connection { action }) => connection(settings, action).await,
+    }
+}
+
+async fn connection(settings: Settings, action: ConnectionAction) -> anyhow::Result<()> {
+    let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())?;
+    let redis =
+        redis::aio::ConnectionManager::new(redis::Client::open(settings.redis_url.as_str())?)
+            .await?;
+    let connections = Connections::new(redis, &settings.namespace, cipher.clone());
+    let graph = GraphClient::from_settings(&settings.graph)?;
+    let connector = Connector::new(graph, connections.clone(), cipher, settings);
+    let show = |view| -> anyhow::Result<()> {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        Ok(())
+    };
+    match action {
+        ConnectionAction::Status { workspace } => show(connector.status(&workspace).await?),
+        ConnectionAction::ConnectUrl {
+            workspace,
+            connected_by,
+        } => {
+            let start = connector.start_oauth(&workspace, connected_by.as_deref())?;
+            println!("{}", start.dialog_url);
+            Ok(())
+        }
+        ConnectionAction::SetSystemUserToken { workspace } => {
+            let mut token = String::new();
+            std::io::stdin().read_to_string(&mut token)?;
+            let token = SecretString::from(token.trim().to_owned());
+            show(connector.set_system_token(&workspace, token).await?)
+        }
+        ConnectionAction::SelectAdAccounts {
+            workspace,
+            ad_account_ids,
+        } => show(
+            connector
+                .select_ad_accounts(&workspace, &ad_account_ids)
+                .await?,
+        ),
+        ConnectionAction::Disconnect { workspace } => {
+            connector.disconnect(&workspace).await?;
+            println!("{workspace}: disconnected");
+            Ok(())
+        }
+        ConnectionAction::RotateKeys => {
+            let n = connections.reseal_all().await?;
+            println!("{n} token(s) re-sealed with the active key");
             Ok(())
         }
     }

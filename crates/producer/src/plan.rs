@@ -7,6 +7,7 @@
 use crate::metrics::Metrics;
 use crate::source::{Line, SegmentReader};
 use audience_export_core::amqp::{PendingConfirm, PublishError, Publisher, Topology};
+use audience_export_core::connection::{terms_url, ActiveToken, ConnectionError, Connections};
 use audience_export_core::consumer::Outcome;
 use audience_export_core::contract::{Event, ExportJob};
 use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
@@ -15,7 +16,6 @@ use audience_export_core::telemetry::backoff;
 use audience_export_core::workspace::Workspaces;
 use audience_export_core::{Field, Shard};
 use lapin::types::FieldTable;
-use secrecy::SecretString;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +29,8 @@ pub struct Deps {
     pub progress: ProgressStore,
     pub publisher: Publisher,
     pub topology: Topology,
-    /// The fleet's access token until per-workspace connections exist.
-    pub token: SecretString,
+    /// Workspaces' Facebook connections: where a job's token comes from.
+    pub connections: Connections,
     pub metrics: Metrics,
     pub shard_size: usize,
     pub confirm_window: usize,
@@ -50,6 +50,8 @@ enum PlanError {
     Publish(#[from] PublishError),
     #[error("Redis failed: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Connection(ConnectionError),
     /// The job cannot run; the reason goes to the requester.
     #[error("{reason}")]
     Refused {
@@ -137,13 +139,14 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
     }
 
     let account = job.ad_account_number();
+    let token = resolve(deps, job).await?;
     let mut audiences = BTreeMap::new();
     for &field in &job.fields {
         let id = match deps.progress.audience(&job.export_id, field).await? {
             Some(id) => id,
             None => {
                 let name = audience_name(job, field);
-                let id = create_audience(deps, job, account, field, &name).await?;
+                let id = create_audience(deps, job, &token, field, &name).await?;
                 deps.progress
                     .set_audience(&job.export_id, field, &id, &name)
                     .await?;
@@ -210,6 +213,77 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
     Ok(Outcome::Ack)
 }
 
+/// The workspace's token for this job, once the job passes the connection's checks: connected,
+/// valid, the ad account selected by this workspace, its terms accepted. Only the job's own
+/// workspace is ever looked at, so a job cannot reach another workspace's connection.
+async fn resolve(deps: &Deps, job: &ExportJob) -> Result<ActiveToken, PlanError> {
+    let ws = &job.workspace_id;
+    let account = job.ad_account_number();
+    let stored = |e: ConnectionError| {
+        if e.is_retryable() {
+            PlanError::Connection(e)
+        } else {
+            warn!(message = "The workspace's connection cannot be read.", error = %e);
+            refused(format!("the Facebook connection of workspace {ws} cannot be read ({e}); reconnect Facebook, or ask an operator to check the encryption keys"))
+        }
+    };
+    let Some(view) = deps.connections.view(ws).await.map_err(stored)? else {
+        return Err(refused(format!(
+            "no Facebook connection: workspace {ws} has not connected Facebook. Connect it and select ad account act_{account}, then export again."
+        )));
+    };
+    if let Some(invalid) = &view.invalid {
+        let when = time::OffsetDateTime::from_unix_timestamp((invalid.at_ms / 1000) as i64)
+            .map(|t| t.date().to_string())
+            .unwrap_or_default();
+        return Err(refused(format!(
+            "connection invalid: Meta refused the Facebook connection of workspace {ws} on {when} (code {}{}). Reconnect Facebook, then export again.",
+            invalid.code,
+            invalid.subcode.map(|s| format!(", subcode {s}")).unwrap_or_default()
+        )));
+    }
+    let Some(selected) = view.selected(account) else {
+        return Err(refused(format!(
+            "ad account act_{account} is not selected for workspace {ws}: select it in the workspace's Facebook connection, then export again."
+        )));
+    };
+    let token = deps
+        .connections
+        .active_token(ws)
+        .await
+        .map_err(stored)?
+        .ok_or_else(|| {
+            refused(format!(
+                "no Facebook connection: workspace {ws} has no token"
+            ))
+        })?;
+    if !selected.tos_accepted {
+        // Accepted since the last check? Ask Meta rather than refuse on stale news.
+        let accepted = deps.graph.tos_accepted(&token.token, account).await;
+        match accepted {
+            Ok(true) => {
+                let status = audience_export_core::connection::AdAccountStatus::new(
+                    account,
+                    true,
+                    now_ms(),
+                );
+                deps.connections
+                    .update_terms(ws, status)
+                    .await
+                    .map_err(stored)?;
+            }
+            Ok(false) => {
+                return Err(refused(format!(
+                    "terms not accepted: accept the Custom Audience terms for act_{account} at {}, then export again.",
+                    terms_url(account)
+                )))
+            }
+            Err(e) => return Err(refusal(job, &token, "check the Custom Audience terms", &e)),
+        }
+    }
+    Ok(token)
+}
+
 fn refused(reason: String) -> PlanError {
     PlanError::Refused {
         reason,
@@ -229,10 +303,11 @@ pub fn audience_name(job: &ExportJob, field: Field) -> String {
 async fn create_audience(
     deps: &Deps,
     job: &ExportJob,
-    account: &str,
+    token: &ActiveToken,
     field: Field,
     name: &str,
 ) -> Result<String, PlanError> {
+    let account = job.ad_account_number();
     let description = format!(
         "Exported from segment {} ({})",
         job.segment.name, job.segment.id
@@ -243,7 +318,7 @@ async fn create_audience(
         let result = deps
             .graph
             .create_custom_audience(
-                &deps.token,
+                &token.token,
                 account,
                 name,
                 &description,
@@ -257,30 +332,31 @@ async fn create_audience(
                 warn!(message = "Creating the audience failed; retrying.", %field, class = e.class().as_str(), wait_ms = wait.as_millis() as u64, error = %e);
                 tokio::time::sleep(wait).await;
             }
-            Err(e) => return Err(refusal(job, field, &e)),
+            Err(e) => {
+                let what = format!("create the {} audience", field.label());
+                return Err(refusal(job, token, &what, &e));
+            }
         }
     }
 }
 
-/// The reason a marketer reads when Meta refuses the audience, naming the fix where there is one.
-fn refusal(job: &ExportJob, field: Field, e: &GraphError) -> PlanError {
+/// The reason a marketer reads when Meta refuses a call (`what`), naming the fix where there is
+/// one; a refused token is also reported for the finalizer to mark the connection invalid.
+fn refusal(job: &ExportJob, token: &ActiveToken, what: &str, e: &GraphError) -> PlanError {
     let account = job.ad_account_number();
     let class = e.class();
     let reason = match class {
         ErrorClass::TokenInvalid | ErrorClass::PermissionLost | ErrorClass::TermsNotAccepted => {
             e.explain(account)
         }
-        _ => format!(
-            "Meta refused to create the {} audience: {}",
-            field.label(),
-            e.user_message()
-        ),
+        _ => format!("Meta refused to {what}: {}", e.user_message()),
     };
     let invalid_token = (class == ErrorClass::TokenInvalid).then(|| {
         let meta = e.meta().cloned().unwrap_or_default();
         Event::ConnectionInvalidated {
             workspace_id: job.workspace_id.clone(),
             export_id: Some(job.export_id.clone()),
+            token_fingerprint: token.fingerprint.clone(),
             code: meta.code.unwrap_or(190),
             subcode: meta.error_subcode,
             message: meta.message,

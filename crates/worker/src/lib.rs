@@ -7,13 +7,14 @@ pub mod normalize;
 pub mod prepare;
 pub mod upload;
 
-use anyhow::Context;
 use audience_export_core::amqp::Topology;
 use audience_export_core::config::Settings;
+use audience_export_core::connection::Connections;
 use audience_export_core::consumer;
 use audience_export_core::graph::GraphClient;
 use audience_export_core::pause::AccountPauses;
 use audience_export_core::telemetry;
+use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::Running;
 use lapin::message::Delivery;
 use std::sync::Arc;
@@ -21,17 +22,14 @@ use tokio_util::sync::CancellationToken;
 use upload::Deps;
 
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let token = settings
-        .graph
-        .access_token
-        .clone()
-        .context("AE_GRAPH__ACCESS_TOKEN is not set: the worker has no token to upload with")?;
+    let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())?;
     let ops =
         telemetry::start_ops("worker", settings.worker.ops_addr, &settings, &shutdown).await?;
     let metrics = metrics::Metrics::register(&ops.registry)?;
     let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let graph = GraphClient::from_settings(&settings.graph)?;
     let pauses = AccountPauses::new(progress.connection(), &settings.namespace);
+    let connections = Connections::new(progress.connection(), &settings.namespace, cipher);
     let task = tokio::spawn(async move {
         let build = |publisher, topology| {
             Ok(Deps {
@@ -40,11 +38,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 publisher,
                 topology,
                 limiter: Deps::limiter(settings.worker.calls_per_second_per_account),
-                token: token.clone(),
+                connections: connections.clone(),
                 metrics: metrics.clone(),
                 max_attempts: settings.worker.max_attempts,
                 pauses: pauses.clone(),
-                token_fingerprint: audience_export_core::pause::token_fingerprint(&token),
                 pacing: upload::Pacing::from_settings(&settings.worker),
             })
         };
@@ -64,5 +61,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         )
         .await
     });
-    Ok(Running { ops_addr, task })
+    Ok(Running {
+        ops_addr,
+        api_addr: None,
+        task,
+    })
 }

@@ -6,14 +6,15 @@ use crate::metrics::Metrics;
 use crate::normalize::Rules;
 use crate::prepare::{prepare, Prepared};
 use audience_export_core::amqp::{PublishError, Publisher, Topology};
+use audience_export_core::connection::{ActiveToken, ConnectionError, Connections};
 use audience_export_core::consumer::Outcome;
 use audience_export_core::contract::Event;
 use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
 use audience_export_core::pause::AccountPauses;
+use audience_export_core::progress::Failure;
 use audience_export_core::progress::{ProgressError, ProgressStore};
 use audience_export_core::Shard;
 use governor::{DefaultKeyedRateLimiter, Quota};
-use secrecy::SecretString;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,14 +28,12 @@ pub struct Deps {
     pub topology: Topology,
     /// Per-ad-account budget of this process.
     pub limiter: DefaultKeyedRateLimiter<String>,
-    /// The fleet's access token until per-workspace connections exist.
-    pub token: SecretString,
+    /// Workspaces' Facebook connections: each shard's token comes from its workspace's.
+    pub connections: Connections,
     pub metrics: Metrics,
     pub max_attempts: u32,
     /// Fleet-wide pauses per ad account, and revoked tokens.
     pub pauses: AccountPauses,
-    /// `pause::token_fingerprint` of `token`.
-    pub token_fingerprint: String,
     pub pacing: Pacing,
 }
 
@@ -73,6 +72,8 @@ enum InfraError {
     Publish(#[from] PublishError),
     #[error("Redis failed: {0}")]
     Pause(#[from] redis::RedisError),
+    #[error(transparent)]
+    Connection(ConnectionError),
 }
 
 pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
@@ -103,7 +104,14 @@ pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
 
 async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
     let key = shard.key();
-    if deps.progress.is_shard_done(&shard.export_id, &key).await? {
+    let (done, stopped) = deps.progress.shard_gate(&shard.export_id, &key).await?;
+    if let (false, Some(reason)) = (done, stopped) {
+        // The export was stopped (its connection's token refused): drop what is left of it
+        // without calling Meta, even if the workspace has reconnected since.
+        deps.metrics.shards.with_label_values(&["dropped"]).inc();
+        return finish(deps, &shard, Some(&Failure::export(reason)), Vec::new()).await;
+    }
+    if done {
         // Counted before (a redelivery after a crash between record and ack): announce again,
         // since the announcement may be what was lost, and ack.
         deps.metrics
@@ -149,20 +157,20 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
             "Ad account paused; shard deferred.",
         ));
     }
-    let revoked = deps
-        .pauses
-        .token_revoked(&shard.workspace_id, &deps.token_fingerprint)
-        .await?;
-    if let Some(reason) = revoked {
-        // Meta already refused this token: fail the shard without calling Meta again.
-        deps.metrics.shards.with_label_values(&["failed"]).inc();
-        return finish(deps, &shard, Some(&reason), counters).await;
-    }
+    // Resolved last, right before the call: a token refused while this shard waited for its
+    // permit is not used again.
+    let token = match usable_token(deps, &shard).await? {
+        Ok(token) => token,
+        Err(reason) => {
+            deps.metrics.shards.with_label_values(&["dropped"]).inc();
+            return finish(deps, &shard, Some(&Failure::export(reason)), counters).await;
+        }
+    };
     let call = Instant::now();
     let result = deps
         .graph
         .add_users(
-            &deps.token,
+            &token.token,
             &shard.audience_id,
             field.schema(),
             &prepared.data,
@@ -216,13 +224,46 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
             }
             r
         }
-        Err(error) => failed_call(deps, shard, error, counters).await,
+        Err(error) => failed_call(deps, shard, &token, error, counters).await,
     }
+}
+
+/// The workspace's token, or why nothing may be sent for this shard: no connection any more,
+/// the connection marked invalid, or this very token already refused by Meta (recorded by the
+/// first worker that got the refusal, before the finalizer marks the connection invalid).
+async fn usable_token(
+    deps: &Deps,
+    shard: &Shard,
+) -> Result<Result<ActiveToken, String>, InfraError> {
+    let ws = &shard.workspace_id;
+    let token = match deps.connections.active_token(ws).await {
+        Ok(Some(token)) => token,
+        Ok(None) => {
+            return Ok(Err(format!(
+                "no Facebook connection: workspace {ws} was disconnected during the export. Reconnect Facebook, then export again."
+            )))
+        }
+        Err(e) if e.is_retryable() => return Err(InfraError::Connection(e)),
+        Err(e) => {
+            warn!(message = "The workspace's connection cannot be read.", error = %e);
+            return Ok(Err(format!(
+                "the Facebook connection of workspace {ws} cannot be read ({e}); reconnect Facebook"
+            )));
+        }
+    };
+    if let Some(reason) = &token.invalid {
+        return Ok(Err(reason.clone()));
+    }
+    if let Some(reason) = deps.pauses.token_revoked(ws, &token.fingerprint).await? {
+        return Ok(Err(reason));
+    }
+    Ok(Ok(token))
 }
 
 async fn failed_call(
     deps: &Deps,
     mut shard: Shard,
+    token: &ActiveToken,
     error: GraphError,
     counters: Vec<(String, u64)>,
 ) -> Result<Outcome, InfraError> {
@@ -261,29 +302,31 @@ async fn failed_call(
         });
     }
     warn!(message = "Upload failed for good.", class = class.as_str(), %error);
-    if class == ErrorClass::TokenInvalid {
-        let meta = error.meta().cloned().unwrap_or_default();
-        deps.publisher
-            .event(
-                &deps.topology,
-                &Event::ConnectionInvalidated {
-                    workspace_id: shard.workspace_id.clone(),
-                    export_id: Some(shard.export_id.clone()),
-                    code: meta.code.unwrap_or(190),
-                    subcode: meta.error_subcode,
-                    message: meta.message,
-                },
-            )
-            .await?;
-    }
     let reason = error.explain(&shard.ad_account_id);
-    if class == ErrorClass::TokenInvalid {
-        deps.pauses
-            .revoke_token(&shard.workspace_id, &deps.token_fingerprint, &reason)
-            .await?;
-    }
     deps.metrics.shards.with_label_values(&["failed"]).inc();
-    finish(deps, &shard, Some(&reason), counters).await
+    if class != ErrorClass::TokenInvalid {
+        return finish(deps, &shard, Some(&Failure::shard(reason)), counters).await;
+    }
+    // Stop every other worker first (the marker is read before each call), then tell the
+    // finalizer, which marks the connection invalid and tells people.
+    deps.pauses
+        .revoke_token(&shard.workspace_id, &token.fingerprint, &reason)
+        .await?;
+    let meta = error.meta().cloned().unwrap_or_default();
+    deps.publisher
+        .event(
+            &deps.topology,
+            &Event::ConnectionInvalidated {
+                workspace_id: shard.workspace_id.clone(),
+                export_id: Some(shard.export_id.clone()),
+                token_fingerprint: token.fingerprint.clone(),
+                code: meta.code.unwrap_or(190),
+                subcode: meta.error_subcode,
+                message: meta.message,
+            },
+        )
+        .await?;
+    finish(deps, &shard, Some(&Failure::export(reason)), counters).await
 }
 
 /// Sends the shard to the shortest delay queue that outlasts `wait`, with its attempt unchanged:
@@ -311,7 +354,7 @@ fn jittered(delay_ms: u64) -> u64 {
 async fn finish(
     deps: &Deps,
     shard: &Shard,
-    failure: Option<&str>,
+    failure: Option<&Failure>,
     counters: Vec<(String, u64)>,
 ) -> Result<Outcome, InfraError> {
     deps.progress

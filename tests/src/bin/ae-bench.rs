@@ -6,9 +6,11 @@
 //! emulator is shown never to be the bottleneck of a benchmark.
 
 use audience_export_core::config::Settings;
+use audience_export_core::connection::Connections;
 use audience_export_core::progress::ProgressStore;
+use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::{amqp, Field, Shard};
-use audience_export_harness::app::eventually;
+use audience_export_harness::app::{connect_workspace, eventually};
 use audience_export_harness::emulator::{AdAccountSeed, Config, Emulator, Seed, TokenSeed};
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
@@ -249,7 +251,7 @@ async fn worker_rate(shards: u32) -> anyhow::Result<f64> {
     );
     let mut settings = Settings::for_namespace(&namespace);
     settings.graph.base_url = emulator.base_url();
-    settings.graph.access_token = Some(SecretString::from(TOKEN));
+    settings.connections.encryption_keys = Some(TokenCipher::generate_config("bench"));
     settings.worker.ops_addr = ([127, 0, 0, 1], 0).into();
     settings.worker.calls_per_second_per_account = 100_000;
 
@@ -259,6 +261,9 @@ async fn worker_rate(shards: u32) -> anyhow::Result<f64> {
         .create_custom_audience(&token, ACCOUNT, "bench", "", "USER_PROVIDED_ONLY")
         .await?;
     let progress = ProgressStore::connect(&settings.redis_url, &namespace).await?;
+    let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())?;
+    let connections = Connections::new(progress.connection(), &namespace, cipher);
+    connect_workspace(&connections, "ws", TOKEN, ACCOUNT).await;
     let export_id = "bench-export";
     progress
         .begin(export_id, "{}", 0, Duration::from_secs(600))

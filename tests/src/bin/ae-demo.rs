@@ -1,6 +1,7 @@
 //! `ae-demo`: the upstream platform's side of the demo. Generates a segment, waits until the
-//! fleet is ready, enqueues one export job for every field, waits for `export.finished` and
-//! prints the report. Reads the same `AE_*` settings as the fleet.
+//! fleet is ready, connects the demo workspace to Facebook through the producer's API (the
+//! emulator plays Meta's OAuth dialog), enqueues one export job for every field, waits for
+//! `export.finished` and prints the report. Reads the same `AE_*` settings as the fleet.
 
 use anyhow::Context;
 use audience_export_core::amqp::{self, Publisher, Topology};
@@ -67,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
         ready.with_context(|| format!("{url} did not become ready within 60 s"))?;
     }
     println!("Fleet ready: emulator, producer, worker, finalizer.");
+    connect(&http, &settings, WORKSPACE, &args.ad_account).await?;
 
     let connection = amqp::connect(&settings.amqp_url, "ae-demo").await?;
     let topology = Topology::from_settings(&settings);
@@ -77,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
     let export_id = format!("demo-{}", time::OffsetDateTime::now_utc().unix_timestamp());
     let job = serde_json::json!({
         "export_id": export_id,
-        "workspace_id": "demo-workspace",
+        "workspace_id": WORKSPACE,
         "segment": {"id": "seg-demo", "name": "Demo segment"},
         "ad_account_id": format!("act_{}", args.ad_account),
         "fields": ["email", "phone", "madid"],
@@ -116,6 +118,95 @@ async fn main() -> anyhow::Result<()> {
         std::fs::canonicalize(&args.mail_dir)?.display()
     );
     let _ = connection.close(200, "done").await;
+    Ok(())
+}
+
+const WORKSPACE: &str = "demo-workspace";
+
+/// Connects `workspace` the way a marketer does, through the producer's API: start the OAuth
+/// connect, follow Meta's dialog (the emulator approves it as a person who may use
+/// `ad_account`), hand the code and state back to the API, then select the ad account.
+async fn connect(
+    http: &reqwest::Client,
+    settings: &Settings,
+    workspace: &str,
+    ad_account: &str,
+) -> anyhow::Result<()> {
+    use secrecy::ExposeSecret;
+    let api = format!("http://{}", settings.api.addr);
+    let key = settings
+        .api
+        .key
+        .as_ref()
+        .map(|k| k.expose_secret().to_owned())
+        .unwrap_or_default();
+    let call = |method: reqwest::Method, path: &str, body: serde_json::Value| {
+        http.request(method, format!("{api}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    let start: serde_json::Value = call(
+        reqwest::Method::POST,
+        &format!("/v1/workspaces/{workspace}/connection/oauth"),
+        serde_json::json!({"connected_by": "admin@example.com"}),
+    )
+    .await?
+    .error_for_status()?
+    .json()
+    .await?;
+    let dialog = start["dialog_url"].as_str().context("no dialog_url")?;
+
+    // The person approves the dialog: a fresh token only the emulator and the fleet ever see.
+    let token = format!("EAAdemo{:032x}", rand::random::<u128>());
+    http.post(format!(
+        "{}/_emulator/dialog/approvals",
+        settings.graph.base_url
+    ))
+    .json(&serde_json::json!({"token": token, "kind": "user", "ad_accounts": [ad_account]}))
+    .send()
+    .await?
+    .error_for_status()?;
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let answer = no_redirects.get(dialog).send().await?;
+    let back = answer
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .context("the dialog did not redirect back")?;
+    let back = url::Url::parse(back)?;
+    let param = |name: &str| {
+        back.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    };
+    let connected = call(
+        reqwest::Method::POST,
+        "/v1/oauth/callback",
+        serde_json::json!({"code": param("code").context("no code")?, "state": param("state").context("no state")?}),
+    )
+    .await?;
+    anyhow::ensure!(
+        connected.status().is_success(),
+        "the OAuth callback failed: {}",
+        connected.text().await.unwrap_or_default()
+    );
+    let selected: serde_json::Value = call(
+        reqwest::Method::PUT,
+        &format!("/v1/workspaces/{workspace}/connection/ad-accounts"),
+        serde_json::json!({"ad_account_ids": [ad_account]}),
+    )
+    .await?
+    .error_for_status()?
+    .json()
+    .await?;
+    println!(
+        "Workspace {workspace} connected to Facebook through OAuth: {} token, ad account act_{ad_account} selected (terms accepted: {}).",
+        selected["token_kind"].as_str().unwrap_or("?"),
+        selected["ad_accounts"][0]["tos_accepted"]
+    );
     Ok(())
 }
 

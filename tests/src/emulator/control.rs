@@ -16,6 +16,7 @@ pub fn router(state: Shared) -> Router {
         .route("/_emulator/audiences", get(audiences))
         .route("/_emulator/audiences/{id}/entries", get(entries))
         .route("/_emulator/tokens", post(add_token))
+        .route("/_emulator/dialog/approvals", post(approve_dialog))
         .route("/_emulator/tokens/{token}/revoke", post(revoke))
         .route("/_emulator/ad_accounts", post(add_account))
         .route("/_emulator/ad_accounts/{id}", get(account))
@@ -55,6 +56,15 @@ async fn entries(AxState(state): AxState<Shared>, Path(id): Path<String>) -> Jso
 
 async fn add_token(AxState(state): AxState<Shared>, Json(seed): Json<TokenSeed>) -> Json<Value> {
     lock(&state).add_token(seed);
+    Json(json!({ "ok": true }))
+}
+
+/// The next OAuth dialog is approved by the person whose token this seed describes.
+async fn approve_dialog(
+    AxState(state): AxState<Shared>,
+    Json(seed): Json<TokenSeed>,
+) -> Json<Value> {
+    lock(&state).dialog_approvals.push_back(seed);
     Json(json!({ "ok": true }))
 }
 

@@ -22,6 +22,7 @@ type Shared = Arc<Mutex<State>>;
 
 pub fn router(state: Shared) -> Router {
     Router::new()
+        .route("/{version}/dialog/oauth", axum::routing::get(dialog))
         .route("/{version}/{node}", any(node))
         .route("/{version}/{node}/{edge}", any(edge))
         .with_state(state)
@@ -60,6 +61,18 @@ async fn edge(
         &body,
     )
     .await
+}
+
+/// The OAuth consent dialog (on www.facebook.com at Meta): redirects the browser back.
+async fn dialog(
+    AxState(state): AxState<Shared>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let outcome = state.lock().expect("emulator state lock").dialog(&query);
+    match outcome {
+        Ok(location) => (StatusCode::FOUND, [(header::LOCATION, location)]).into_response(),
+        Err(page) => (StatusCode::BAD_REQUEST, page).into_response(),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

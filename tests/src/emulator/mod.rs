@@ -132,7 +132,13 @@ impl Emulator {
 
     /// Registers an OAuth dialog code: exchanging it yields `seed`'s token (a simulated dialog).
     pub fn authorize(&self, code: &str, seed: TokenSeed) {
-        self.with(|s| s.codes.insert(code.to_owned(), seed));
+        self.with(|s| s.codes.insert(code.to_owned(), (seed, None)));
+    }
+
+    /// The next OAuth dialog is approved by the person whose token `seed` describes: the
+    /// browser comes back to `redirect_uri` with a code that exchanges for that token.
+    pub fn approve_next_dialog(&self, seed: TokenSeed) {
+        self.with(|s| s.dialog_approvals.push_back(seed))
     }
 
     /// Queues faults answered, in order, to the next add-users calls.

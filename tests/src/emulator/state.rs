@@ -203,8 +203,11 @@ pub(super) struct State {
     pub audiences: BTreeMap<String, Audience>,
     pub calls: Vec<CallRecord>,
     pub scripted_faults: VecDeque<Fault>,
-    /// OAuth dialog codes not yet exchanged, and the token each yields.
-    pub codes: HashMap<String, TokenSeed>,
+    /// OAuth dialog codes not yet exchanged: the token each yields, and the `redirect_uri` the
+    /// dialog was opened with (the exchange must name the same one), if it came from the dialog.
+    pub codes: HashMap<String, (TokenSeed, Option<String>)>,
+    /// People who will approve the next OAuth dialogs, in order; none → the dialog is declined.
+    pub dialog_approvals: VecDeque<TokenSeed>,
     /// Recent calls per token, for the user-level limit.
     user_calls: HashMap<String, VecDeque<Instant>>,
     next_id: u64,
@@ -308,6 +311,7 @@ impl State {
             calls: Vec::new(),
             scripted_faults: VecDeque::new(),
             codes: HashMap::new(),
+            dialog_approvals: VecDeque::new(),
             user_calls: HashMap::new(),
             next_id: 23_850_000_000_000_000,
             rng,
@@ -796,7 +800,7 @@ impl State {
         if !p.contains_key("redirect_uri") {
             return Err(bad_param("redirect_uri"));
         }
-        let Some(seed) = self.codes.remove(&code) else {
+        let Some((_, dialog_redirect)) = self.codes.get(&code) else {
             return Err(GraphFailure::new(
                 400,
                 100,
@@ -805,12 +809,61 @@ impl State {
                 "This authorization code has expired or has been used.",
             ));
         };
+        if dialog_redirect
+            .as_ref()
+            .is_some_and(|r| Some(r) != p.get("redirect_uri"))
+        {
+            return Err(GraphFailure::new(
+                400,
+                100,
+                Some(36008),
+                "OAuthException",
+                "Error validating verification code. Please make sure your redirect_uri is identical to the one you used in the OAuth dialog request",
+            ));
+        }
+        let (seed, _) = self
+            .codes
+            .remove(&code)
+            .expect("present: checked under the same lock");
         let token = seed.token.clone();
         self.add_token(seed);
         if let Some(t) = self.tokens.get_mut(&token) {
             t.expires_at = now_secs() + 2 * 3600;
         }
         Ok(json!({ "access_token": token, "token_type": "bearer", "expires_in": 2 * 3600 }))
+    }
+
+    /// `GET /dialog/oauth`: the consent dialog, played by the next queued approval. Returns where
+    /// the browser is sent: `redirect_uri` with `code` and `state`, or with `error=access_denied`
+    /// when nobody approves. An unknown app or a missing `redirect_uri` is an error page.
+    pub fn dialog(&mut self, p: &Params) -> Result<String, String> {
+        if p.get("client_id") != Some(&self.config.app_id) {
+            return Err("Invalid App ID: the app does not exist.".into());
+        }
+        let Some(redirect) = p.get("redirect_uri").filter(|r| !r.is_empty()) else {
+            return Err("URL blocked: redirect_uri is missing.".into());
+        };
+        let mut back = url::Url::parse(redirect).map_err(|_| "Invalid redirect_uri.".to_owned())?;
+        {
+            let mut q = back.query_pairs_mut();
+            match self.dialog_approvals.pop_front() {
+                Some(seed) => {
+                    let code = format!("AQD{:016x}", self.rng.gen::<u64>());
+                    self.codes
+                        .insert(code.clone(), (seed, Some(redirect.clone())));
+                    q.append_pair("code", &code);
+                }
+                None => {
+                    q.append_pair("error", "access_denied")
+                        .append_pair("error_reason", "user_denied")
+                        .append_pair("error_description", "Permissions error");
+                }
+            }
+            if let Some(state) = p.get("state") {
+                q.append_pair("state", state);
+            }
+        }
+        Ok(back.to_string())
     }
 
     /// `POST` (add) or `DELETE` (remove) `/{audience_id}/users`, with the payload parsed once by

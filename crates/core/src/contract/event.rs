@@ -26,14 +26,31 @@ pub enum Event {
         reason: String,
         notify: Vec<String>,
     },
-    /// Meta refused a workspace's token.
+    /// Meta refused a workspace's token (reported by a worker or the producer; the finalizer
+    /// acts on it). The token is named only by its fingerprint.
     #[serde(rename = "connection.invalidated")]
     ConnectionInvalidated {
         workspace_id: String,
         export_id: Option<String>,
+        token_fingerprint: String,
         code: i64,
         subcode: Option<i64>,
         message: String,
+    },
+    /// A workspace's connection changed state, for the upstream platform to show where the
+    /// connection is used: `valid` (connected or reconnected), `invalid` (with Meta's reason),
+    /// or `disconnected`.
+    #[serde(rename = "connection.changed")]
+    ConnectionChanged {
+        workspace_id: String,
+        status: String,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        code: Option<i64>,
+        #[serde(default)]
+        subcode: Option<i64>,
+        at_ms: u64,
     },
     /// Terminal: published once per export by the finalizer.
     #[serde(rename = "export.finished")]
@@ -47,6 +64,7 @@ impl Event {
             Event::ExportSealed { .. } => "export.sealed",
             Event::ExportRejected { .. } => "export.rejected",
             Event::ConnectionInvalidated { .. } => "connection.invalidated",
+            Event::ConnectionChanged { .. } => "connection.changed",
             Event::ExportFinished(_) => "export.finished",
         }
     }

@@ -104,8 +104,10 @@ impl ExportJob {
                 "export_id must be 1-128 characters of letters, digits, '-', '_' or '.'",
             );
         }
-        if self.workspace_id.trim().is_empty() {
-            return invalid("workspace_id is empty");
+        if !is_identifier(&self.workspace_id) {
+            return invalid(
+                "workspace_id must be 1-128 characters of letters, digits, '-', '_' or '.'",
+            );
         }
         if self.fields.is_empty() {
             return invalid("fields is empty: choose at least one of email, phone, madid");
@@ -164,7 +166,22 @@ impl ExportJob {
 }
 
 /// Export ids end up in Redis keys and AMQP headers: keep them to a safe alphabet.
-fn is_identifier(s: &str) -> bool {
+/// A syntax check of an email address (one `@`, a dotted domain, no spaces); the SMTP server
+/// has the last word.
+pub fn looks_like_email(s: &str) -> bool {
+    match s.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.contains('@')
+                && !s.chars().any(char::is_whitespace)
+        }
+        None => false,
+    }
+}
+
+/// Ids that are safe inside Redis keys and URLs: 1-128 of letters, digits, `-`, `_`, `.`.
+pub fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && s.bytes()

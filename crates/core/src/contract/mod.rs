@@ -9,5 +9,8 @@ mod shard;
 
 pub use event::{AudienceReport, Event, ExportStatus, FinishedReport};
 pub use field::Field;
-pub use job::{ExportJob, JobError, Notify, Segment, Source, SourceFormat, CONTRACT_VERSION};
+pub use job::{
+    is_identifier, looks_like_email, ExportJob, JobError, Notify, Segment, Source, SourceFormat,
+    CONTRACT_VERSION,
+};
 pub use shard::Shard;

@@ -133,6 +133,74 @@ struct IdResponse {
     id: String,
 }
 
+/// Meta's answer to `GET /debug_token`: what a token is, for whom, until when.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TokenInfo {
+    #[serde(default)]
+    pub is_valid: bool,
+    /// Unix seconds; 0 for a token that does not expire.
+    #[serde(default)]
+    pub expires_at: u64,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub app_id: Option<String>,
+    /// `USER`, `SYSTEM_USER`, `PAGE`, `APP`.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TokenInfoEnvelope {
+    data: TokenInfo,
+}
+
+/// An access token Meta issued, with its lifetime when Meta says it.
+#[derive(Deserialize)]
+pub struct IssuedToken {
+    pub access_token: SecretString,
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct AdAccountList {
+    #[serde(default)]
+    data: Vec<AdAccountEntry>,
+    #[serde(default)]
+    paging: Option<Paging>,
+}
+
+#[derive(Deserialize)]
+struct AdAccountEntry {
+    #[serde(default)]
+    account_id: Option<String>,
+    #[serde(default)]
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct Paging {
+    #[serde(default)]
+    cursors: Option<Cursors>,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Cursors {
+    #[serde(default)]
+    after: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TosAnswer {
+    #[serde(default)]
+    tos_accepted: serde_json::Value,
+}
+
 /// A Graph API client bound to one base URL and version; tokens are passed per call because
 /// each workspace has its own.
 #[derive(Clone)]
@@ -207,6 +275,133 @@ impl GraphClient {
         Ok(answer)
     }
 
+    /// Exchanges the OAuth dialog's `code` for a (short-lived) user token. The app's secret
+    /// and the code travel in the body, not the URL.
+    pub async fn exchange_code(
+        &self,
+        app_id: &str,
+        app_secret: &SecretString,
+        redirect_uri: &str,
+        code: &str,
+    ) -> Result<IssuedToken, GraphError> {
+        let form = [
+            ("client_id", app_id),
+            ("client_secret", app_secret.expose_secret()),
+            ("redirect_uri", redirect_uri),
+            ("code", code),
+        ];
+        self.oauth(&form).await
+    }
+
+    /// Exchanges a short-lived user token for a long-lived one (about 60 days).
+    pub async fn exchange_long_lived(
+        &self,
+        app_id: &str,
+        app_secret: &SecretString,
+        short: &SecretString,
+    ) -> Result<IssuedToken, GraphError> {
+        let form = [
+            ("grant_type", "fb_exchange_token"),
+            ("client_id", app_id),
+            ("client_secret", app_secret.expose_secret()),
+            ("fb_exchange_token", short.expose_secret()),
+        ];
+        self.oauth(&form).await
+    }
+
+    async fn oauth(&self, form: &[(&str, &str)]) -> Result<IssuedToken, GraphError> {
+        let url = format!("{}/oauth/access_token", self.base);
+        let body = serde_urlencoded::to_string(form).expect("string pairs always encode");
+        let request = self
+            .http
+            .post(url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body);
+        let answer = self.send(request).await?;
+        // Not `decode`: its error quotes the body, which here holds a token.
+        serde_json::from_slice(&answer.0).map_err(|_| GraphError::Unexpected {
+            status: 200,
+            detail: "the token exchange answered without an access_token".into(),
+        })
+    }
+
+    /// What Meta says about `token`: validity, expiry, scopes. The token asks about itself.
+    pub async fn debug_token(&self, token: &SecretString) -> Result<TokenInfo, GraphError> {
+        let url = format!("{}/debug_token", self.base);
+        let body = self
+            .get(&url, token, &[("input_token", token.expose_secret())])
+            .await?;
+        let envelope: TokenInfoEnvelope = decode(200, &body)?;
+        Ok(envelope.data)
+    }
+
+    /// The ad account numbers (without `act_`) `token` may use, every page of them.
+    pub async fn ad_accounts(&self, token: &SecretString) -> Result<Vec<String>, GraphError> {
+        let url = format!("{}/me/adaccounts", self.base);
+        let mut accounts = Vec::new();
+        let mut after: Option<String> = None;
+        // Bounded: 50 pages of 500 is far beyond any real business.
+        for _ in 0..50 {
+            let mut query = vec![("fields", "account_id"), ("limit", "500")];
+            if let Some(cursor) = &after {
+                query.push(("after", cursor));
+            }
+            let body = self.get(&url, token, &query).await?;
+            let page: AdAccountList = decode(200, &body)?;
+            accounts.extend(page.data.into_iter().map(|a| {
+                a.account_id
+                    .unwrap_or_else(|| a.id.trim_start_matches("act_").to_owned())
+            }));
+            after = page
+                .paging
+                .filter(|p| p.next.is_some())
+                .and_then(|p| p.cursors)
+                .and_then(|c| c.after);
+            if after.is_none() {
+                break;
+            }
+        }
+        accounts.sort();
+        accounts.dedup();
+        Ok(accounts)
+    }
+
+    /// Whether the Custom Audience terms are accepted for `ad_account`.
+    pub async fn tos_accepted(
+        &self,
+        token: &SecretString,
+        ad_account: &str,
+    ) -> Result<bool, GraphError> {
+        let url = format!("{}/act_{}", self.base, ad_account);
+        let body = self.get(&url, token, &[("fields", "tos_accepted")]).await?;
+        let answer: TosAnswer = decode(200, &body)?;
+        Ok(answer
+            .tos_accepted
+            .get("custom_audience_tos")
+            .and_then(serde_json::Value::as_i64)
+            == Some(1))
+    }
+
+    async fn get(
+        &self,
+        url: &str,
+        token: &SecretString,
+        query: &[(&str, &str)],
+    ) -> Result<bytes_body::Body, GraphError> {
+        let proof = self.appsecret_proof(token);
+        let mut request = self.http.get(url).query(query).header(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", token.expose_secret()),
+        );
+        if let Some(proof) = &proof {
+            request = request.query(&[("appsecret_proof", proof)]);
+        }
+        self.send(request).await
+    }
+
     async fn post(
         &self,
         url: &str,
@@ -231,7 +426,7 @@ impl GraphClient {
             body.push_str("&appsecret_proof=");
             body.push_str(&proof);
         }
-        let response = self
+        let request = self
             .http
             .post(url)
             .header(
@@ -242,7 +437,14 @@ impl GraphClient {
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .body(body)
+            .body(body);
+        self.send(request).await
+    }
+
+    /// Sends a request and sorts its answer: a body, or Meta's error with its usage headers.
+    /// Errors never carry the URL, which may hold `input_token`.
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<bytes_body::Body, GraphError> {
+        let response = request
             .send()
             .await
             .map_err(|e| GraphError::Transport(e.without_url()))?;

@@ -1,0 +1,549 @@
+//! A workspace's Facebook connection, in Redis: its tokens (sealed with `TokenCipher`, never in
+//! clear), the ad accounts it may export to with their Custom Audience terms status, and whether
+//! Meta still accepts it. The producer resolves a job's token here, workers resolve each shard's,
+//! the finalizer marks a connection invalid, and the HTTP API and the operators' CLI write it.
+//!
+//! One hash per workspace, `{ns}:workspace:<id>:connection`, and an index set `{ns}:connections`
+//! of the workspaces that have one (for the expiry sweep and key rotation).
+
+use crate::progress::{claim, release, Claim};
+use crate::token_cipher::{CipherError, TokenCipher};
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// A token's name in Redis, events and logs: the first 16 hex digits of its SHA-256. Tells two
+/// tokens apart without revealing either.
+pub fn token_fingerprint(token: &SecretString) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(token.expose_secret().as_bytes());
+    hex::encode(&digest[..8])
+}
+
+/// Where Meta's Custom Audience terms for an ad account are accepted.
+pub fn terms_url(ad_account: &str) -> String {
+    format!("https://business.facebook.com/ads/manage/customaudiences/tos/?act={ad_account}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// From the OAuth dialog, long-lived (about 60 days); tied to a person's session.
+    User,
+    /// From Business Manager; does not expire with a person's session. Preferred when present.
+    SystemUser,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::User => "user",
+            TokenKind::SystemUser => "system_user",
+        }
+    }
+
+    fn slot(self) -> &'static str {
+        match self {
+            TokenKind::User => "user",
+            TokenKind::SystemUser => "system",
+        }
+    }
+}
+
+/// An ad account the workspace selected, and whether its Custom Audience terms were accepted
+/// when last checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdAccountStatus {
+    /// The number, without `act_`.
+    pub id: String,
+    pub tos_accepted: bool,
+    pub checked_at_ms: u64,
+    /// Where to accept the terms, when they are not accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terms_url: Option<String>,
+}
+
+impl AdAccountStatus {
+    pub fn new(id: &str, tos_accepted: bool, checked_at_ms: u64) -> AdAccountStatus {
+        AdAccountStatus {
+            id: id.to_owned(),
+            tos_accepted,
+            checked_at_ms,
+            terms_url: (!tos_accepted).then(|| terms_url(id)),
+        }
+    }
+}
+
+/// Why and when Meta refused the connection's token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Invalidation {
+    pub reason: String,
+    pub code: i64,
+    pub subcode: Option<i64>,
+    pub at_ms: u64,
+}
+
+/// What the status API and the CLI show: everything but the tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionView {
+    pub workspace_id: String,
+    /// `valid` or `invalid`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<Invalidation>,
+    /// The kind of token every call uses: the system user's when there is one.
+    pub token_kind: TokenKind,
+    pub has_user_token: bool,
+    pub has_system_user_token: bool,
+    /// When the user token expires (Unix seconds); None for none, or one that does not expire.
+    pub user_token_expires_at: Option<u64>,
+    pub scopes: Vec<String>,
+    /// Who connected the workspace: told when the connection breaks or is about to expire.
+    pub connected_by: Option<String>,
+    pub connected_at_ms: u64,
+    /// Ad accounts the active token can use (`/me/adaccounts`).
+    pub available_ad_accounts: Vec<String>,
+    /// Ad accounts the workspace selected for exports.
+    pub ad_accounts: Vec<AdAccountStatus>,
+}
+
+impl ConnectionView {
+    pub fn is_valid(&self) -> bool {
+        self.status == "valid"
+    }
+
+    pub fn selected(&self, ad_account: &str) -> Option<&AdAccountStatus> {
+        self.ad_accounts.iter().find(|a| a.id == ad_account)
+    }
+}
+
+/// The token calls of a workspace use, resolved for one job or one shard.
+pub struct ActiveToken {
+    pub token: SecretString,
+    pub kind: TokenKind,
+    pub fingerprint: String,
+    /// Set when Meta refused the connection: nothing may be sent with it.
+    pub invalid: Option<String>,
+}
+
+/// A freshly authorized token and what Meta said about it.
+pub struct NewToken {
+    pub token: SecretString,
+    /// Unix seconds; 0 when it does not expire.
+    pub expires_at: u64,
+    pub scopes: Vec<String>,
+    pub ad_accounts: Vec<String>,
+}
+
+/// What `invalidate` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidated {
+    /// This call marked it invalid: the caller tells people, exactly once.
+    Now,
+    /// It was invalid already.
+    Already,
+    /// The refused token is not the connection's token any more (replaced or reconnected).
+    Stale,
+    /// The workspace has no connection.
+    Missing,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("Redis failed: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Cipher(#[from] CipherError),
+    #[error("the stored connection is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl ConnectionError {
+    /// Redis may come back; a key or a ciphertext will not fix itself.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ConnectionError::Redis(_))
+    }
+}
+
+/// Marks a connection invalid unless its active token changed or it is invalid already.
+/// KEYS[1] = connection hash; ARGV = fingerprint, reason, code, subcode, at_ms.
+const INVALIDATE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+local active = redis.call('HGET', KEYS[1], 'system_fp')
+if not active then active = redis.call('HGET', KEYS[1], 'user_fp') end
+if active ~= ARGV[1] then return 'stale' end
+if redis.call('HGET', KEYS[1], 'status') == 'invalid' then return 'already' end
+redis.call('HSET', KEYS[1], 'status', 'invalid', 'invalid_reason', ARGV[2], 'invalid_code', ARGV[3],
+  'invalid_subcode', ARGV[4], 'invalid_at_ms', ARGV[5], 'invalid_fp', ARGV[1])
+return 'now'
+"#;
+
+/// How long a sent notice is remembered: longer than a user token lives (about 60 days).
+const NOTICE_TTL_SECS: u64 = 90 * 24 * 3600;
+
+const INVALID_FIELDS: [&str; 5] = [
+    "invalid_reason",
+    "invalid_code",
+    "invalid_subcode",
+    "invalid_at_ms",
+    "invalid_fp",
+];
+
+#[derive(Clone)]
+pub struct Connections {
+    redis: ConnectionManager,
+    ns: String,
+    cipher: TokenCipher,
+    invalidate: redis::Script,
+}
+
+impl Connections {
+    /// On a shared connection (`ProgressStore::connection`).
+    pub fn new(redis: ConnectionManager, namespace: &str, cipher: TokenCipher) -> Connections {
+        Connections {
+            redis,
+            ns: namespace.to_owned(),
+            cipher,
+            invalidate: redis::Script::new(INVALIDATE),
+        }
+    }
+
+    fn key(&self, workspace: &str) -> String {
+        format!("{}:workspace:{workspace}:connection", self.ns)
+    }
+
+    fn index(&self) -> String {
+        format!("{}:connections", self.ns)
+    }
+
+    /// The associated data of a sealed token: its workspace and slot.
+    fn context(workspace: &str, kind: TokenKind) -> String {
+        format!("{workspace}/{}", kind.as_str())
+    }
+
+    async fn fields(&self, workspace: &str) -> Result<HashMap<String, String>, ConnectionError> {
+        let mut c = self.redis.clone();
+        Ok(c.hgetall(self.key(workspace)).await?)
+    }
+
+    /// The connection without its tokens, or None when the workspace never connected.
+    pub async fn view(&self, workspace: &str) -> Result<Option<ConnectionView>, ConnectionError> {
+        let f = self.fields(workspace).await?;
+        if f.is_empty() {
+            return Ok(None);
+        }
+        let get = |k: &str| f.get(k).map(String::as_str);
+        let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok());
+        let json_list = |k: &str| -> Result<Vec<String>, ConnectionError> {
+            get(k)
+                .map(|v| {
+                    serde_json::from_str(v).map_err(|e| ConnectionError::Corrupt(e.to_string()))
+                })
+                .transpose()
+                .map(Option::unwrap_or_default)
+        };
+        let system = get("system_token").is_some();
+        let invalid = (get("status") == Some("invalid")).then(|| Invalidation {
+            reason: get("invalid_reason").unwrap_or_default().to_owned(),
+            code: get("invalid_code")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(190),
+            subcode: get("invalid_subcode").and_then(|v| v.parse().ok()),
+            at_ms: num("invalid_at_ms").unwrap_or(0),
+        });
+        let ad_accounts: Vec<AdAccountStatus> = get("selected")
+            .map(|v| serde_json::from_str(v).map_err(|e| ConnectionError::Corrupt(e.to_string())))
+            .transpose()?
+            .unwrap_or_default();
+        Ok(Some(ConnectionView {
+            workspace_id: workspace.to_owned(),
+            status: get("status").unwrap_or("valid").to_owned(),
+            invalid,
+            token_kind: if system {
+                TokenKind::SystemUser
+            } else {
+                TokenKind::User
+            },
+            has_user_token: get("user_token").is_some(),
+            has_system_user_token: system,
+            user_token_expires_at: num("user_expires_at").filter(|&e| e > 0),
+            scopes: get("scopes")
+                .map(|s| {
+                    s.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            connected_by: get("connected_by")
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+            connected_at_ms: num("connected_at_ms").unwrap_or(0),
+            available_ad_accounts: json_list(if system {
+                "system_available"
+            } else {
+                "user_available"
+            })?,
+            ad_accounts,
+        }))
+    }
+
+    /// The token this workspace's calls use (the system user's when present), or None when the
+    /// workspace has no connection.
+    pub async fn active_token(
+        &self,
+        workspace: &str,
+    ) -> Result<Option<ActiveToken>, ConnectionError> {
+        let mut c = self.redis.clone();
+        let (status, system, user, reason): (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = redis::cmd("HMGET")
+            .arg(self.key(workspace))
+            .arg(&["status", "system_token", "user_token", "invalid_reason"])
+            .query_async(&mut c)
+            .await?;
+        let (sealed, kind) = match (system, user) {
+            (Some(s), _) => (s, TokenKind::SystemUser),
+            (None, Some(u)) => (u, TokenKind::User),
+            (None, None) => return Ok(None),
+        };
+        let token = self.cipher.open(&sealed, &Self::context(workspace, kind))?;
+        Ok(Some(ActiveToken {
+            fingerprint: token_fingerprint(&token),
+            token,
+            kind,
+            invalid: (status.as_deref() == Some("invalid"))
+                .then(|| reason.unwrap_or_else(|| "token invalid".to_owned())),
+        }))
+    }
+
+    /// Stores a user token from the OAuth dialog; the connection is valid again. A system user
+    /// token that Meta refused is dropped, so the new user token is the one used.
+    pub async fn store_user_token(
+        &self,
+        workspace: &str,
+        new: &NewToken,
+        connected_by: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(), ConnectionError> {
+        let key = self.key(workspace);
+        let sealed = self
+            .cipher
+            .seal(&new.token, &Self::context(workspace, TokenKind::User));
+        let current = self.fields(workspace).await?;
+        let mut c = self.redis.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let system_refused = current.get("status").map(String::as_str) == Some("invalid")
+            && current.contains_key("invalid_fp")
+            && current.get("invalid_fp") == current.get("system_fp");
+        if system_refused {
+            pipe.hdel(&key, &["system_token", "system_fp", "system_available"]);
+        }
+        pipe.hdel(&key, &INVALID_FIELDS)
+            .hset_multiple(
+                &key,
+                &[
+                    ("status", "valid".to_owned()),
+                    ("user_token", sealed),
+                    ("user_fp", token_fingerprint(&new.token)),
+                    ("user_expires_at", new.expires_at.to_string()),
+                    ("scopes", new.scopes.join(",")),
+                    ("connected_by", connected_by.unwrap_or_default().to_owned()),
+                    ("connected_at_ms", now_ms.to_string()),
+                    ("user_available", json(&new.ad_accounts)),
+                ],
+            )
+            .sadd(self.index(), workspace);
+        let _: () = pipe.query_async(&mut c).await?;
+        Ok(())
+    }
+
+    /// Sets or replaces the Business Manager system user token, used for every call from now
+    /// on; the connection is valid again.
+    pub async fn store_system_token(
+        &self,
+        workspace: &str,
+        new: &NewToken,
+        now_ms: u64,
+    ) -> Result<(), ConnectionError> {
+        let key = self.key(workspace);
+        let sealed = self
+            .cipher
+            .seal(&new.token, &Self::context(workspace, TokenKind::SystemUser));
+        let mut c = self.redis.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .hdel(&key, &INVALID_FIELDS)
+            .hset_multiple(
+                &key,
+                &[
+                    ("status", "valid".to_owned()),
+                    ("system_token", sealed),
+                    ("system_fp", token_fingerprint(&new.token)),
+                    ("system_available", json(&new.ad_accounts)),
+                    ("system_set_at_ms", now_ms.to_string()),
+                ],
+            )
+            .sadd(self.index(), workspace)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Replaces the workspace's selection of ad accounts.
+    pub async fn select_ad_accounts(
+        &self,
+        workspace: &str,
+        accounts: &[AdAccountStatus],
+    ) -> Result<(), ConnectionError> {
+        let mut c = self.redis.clone();
+        let selected = serde_json::to_string(accounts).expect("statuses serialize");
+        let _: () = c.hset(self.key(workspace), "selected", selected).await?;
+        Ok(())
+    }
+
+    /// Records a fresh terms check of one selected ad account.
+    pub async fn update_terms(
+        &self,
+        workspace: &str,
+        status: AdAccountStatus,
+    ) -> Result<(), ConnectionError> {
+        let Some(view) = self.view(workspace).await? else {
+            return Ok(());
+        };
+        let accounts: Vec<AdAccountStatus> = view
+            .ad_accounts
+            .into_iter()
+            .map(|a| if a.id == status.id { status.clone() } else { a })
+            .collect();
+        self.select_ad_accounts(workspace, &accounts).await
+    }
+
+    /// Marks the connection invalid because Meta refused the token `fingerprint`, once.
+    pub async fn invalidate(
+        &self,
+        workspace: &str,
+        fingerprint: &str,
+        reason: &str,
+        code: i64,
+        subcode: Option<i64>,
+        at_ms: u64,
+    ) -> Result<Invalidated, ConnectionError> {
+        let mut c = self.redis.clone();
+        let result: String = self
+            .invalidate
+            .key(self.key(workspace))
+            .arg(fingerprint)
+            .arg(reason)
+            .arg(code)
+            .arg(subcode.map(|s| s.to_string()).unwrap_or_default())
+            .arg(at_ms)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match result.as_str() {
+            "now" => Invalidated::Now,
+            "already" => Invalidated::Already,
+            "stale" => Invalidated::Stale,
+            _ => Invalidated::Missing,
+        })
+    }
+
+    /// Deletes the connection and its tokens.
+    pub async fn disconnect(&self, workspace: &str) -> Result<bool, ConnectionError> {
+        let mut c = self.redis.clone();
+        let (deleted, _): (i64, i64) = redis::pipe()
+            .atomic()
+            .del(self.key(workspace))
+            .srem(self.index(), workspace)
+            .query_async(&mut c)
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    fn notice_key(&self, workspace: &str, what: &str) -> String {
+        format!("{}:workspace:{workspace}:notice:{what}", self.ns)
+    }
+
+    /// Claims the one-time notice `what` (e.g. `invalid:<fingerprint>`, `expiry:<expires_at>`)
+    /// of a workspace: whoever wins sends it, then calls `notice_sent`; a sender that dies
+    /// leaves the lease to expire and the notice to the next one.
+    pub async fn claim_notice(
+        &self,
+        workspace: &str,
+        what: &str,
+        owner: &str,
+        lease: std::time::Duration,
+    ) -> Result<Claim, ConnectionError> {
+        let mut c = self.redis.clone();
+        Ok(claim(&mut c, &self.notice_key(workspace, what), owner, lease).await?)
+    }
+
+    /// Records a notice as sent; kept longer than a user token lives.
+    pub async fn notice_sent(&self, workspace: &str, what: &str) -> Result<(), ConnectionError> {
+        let mut c = self.redis.clone();
+        let _: () = c
+            .set_ex(self.notice_key(workspace, what), "done", NOTICE_TTL_SECS)
+            .await?;
+        Ok(())
+    }
+
+    /// Gives a notice back after a failed attempt, so the next try may send it at once.
+    pub async fn release_notice(
+        &self,
+        workspace: &str,
+        what: &str,
+        owner: &str,
+    ) -> Result<(), ConnectionError> {
+        let mut c = self.redis.clone();
+        Ok(release(&mut c, &self.notice_key(workspace, what), owner).await?)
+    }
+
+    /// Workspaces that have a connection.
+    pub async fn workspaces(&self) -> Result<Vec<String>, ConnectionError> {
+        let mut c = self.redis.clone();
+        let mut ids: Vec<String> = c.smembers(self.index()).await?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Re-seals every stored token with the active key; returns how many were re-sealed. Run
+    /// after putting a new key first in `AE_CONNECTIONS__ENCRYPTION_KEYS`; the old key may be
+    /// removed once this reports nothing left.
+    pub async fn reseal_all(&self) -> Result<u64, ConnectionError> {
+        let mut count = 0;
+        for workspace in self.workspaces().await? {
+            let fields = self.fields(&workspace).await?;
+            for kind in [TokenKind::User, TokenKind::SystemUser] {
+                let field = format!("{}_token", kind.slot());
+                let Some(stored) = fields.get(&field) else {
+                    continue;
+                };
+                if TokenCipher::key_id_of(stored) == Some(self.cipher.active_key_id()) {
+                    continue;
+                }
+                let context = Self::context(&workspace, kind);
+                let token = self.cipher.open(stored, &context)?;
+                let mut c = self.redis.clone();
+                let _: () = c
+                    .hset(
+                        self.key(&workspace),
+                        &field,
+                        self.cipher.seal(&token, &context),
+                    )
+                    .await?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+}
+
+fn json(list: &[String]) -> String {
+    serde_json::to_string(list).expect("strings serialize")
+}

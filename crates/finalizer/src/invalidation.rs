@@ -1,0 +1,114 @@
+//! A workspace's token refused by Meta (`connection.invalidated`, from any worker or the
+//! producer): mark the connection invalid once, however many report it; tell whoever connected
+//! the workspace, once; tell the upstream platform (`connection.changed`). The exports running on
+//! it stop by themselves: workers drop their remaining shards (see `worker::upload`), and each
+//! finishes `failed` with the token's reason, through the usual completion path and its email.
+
+use crate::email::{self, EmailError};
+use crate::finalize::{Deps, FinalizeError, LEASE};
+use audience_export_core::connection::Invalidated;
+use audience_export_core::consumer::Outcome;
+use audience_export_core::contract::Event;
+use audience_export_core::progress::{now_ms, Claim};
+use tracing::{info, warn};
+
+pub struct Refusal<'a> {
+    pub workspace_id: &'a str,
+    pub token_fingerprint: &'a str,
+    pub code: i64,
+    pub subcode: Option<i64>,
+    pub message: &'a str,
+}
+
+/// Handles one report. `Ok(None)`: the notice is held by another finalizer; retry later.
+pub async fn handle(deps: &Deps, r: &Refusal<'_>) -> Result<Option<Outcome>, FinalizeError> {
+    let ws = r.workspace_id;
+    let reason = format!(
+        "token invalid: Meta refused the Facebook connection ({}). Reconnect Facebook for this workspace.",
+        r.message
+    );
+    let at_ms = now_ms();
+    match deps
+        .connections
+        .invalidate(ws, r.token_fingerprint, &reason, r.code, r.subcode, at_ms)
+        .await?
+    {
+        Invalidated::Now => {
+            warn!(message = "Meta refused a workspace's token; connection marked invalid.", workspace_id = %ws, code = r.code, subcode = ?r.subcode);
+            deps.metrics.invalidations.inc();
+        }
+        Invalidated::Already => {}
+        Invalidated::Stale => {
+            info!(message = "A refusal of a token the workspace no longer uses; ignored.", workspace_id = %ws);
+            return Ok(Some(Outcome::Ack));
+        }
+        Invalidated::Missing => {
+            info!(message = "A refusal for a workspace that is not connected; ignored.", workspace_id = %ws);
+            return Ok(Some(Outcome::Ack));
+        }
+    }
+    let what = format!("invalid:{}", r.token_fingerprint);
+    match deps
+        .connections
+        .claim_notice(ws, &what, &deps.owner, LEASE)
+        .await?
+    {
+        Claim::Done => return Ok(Some(Outcome::Ack)),
+        Claim::Held { .. } => return Ok(None),
+        Claim::Won => {}
+    }
+    let sent = notify(deps, r, &reason, at_ms).await;
+    match sent {
+        Ok(()) => {
+            deps.connections.notice_sent(ws, &what).await?;
+            Ok(Some(Outcome::Ack))
+        }
+        Err(e) => {
+            deps.connections
+                .release_notice(ws, &what, &deps.owner)
+                .await?;
+            Err(e)
+        }
+    }
+}
+
+async fn notify(
+    deps: &Deps,
+    r: &Refusal<'_>,
+    reason: &str,
+    at_ms: u64,
+) -> Result<(), FinalizeError> {
+    let ws = r.workspace_id;
+    let view = deps.connections.view(ws).await?;
+    let recipients: Vec<String> = view.and_then(|v| v.connected_by).into_iter().collect();
+    let at = time::OffsetDateTime::from_unix_timestamp((at_ms / 1000) as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default();
+    let (subject, body) = email::connection_invalid(ws, r.code, r.subcode, r.message, &at);
+    match deps.mailer.send_text(&recipients, subject, body).await {
+        Ok(()) => deps.metrics.notices.with_label_values(&["invalid"]).inc(),
+        Err(EmailError::NoRecipient) => {
+            info!(message = "Nobody to tell about the invalid connection (no connected_by).", workspace_id = %ws);
+        }
+        Err(e) if e.is_retryable() => return Err(e.into()),
+        Err(e) => warn!(message = "The connection email could not be sent.", error = %e),
+    }
+    deps.publisher
+        .event(
+            &deps.topology,
+            &Event::ConnectionChanged {
+                workspace_id: ws.to_owned(),
+                status: "invalid".into(),
+                reason: Some(reason.to_owned()),
+                code: Some(r.code),
+                subcode: r.subcode,
+                at_ms,
+            },
+        )
+        .await?;
+    Ok(())
+}
