@@ -897,3 +897,130 @@ async fn invalidation_is_once_per_token_and_ignores_a_replaced_token() {
         .expect("some");
     assert_eq!(token.token.expose_secret(), "EAAnewsystem");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refused_to_the_producer_invalidates_the_connection_too() {
+    let app = spawn_app_with(Roles::ALL, |_| {}).await;
+    let segment = app.dir.join("producer-refused.ndjson");
+    generate(&segment, 50, 91).expect("segment");
+    assert!(app.emulator.revoke(&app.token, 458));
+
+    app.export("exp-first", &["email"], &segment).await;
+    let first = app.finished("exp-first", DEADLINE).await;
+    assert_eq!(first.status, ExportStatus::Rejected);
+    assert!(
+        first
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("token invalid"),
+        "{first:?}"
+    );
+    let changed = app
+        .wait_event(
+            DEADLINE,
+            |e| matches!(e, Event::ConnectionChanged { status, .. } if status == "invalid"),
+        )
+        .await;
+    assert!(
+        changed.is_some(),
+        "the producer's refusal invalidates the connection"
+    );
+    let mail = app
+        .smtp
+        .wait_for(DEADLINE, |m| m.data.contains("must be reconnected"))
+        .await
+        .expect("the owner is told");
+    assert!(mail.body().contains("removed the app"));
+
+    app.export("exp-second", &["email"], &segment).await;
+    let second = app.finished("exp-second", DEADLINE).await;
+    assert!(
+        second
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("connection invalid"),
+        "{second:?}"
+    );
+    assert_eq!(
+        app.emulator.calls_after_revocation(&app.token),
+        1,
+        "the second job never reached Meta"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refused_while_the_segment_streams_stops_reading_it() {
+    use std::io::Write;
+    let app = spawn_app_with(Roles::ALL, |s| {
+        s.producer.shard_size = 10;
+    })
+    .await;
+    let fifo = app.dir.join("segment.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    // The upstream side of the segment: writes batches of members on request, until the
+    // producer closes the FIFO (the write fails) or no more are asked for.
+    let (more, batches) = std::sync::mpsc::channel::<u64>();
+    let path = fifo.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("opening the FIFO");
+        let mut written = 0u64;
+        for batch in batches {
+            for _ in 0..batch {
+                let line = format!(
+                    "{{\"external_id\":\"m{written}\",\"email\":\"person{written}@example.com\"}}\n"
+                );
+                if file.write_all(line.as_bytes()).is_err() {
+                    return (written, true);
+                }
+                written += 1;
+            }
+        }
+        (written, false)
+    });
+    app.export("exp-stream", &["email"], &fifo).await;
+    more.send(100).expect("writer");
+    let uploading = eventually(DEADLINE, || async {
+        let s = app.progress.snapshot("exp-stream").await.ok()?;
+        (s.count("shards_done") >= 1).then_some(())
+    })
+    .await;
+    assert!(uploading.is_some());
+    assert!(app.emulator.revoke(&app.token, 460));
+    more.send(100).expect("writer");
+    let stopped = eventually(DEADLINE, || async {
+        app.progress.stop_reason("exp-stream").await.ok()?
+    })
+    .await;
+    assert!(stopped.is_some(), "a worker's refusal stops the export");
+
+    // However much more the segment holds, the producer reads one more shard and stops.
+    for _ in 0..100 {
+        if more.send(100).is_err() {
+            break;
+        }
+    }
+    drop(more);
+    let (written, closed) = writer.await.expect("writer");
+    assert!(
+        closed,
+        "the producer closed the segment after writing {written}"
+    );
+    let report = app.finished("exp-stream", DEADLINE).await;
+    assert_eq!(report.status, ExportStatus::Failed, "{report:?}");
+    assert!(
+        report.members_read < 1_000,
+        "stopped early: {} members read",
+        report.members_read
+    );
+    app.stop().await;
+}

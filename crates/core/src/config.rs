@@ -97,7 +97,8 @@ pub struct FinalizerSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectionSettings {
     /// Keys sealing tokens at rest (AES-256-GCM): `<id>:<base64 of 32 bytes>`, comma-separated;
-    /// the first seals, all open (rotation). Required by the producer, workers and finalizer.
+    /// the first seals, all open (rotation). Required by the producer and the workers; the
+    /// finalizer never handles a token and does not need it.
     #[serde(skip_serializing)]
     pub encryption_keys: Option<SecretString>,
     /// A user token expiring within this many days gets one warning email.

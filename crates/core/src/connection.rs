@@ -195,7 +195,8 @@ const INVALID_FIELDS: [&str; 5] = [
 pub struct Connections {
     redis: ConnectionManager,
     ns: String,
-    cipher: TokenCipher,
+    /// None for roles that never see a token (the finalizer): they cannot open or seal one.
+    cipher: Option<TokenCipher>,
     invalidate: redis::Script,
 }
 
@@ -205,9 +206,24 @@ impl Connections {
         Connections {
             redis,
             ns: namespace.to_owned(),
-            cipher,
+            cipher: Some(cipher),
             invalidate: redis::Script::new(INVALIDATE),
         }
+    }
+
+    /// For a role that reads and marks connections but never uses a token (the finalizer): it
+    /// needs no encryption key, so it holds none. Opening or storing a token fails with `NoKey`.
+    pub fn without_tokens(redis: ConnectionManager, namespace: &str) -> Connections {
+        Connections {
+            redis,
+            ns: namespace.to_owned(),
+            cipher: None,
+            invalidate: redis::Script::new(INVALIDATE),
+        }
+    }
+
+    fn cipher(&self) -> Result<&TokenCipher, CipherError> {
+        self.cipher.as_ref().ok_or(CipherError::NoKey)
     }
 
     fn key(&self, workspace: &str) -> String {
@@ -312,7 +328,9 @@ impl Connections {
             (None, Some(u)) => (u, TokenKind::User),
             (None, None) => return Ok(None),
         };
-        let token = self.cipher.open(&sealed, &Self::context(workspace, kind))?;
+        let token = self
+            .cipher()?
+            .open(&sealed, &Self::context(workspace, kind))?;
         Ok(Some(ActiveToken {
             fingerprint: token_fingerprint(&token),
             token,
@@ -333,7 +351,7 @@ impl Connections {
     ) -> Result<(), ConnectionError> {
         let key = self.key(workspace);
         let sealed = self
-            .cipher
+            .cipher()?
             .seal(&new.token, &Self::context(workspace, TokenKind::User));
         let current = self.fields(workspace).await?;
         let mut c = self.redis.clone();
@@ -374,7 +392,7 @@ impl Connections {
     ) -> Result<(), ConnectionError> {
         let key = self.key(workspace);
         let sealed = self
-            .cipher
+            .cipher()?
             .seal(&new.token, &Self::context(workspace, TokenKind::SystemUser));
         let mut c = self.redis.clone();
         let _: () = redis::pipe()
@@ -524,17 +542,17 @@ impl Connections {
                 let Some(stored) = fields.get(&field) else {
                     continue;
                 };
-                if TokenCipher::key_id_of(stored) == Some(self.cipher.active_key_id()) {
+                if TokenCipher::key_id_of(stored) == Some(self.cipher()?.active_key_id()) {
                     continue;
                 }
                 let context = Self::context(&workspace, kind);
-                let token = self.cipher.open(stored, &context)?;
+                let token = self.cipher()?.open(stored, &context)?;
                 let mut c = self.redis.clone();
                 let _: () = c
                     .hset(
                         self.key(&workspace),
                         &field,
-                        self.cipher.seal(&token, &context),
+                        self.cipher()?.seal(&token, &context),
                     )
                     .await?;
                 count += 1;

@@ -281,6 +281,13 @@ impl ProgressStore {
         Ok(self.shard_gate(export_id, shard_key).await?.0)
     }
 
+    /// Why the export was stopped (its connection's token refused), if it was.
+    pub async fn stop_reason(&self, export_id: &str) -> Result<Option<String>> {
+        let mut c = self.redis.clone();
+        Ok(c.hget(self.key(export_id, "progress"), "stop_reason")
+            .await?)
+    }
+
     /// Whether the shard was counted already, and why its export was stopped, if it was: what
     /// a worker checks before doing anything with a shard.
     pub async fn shard_gate(

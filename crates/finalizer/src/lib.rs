@@ -14,7 +14,6 @@ use audience_export_core::config::Settings;
 use audience_export_core::connection::Connections;
 use audience_export_core::consumer;
 use audience_export_core::telemetry;
-use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::Running;
 use finalize::Deps;
 use lapin::message::Delivery;
@@ -26,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 const EVENTS_IN_FLIGHT: u16 = 16;
 
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())?;
     let ops = telemetry::start_ops(
         "finalizer",
         settings.finalizer.ops_addr,
@@ -41,7 +39,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         std::process::id(),
         rand::random::<u32>()
     );
-    let connections = Connections::new(progress.connection(), &settings.namespace, cipher);
+    // The finalizer marks connections invalid and reads who to tell; it never needs a token,
+    // so it is not given the key that opens them.
+    let connections = Connections::without_tokens(progress.connection(), &settings.namespace);
     let f = &settings.finalizer;
     let sweeper = expiry::Sweeper {
         connections: connections.clone(),

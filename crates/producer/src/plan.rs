@@ -181,6 +181,11 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
                 }
             }
         }
+        if let Some(reason) = &sharder.stopped {
+            // Workers would drop every further shard: stop reading, seal what was published.
+            warn!(message = "Export stopped while planning; sealing what was published.", %reason, members);
+            break;
+        }
     }
     let totals = sharder.finish().await?;
     deps.metrics.members.inc_by(members);
@@ -386,6 +391,8 @@ struct Sharder<'a> {
     pending: VecDeque<PendingConfirm>,
     /// Country of national phone numbers: the job's, else the workspace's default.
     phone_country: Option<String>,
+    /// Why the export was stopped (checked after each shard), if it was.
+    stopped: Option<String>,
 }
 
 impl<'a> Sharder<'a> {
@@ -409,6 +416,7 @@ impl<'a> Sharder<'a> {
             audiences,
             pending: VecDeque::new(),
             phone_country,
+            stopped: None,
         }
     }
 
@@ -467,14 +475,19 @@ impl<'a> Sharder<'a> {
                 oldest.wait().await?;
             }
         }
+        // One read per shard (10,000 records): cheap next to streaming a segment for nothing.
+        self.stopped = self.deps.progress.stop_reason(&self.job.export_id).await?;
         Ok(())
     }
 
-    /// Flushes the partial shards and waits until the broker confirmed every one.
+    /// Flushes the partial shards (unless the export was stopped) and waits until the broker
+    /// confirmed every one.
     async fn finish(mut self) -> Result<BTreeMap<Field, FieldTotals>, PlanError> {
         let fields: Vec<Field> = self.buffers.keys().copied().collect();
         for field in fields {
-            self.flush(field).await?;
+            if self.stopped.is_none() {
+                self.flush(field).await?;
+            }
         }
         while let Some(pending) = self.pending.pop_front() {
             pending.wait().await?;
