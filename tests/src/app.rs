@@ -46,6 +46,18 @@ impl Roles {
         worker: true,
         finalizer: true,
     };
+    /// Only the stores, the emulator and the SMTP sink: for tests that drive one part by hand.
+    pub const NONE: Roles = Roles {
+        producer: false,
+        worker: false,
+        finalizer: false,
+    };
+    /// The producer alone, with its HTTP API.
+    pub const PRODUCER: Roles = Roles {
+        producer: true,
+        worker: false,
+        finalizer: false,
+    };
 }
 
 pub struct TestApp {
@@ -208,6 +220,14 @@ pub async fn connect_workspace(
         .expect("selecting the test ad account");
 }
 
+/// A secret setting's value for a child process's environment ("" when unset).
+fn secret(value: &Option<SecretString>) -> &str {
+    value
+        .as_ref()
+        .map(|s| s.expose_secret())
+        .unwrap_or_default()
+}
+
 /// Binds an exclusive queue to every event and collects them.
 async fn listen(
     connection: &lapin::Connection,
@@ -351,7 +371,6 @@ impl TestApp {
                 ("AE_PRODUCER__SHARD_SIZE", p.shard_size.to_string()),
                 ("AE_PRODUCER__CONFIRM_WINDOW", p.confirm_window.to_string()),
                 ("AE_API__ADDR", "127.0.0.1:0".into()),
-                ("AE_API__INSECURE_DEV_MODE", "true".into()),
             ],
         )
     }
@@ -361,23 +380,14 @@ impl TestApp {
         command
             .env("AE_NAMESPACE", self.namespace())
             .env("AE_GRAPH__BASE_URL", &self.settings.graph.base_url)
+            .env("AE_API__KEY", secret(&self.settings.api.key))
             .env(
                 "AE_GRAPH__APP_SECRET",
-                self.settings
-                    .graph
-                    .app_secret
-                    .as_ref()
-                    .map(|s| s.expose_secret())
-                    .unwrap_or_default(),
+                secret(&self.settings.graph.app_secret),
             )
             .env(
                 "AE_CONNECTIONS__ENCRYPTION_KEYS",
-                self.settings
-                    .connections
-                    .encryption_keys
-                    .as_ref()
-                    .map(|k| k.expose_secret())
-                    .unwrap_or_default(),
+                secret(&self.settings.connections.encryption_keys),
             )
             .env("AE_LOG", "warn")
             .kill_on_drop(true);

@@ -451,15 +451,7 @@ async fn a_system_user_token_is_used_for_every_call_of_its_workspace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_refuses_missing_or_wrong_keys_and_forged_or_expired_states() {
-    let app = spawn_app_with(
-        Roles {
-            producer: true,
-            worker: false,
-            finalizer: false,
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_app_with(Roles::PRODUCER, |_| {}).await;
     let path = format!("/v1/workspaces/{WORKSPACE}/connection");
     let (status, body) = app.api_call_with_key(Method::GET, &path, None, None).await;
     assert_eq!(status, 401, "{body}");
@@ -538,15 +530,7 @@ async fn the_api_refuses_missing_or_wrong_keys_and_forged_or_expired_states() {
         .contains("user_denied"));
     app.stop().await;
 
-    let expiring = spawn_app_with(
-        Roles {
-            producer: true,
-            worker: false,
-            finalizer: false,
-        },
-        |s| s.oauth.state_ttl_secs = 0,
-    )
-    .await;
+    let expiring = spawn_app_with(Roles::PRODUCER, |s| s.oauth.state_ttl_secs = 0).await;
     let (_, start) = expiring
         .api_call(
             Method::POST,
@@ -721,15 +705,7 @@ async fn jobs_are_refused_without_a_connection_a_selected_account_or_accepted_te
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expiring_user_token_gets_one_warning_and_a_metric() {
-    let app = spawn_app_with(
-        Roles {
-            producer: false,
-            worker: false,
-            finalizer: false,
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_app_with(Roles::NONE, |_| {}).await;
     let soon = NewToken {
         token: SecretString::from("EAAsoon"),
         expires_at: now_ms() / 1000 + 3 * 86_400,
@@ -788,15 +764,7 @@ async fn an_expiring_user_token_gets_one_warning_and_a_metric() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_is_once_per_token_and_ignores_a_replaced_token() {
-    let app = spawn_app_with(
-        Roles {
-            producer: false,
-            worker: false,
-            finalizer: false,
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_app_with(Roles::NONE, |_| {}).await;
     let c = &app.connections;
     let fp =
         audience_export_core::connection::token_fingerprint(&SecretString::from(app.token.clone()));

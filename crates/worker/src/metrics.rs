@@ -5,7 +5,8 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
-    /// Shards handled, by outcome: uploaded, retried, failed, duplicate_delivery, rejected.
+    /// Shards handled, by outcome: uploaded, retried, deferred, failed, dropped (export stopped
+    /// or connection unusable: no call made), duplicate_delivery, rejected.
     pub shards: IntCounterVec,
     /// Records handled, by field and outcome: uploaded, invalid, duplicate.
     pub records: IntCounterVec,
