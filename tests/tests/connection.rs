@@ -80,7 +80,7 @@ async fn oauth_connect(app: &TestApp, ws: &str, short: &str) -> (u16, Value) {
     assert_eq!(param(&back, "state").as_deref(), Some(state.as_str()));
     app.api_call(
         Method::POST,
-        "/v1/oauth/callback",
+        &format!("/v1/workspaces/{ws}/connection/oauth/callback"),
         Some(json!({ "code": param(&back, "code").expect("code"), "state": state })),
     )
     .await
@@ -462,7 +462,7 @@ async fn the_api_refuses_missing_or_wrong_keys_and_forged_or_expired_states() {
     let (status, _) = app
         .api_call_with_key(
             Method::POST,
-            "/v1/oauth/callback",
+            &format!("/v1/workspaces/{WORKSPACE}/connection/oauth/callback"),
             Some(json!({"code": "x", "state": "y"})),
             None,
         )
@@ -507,7 +507,7 @@ async fn the_api_refuses_missing_or_wrong_keys_and_forged_or_expired_states() {
         let (status, body) = app
             .api_call(
                 Method::POST,
-                "/v1/oauth/callback",
+                "/v1/workspaces/ws-state/connection/oauth/callback",
                 Some(json!({ "code": "AQDcode", "state": bad })),
             )
             .await;
@@ -517,7 +517,7 @@ async fn the_api_refuses_missing_or_wrong_keys_and_forged_or_expired_states() {
     let (status, body) = app
         .api_call(
             Method::POST,
-            "/v1/oauth/callback",
+            "/v1/workspaces/ws-state/connection/oauth/callback",
             Some(
                 json!({ "error": "access_denied", "error_reason": "user_denied", "state": state }),
             ),
@@ -528,6 +528,36 @@ async fn the_api_refuses_missing_or_wrong_keys_and_forged_or_expired_states() {
         .as_str()
         .unwrap_or_default()
         .contains("user_denied"));
+
+    // The state names its workspace: someone else's connect link, approved by a person logged in
+    // to another workspace, is refused there; and a state works once.
+    app.emulator
+        .approve_next_dialog(TokenSeed::user("EAAbound", &[AD_ACCOUNT]));
+    let back = follow_dialog(dialog.as_str()).await;
+    let answer = json!({ "code": param(&back, "code"), "state": param(&back, "state") });
+    let (status, body) = app
+        .api_call(
+            Method::POST,
+            "/v1/workspaces/ws-victim/connection/oauth/callback",
+            Some(answer.clone()),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("another workspace"));
+    let callback = "/v1/workspaces/ws-state/connection/oauth/callback";
+    let (status, body) = app
+        .api_call(Method::POST, callback, Some(answer.clone()))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = app.api_call(Method::POST, callback, Some(answer)).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("used already"));
     app.stop().await;
 
     let expiring = spawn_app_with(Roles::PRODUCER, |s| s.oauth.state_ttl_secs = 0).await;
@@ -546,7 +576,7 @@ async fn the_api_refuses_missing_or_wrong_keys_and_forged_or_expired_states() {
     let (status, body) = expiring
         .api_call(
             Method::POST,
-            "/v1/oauth/callback",
+            "/v1/workspaces/ws-state/connection/oauth/callback",
             Some(json!({ "code": param(&back, "code"), "state": param(&back, "state") })),
         )
         .await;
@@ -727,7 +757,7 @@ async fn an_expiring_user_token_gets_one_warning_and_a_metric() {
         ..soon
     };
     app.connections
-        .store_system_token("ws-system", &system, now_ms())
+        .store_system_token("ws-system", &system, None, now_ms())
         .await
         .expect("store");
 
@@ -813,7 +843,7 @@ async fn invalidation_is_once_per_token_and_ignores_a_replaced_token() {
         scopes: vec![],
         ad_accounts: vec![],
     };
-    c.store_system_token(WORKSPACE, &system, now_ms())
+    c.store_system_token(WORKSPACE, &system, None, now_ms())
         .await
         .expect("store");
     assert!(c
@@ -900,6 +930,18 @@ async fn a_token_refused_to_the_producer_invalidates_the_connection_too() {
         .await
         .expect("the owner is told");
     assert!(mail.body().contains("removed the app"));
+    let pauses =
+        audience_export_core::pause::AccountPauses::new(app.progress.connection(), app.namespace());
+    let fp =
+        audience_export_core::connection::token_fingerprint(&SecretString::from(app.token.clone()));
+    assert!(
+        pauses
+            .token_revoked(WORKSPACE, &fp)
+            .await
+            .expect("redis")
+            .is_some(),
+        "the producer records the refused token for the workers"
+    );
 
     app.export("exp-second", &["email"], &segment).await;
     let second = app.finished("exp-second", DEADLINE).await;
@@ -990,5 +1032,129 @@ async fn a_token_refused_while_the_segment_streams_stops_reading_it() {
         "stopped early: {} members read",
         report.members_read
     );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_export_id_never_reaches_the_first_exports_workspace_or_audiences() {
+    use audience_export_core::amqp::{header_str, Topology};
+    let app = spawn_app_with(Roles::ALL, |_| {}).await;
+    let token2 = format!("EAAother{}", app.namespace());
+    app.emulator.add_ad_account(AdAccountSeed::new("2002"));
+    app.emulator.add_token(TokenSeed::user(&token2, &["2002"]));
+    connect_workspace(&app.connections, "ws-2", &token2, "2002").await;
+    let segment = app.dir.join("reuse.ndjson");
+    generate(&segment, 40, 93).expect("segment");
+    app.export("exp-reused", &["email"], &segment).await;
+    let first = app.finished("exp-reused", DEADLINE).await;
+    assert_eq!(first.status, ExportStatus::Succeeded);
+
+    // Same id, another workspace and ad account: dead-lettered with the reason, nothing else.
+    let mut other = job(&app, "ws-2", "exp-reused", &["email"], &segment);
+    other["ad_account_id"] = json!("act_2002");
+    enqueue(&app, &other).await;
+    let dead = Topology::dead(&app.topology.jobs());
+    let reason = eventually(DEADLINE, || async {
+        let message = app.get(&dead).await?;
+        header_str(&message.delivery.properties, "x-rejection-reason")
+    })
+    .await
+    .expect("dead-lettered");
+    assert!(reason.contains("already names a different job"), "{reason}");
+    let finished = app
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::ExportFinished(r) if r.export_id == "exp-reused"))
+        .count();
+    assert_eq!(finished, 1, "the first export is not finished again");
+    assert!(
+        app.emulator
+            .calls()
+            .iter()
+            .all(|c| c.token.as_deref() != Some(token2.as_str())),
+        "ws-2's token was never used"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refused_moments_ago_is_not_used_for_the_next_job() {
+    use audience_export_core::pause::AccountPauses;
+    let app = spawn_app_with(Roles::ALL, |_| {}).await;
+    // A worker got a 190 and recorded it; the finalizer has not marked the connection yet.
+    let pauses = AccountPauses::new(app.progress.connection(), app.namespace());
+    let fp =
+        audience_export_core::connection::token_fingerprint(&SecretString::from(app.token.clone()));
+    pauses
+        .revoke_token(
+            WORKSPACE,
+            &fp,
+            "token invalid: Meta refused the Facebook connection (test)",
+        )
+        .await
+        .expect("redis");
+    let segment = app.dir.join("marker.ndjson");
+    generate(&segment, 20, 95).expect("segment");
+    let calls = app.emulator.calls().len();
+    app.export("exp-marked", &["email"], &segment).await;
+    let report = app.finished("exp-marked", DEADLINE).await;
+    assert_eq!(report.status, ExportStatus::Rejected);
+    assert!(
+        report
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("token invalid: Meta refused the Facebook connection (test)"),
+        "{report:?}"
+    );
+    assert_eq!(
+        app.emulator.calls().len(),
+        calls,
+        "no call with the refused token"
+    );
+
+    // The same token entered again (say, as the system user token) gets its chance again.
+    let again = NewToken {
+        token: SecretString::from(app.token.clone()),
+        expires_at: 0,
+        scopes: vec!["ads_management".into()],
+        ad_accounts: vec![AD_ACCOUNT.into()],
+    };
+    app.connections
+        .store_system_token(WORKSPACE, &again, Some(OWNER), now_ms())
+        .await
+        .expect("store");
+    assert_eq!(
+        pauses.token_revoked(WORKSPACE, &fp).await.expect("redis"),
+        None
+    );
+    let view = app
+        .connections
+        .view(WORKSPACE)
+        .await
+        .expect("view")
+        .expect("some");
+    assert_eq!(view.connected_by.as_deref(), Some(OWNER));
+    app.export("exp-again", &["email"], &segment).await;
+    let report = app.finished("exp-again", DEADLINE).await;
+    assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
+
+    // A terms check recorded after a disconnect does not bring the connection back.
+    assert!(app.connections.disconnect(WORKSPACE).await.expect("redis"));
+    let recorded = app
+        .connections
+        .update_terms(
+            WORKSPACE,
+            audience_export_core::connection::AdAccountStatus::new(AD_ACCOUNT, true, now_ms()),
+        )
+        .await
+        .expect("redis");
+    assert!(!recorded);
+    assert!(app
+        .connections
+        .view(WORKSPACE)
+        .await
+        .expect("view")
+        .is_none());
     app.stop().await;
 }

@@ -22,6 +22,12 @@ pub fn token_fingerprint(token: &SecretString) -> String {
     hex::encode(&digest[..8])
 }
 
+/// The key recording that Meta refused a workspace's token (written by the worker or producer
+/// that got the refusal, read before every call; see `pause::AccountPauses::revoke_token`).
+pub fn revoked_key(namespace: &str, workspace: &str, fingerprint: &str) -> String {
+    format!("{namespace}:workspace:{workspace}:revoked:{fingerprint}")
+}
+
 /// Where Meta's Custom Audience terms for an ad account are accepted.
 pub fn terms_url(ad_account: &str) -> String {
     format!("https://business.facebook.com/ads/manage/customaudiences/tos/?act={ad_account}")
@@ -180,6 +186,16 @@ redis.call('HSET', KEYS[1], 'status', 'invalid', 'invalid_reason', ARGV[2], 'inv
 return 'now'
 "#;
 
+/// Sets a hash field only if it still holds what the caller read: a read-modify-write that
+/// loses to any concurrent write instead of undoing it. KEYS[1] hash; ARGV field, expected, new.
+const HSET_IF: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"#;
+
 /// How long a sent notice is remembered: longer than a user token lives (about 60 days).
 const NOTICE_TTL_SECS: u64 = 90 * 24 * 3600;
 
@@ -198,6 +214,7 @@ pub struct Connections {
     /// None for roles that never see a token (the finalizer): they cannot open or seal one.
     cipher: Option<TokenCipher>,
     invalidate: redis::Script,
+    hset_if: redis::Script,
 }
 
 impl Connections {
@@ -208,6 +225,7 @@ impl Connections {
             ns: namespace.to_owned(),
             cipher: Some(cipher),
             invalidate: redis::Script::new(INVALIDATE),
+            hset_if: redis::Script::new(HSET_IF),
         }
     }
 
@@ -219,6 +237,7 @@ impl Connections {
             ns: namespace.to_owned(),
             cipher: None,
             invalidate: redis::Script::new(INVALIDATE),
+            hset_if: redis::Script::new(HSET_IF),
         }
     }
 
@@ -363,51 +382,65 @@ impl Connections {
         if system_refused {
             pipe.hdel(&key, &["system_token", "system_fp", "system_available"]);
         }
-        pipe.hdel(&key, &INVALID_FIELDS)
-            .hset_multiple(
-                &key,
-                &[
-                    ("status", "valid".to_owned()),
-                    ("user_token", sealed),
-                    ("user_fp", token_fingerprint(&new.token)),
-                    ("user_expires_at", new.expires_at.to_string()),
-                    ("scopes", new.scopes.join(",")),
-                    ("connected_by", connected_by.unwrap_or_default().to_owned()),
-                    ("connected_at_ms", now_ms.to_string()),
-                    ("user_available", json(&new.ad_accounts)),
-                ],
-            )
-            .sadd(self.index(), workspace);
+        // A token once refused and entered again is given its chance again: Meta will say.
+        pipe.del(revoked_key(
+            &self.ns,
+            workspace,
+            &token_fingerprint(&new.token),
+        ))
+        .hdel(&key, &INVALID_FIELDS)
+        .hset_multiple(
+            &key,
+            &[
+                ("status", "valid".to_owned()),
+                ("user_token", sealed),
+                ("user_fp", token_fingerprint(&new.token)),
+                ("user_expires_at", new.expires_at.to_string()),
+                ("scopes", new.scopes.join(",")),
+                ("connected_by", connected_by.unwrap_or_default().to_owned()),
+                ("connected_at_ms", now_ms.to_string()),
+                ("user_available", json(&new.ad_accounts)),
+            ],
+        )
+        .sadd(self.index(), workspace);
         let _: () = pipe.query_async(&mut c).await?;
         Ok(())
     }
 
     /// Sets or replaces the Business Manager system user token, used for every call from now
-    /// on; the connection is valid again.
+    /// on; the connection is valid again. `connected_by`, when given, becomes who is told when
+    /// the connection breaks.
     pub async fn store_system_token(
         &self,
         workspace: &str,
         new: &NewToken,
+        connected_by: Option<&str>,
         now_ms: u64,
     ) -> Result<(), ConnectionError> {
         let key = self.key(workspace);
         let sealed = self
             .cipher()?
             .seal(&new.token, &Self::context(workspace, TokenKind::SystemUser));
+        let mut fields = vec![
+            ("status", "valid".to_owned()),
+            ("system_token", sealed),
+            ("system_fp", token_fingerprint(&new.token)),
+            ("system_available", json(&new.ad_accounts)),
+            ("system_set_at_ms", now_ms.to_string()),
+        ];
+        if let Some(who) = connected_by {
+            fields.push(("connected_by", who.to_owned()));
+        }
         let mut c = self.redis.clone();
         let _: () = redis::pipe()
             .atomic()
+            .del(revoked_key(
+                &self.ns,
+                workspace,
+                &token_fingerprint(&new.token),
+            ))
             .hdel(&key, &INVALID_FIELDS)
-            .hset_multiple(
-                &key,
-                &[
-                    ("status", "valid".to_owned()),
-                    ("system_token", sealed),
-                    ("system_fp", token_fingerprint(&new.token)),
-                    ("system_available", json(&new.ad_accounts)),
-                    ("system_set_at_ms", now_ms.to_string()),
-                ],
-            )
+            .hset_multiple(&key, &fields)
             .sadd(self.index(), workspace)
             .query_async(&mut c)
             .await?;
@@ -426,21 +459,43 @@ impl Connections {
         Ok(())
     }
 
-    /// Records a fresh terms check of one selected ad account.
+    /// Records a fresh terms check of one selected ad account. Only if the selection did not
+    /// change meanwhile (a marketer's new selection, a disconnect) — then the check is simply
+    /// not recorded, and the next job asks Meta again.
     pub async fn update_terms(
         &self,
         workspace: &str,
         status: AdAccountStatus,
-    ) -> Result<(), ConnectionError> {
-        let Some(view) = self.view(workspace).await? else {
-            return Ok(());
+    ) -> Result<bool, ConnectionError> {
+        let Some(before) = self.fields(workspace).await?.remove("selected") else {
+            return Ok(false);
         };
-        let accounts: Vec<AdAccountStatus> = view
-            .ad_accounts
-            .into_iter()
-            .map(|a| if a.id == status.id { status.clone() } else { a })
-            .collect();
-        self.select_ad_accounts(workspace, &accounts).await
+        let mut accounts: Vec<AdAccountStatus> =
+            serde_json::from_str(&before).map_err(|e| ConnectionError::Corrupt(e.to_string()))?;
+        for a in accounts.iter_mut().filter(|a| a.id == status.id) {
+            *a = status.clone();
+        }
+        let after = serde_json::to_string(&accounts).expect("statuses serialize");
+        self.set_if(workspace, "selected", &before, &after).await
+    }
+
+    async fn set_if(
+        &self,
+        workspace: &str,
+        field: &str,
+        expected: &str,
+        new: &str,
+    ) -> Result<bool, ConnectionError> {
+        let mut c = self.redis.clone();
+        let set: i64 = self
+            .hset_if
+            .key(self.key(workspace))
+            .arg(field)
+            .arg(expected)
+            .arg(new)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(set == 1)
     }
 
     /// Marks the connection invalid because Meta refused the token `fingerprint`, once.
@@ -482,6 +537,25 @@ impl Connections {
             .query_async(&mut c)
             .await?;
         Ok(deleted == 1)
+    }
+
+    /// Consumes a connect attempt's nonce: true the first time, false after. Kept `ttl`, as long
+    /// as the attempt may be used.
+    pub async fn consume_nonce(
+        &self,
+        nonce: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, ConnectionError> {
+        let mut c = self.redis.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("{}:oauth-state:{nonce}", self.ns))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut c)
+            .await?;
+        Ok(set.is_some())
     }
 
     fn notice_key(&self, workspace: &str, what: &str) -> String {
@@ -547,15 +621,11 @@ impl Connections {
                 }
                 let context = Self::context(&workspace, kind);
                 let token = self.cipher()?.open(stored, &context)?;
-                let mut c = self.redis.clone();
-                let _: () = c
-                    .hset(
-                        self.key(&workspace),
-                        &field,
-                        self.cipher()?.seal(&token, &context),
-                    )
-                    .await?;
-                count += 1;
+                let resealed = self.cipher()?.seal(&token, &context);
+                // Not over a token stored meanwhile (a reconnect): that one is sealed already.
+                if self.set_if(&workspace, &field, stored, &resealed).await? {
+                    count += 1;
+                }
             }
         }
         Ok(count)

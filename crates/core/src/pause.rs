@@ -52,7 +52,7 @@ impl AccountPauses {
     }
 
     fn revoked_key(&self, workspace: &str, fingerprint: &str) -> String {
-        format!("{}:workspace:{workspace}:revoked:{fingerprint}", self.ns)
+        crate::connection::revoked_key(&self.ns, workspace, fingerprint)
     }
 
     /// Records that Meta refused this workspace's token, with the reason the reports show.

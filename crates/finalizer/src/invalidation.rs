@@ -47,37 +47,64 @@ pub async fn handle(deps: &Deps, r: &Refusal<'_>) -> Result<Option<Outcome>, Fin
             return Ok(Some(Outcome::Ack));
         }
     }
-    let what = format!("invalid:{}", r.token_fingerprint);
+    // When it was marked, not when this (possibly repeated) report arrived.
+    let at_ms = deps
+        .connections
+        .view(ws)
+        .await?
+        .and_then(|v| v.invalid)
+        .map_or(at_ms, |i| i.at_ms);
+    // Two notices, each once: the email must not go twice because the event failed after it.
+    let base = format!("invalid:{}", r.token_fingerprint);
+    let emailed = once(
+        deps,
+        ws,
+        &format!("{base}:email"),
+        email_owner(deps, r, at_ms),
+    )
+    .await?;
+    let announced = once(
+        deps,
+        ws,
+        &format!("{base}:event"),
+        announce(deps, r, &reason, at_ms),
+    )
+    .await?;
+    Ok((emailed && announced).then_some(Outcome::Ack))
+}
+
+/// Runs `action` unless it ran already for this notice. Ok(false): another finalizer holds the
+/// notice; try again later. A failed action gives the notice back.
+async fn once(
+    deps: &Deps,
+    ws: &str,
+    what: &str,
+    action: impl std::future::Future<Output = Result<(), FinalizeError>>,
+) -> Result<bool, FinalizeError> {
     match deps
         .connections
-        .claim_notice(ws, &what, &deps.owner, LEASE)
+        .claim_notice(ws, what, &deps.owner, LEASE)
         .await?
     {
-        Claim::Done => return Ok(Some(Outcome::Ack)),
-        Claim::Held { .. } => return Ok(None),
+        Claim::Done => return Ok(true),
+        Claim::Held { .. } => return Ok(false),
         Claim::Won => {}
     }
-    let sent = notify(deps, r, &reason, at_ms).await;
-    match sent {
+    match action.await {
         Ok(()) => {
-            deps.connections.notice_sent(ws, &what).await?;
-            Ok(Some(Outcome::Ack))
+            deps.connections.notice_sent(ws, what).await?;
+            Ok(true)
         }
         Err(e) => {
             deps.connections
-                .release_notice(ws, &what, &deps.owner)
+                .release_notice(ws, what, &deps.owner)
                 .await?;
             Err(e)
         }
     }
 }
 
-async fn notify(
-    deps: &Deps,
-    r: &Refusal<'_>,
-    reason: &str,
-    at_ms: u64,
-) -> Result<(), FinalizeError> {
+async fn email_owner(deps: &Deps, r: &Refusal<'_>, at_ms: u64) -> Result<(), FinalizeError> {
     let ws = r.workspace_id;
     let view = deps.connections.view(ws).await?;
     let recipients: Vec<String> = view.and_then(|v| v.connected_by).into_iter().collect();
@@ -97,11 +124,20 @@ async fn notify(
         Err(e) if e.is_retryable() => return Err(e.into()),
         Err(e) => warn!(message = "The connection email could not be sent.", error = %e),
     }
+    Ok(())
+}
+
+async fn announce(
+    deps: &Deps,
+    r: &Refusal<'_>,
+    reason: &str,
+    at_ms: u64,
+) -> Result<(), FinalizeError> {
     deps.publisher
         .event(
             &deps.topology,
             &Event::ConnectionChanged {
-                workspace_id: ws.to_owned(),
+                workspace_id: r.workspace_id.to_owned(),
                 status: "invalid".into(),
                 reason: Some(reason.to_owned()),
                 code: Some(r.code),

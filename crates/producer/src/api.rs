@@ -5,8 +5,8 @@
 //! | route | does |
 //! |---|---|
 //! | `POST /v1/workspaces/{ws}/connection/oauth` `{connected_by?}` | Meta's dialog URL with a sealed, expiring `state` |
-//! | `POST /v1/oauth/callback` `{code, state}` or `{error, state}` | finishes the connect (the upstream page at `redirect_uri` forwards both) |
-//! | `PUT /v1/workspaces/{ws}/connection/system-user-token` `{token}` | sets or replaces the system user token |
+//! | `POST /v1/workspaces/{ws}/connection/oauth/callback` `{code, state}` or `{error, state}` | finishes the connect: the upstream page at `redirect_uri` forwards both, naming the workspace of the person's session; a state issued for another workspace, or used before, is refused |
+//! | `PUT /v1/workspaces/{ws}/connection/system-user-token` `{token, connected_by?}` | sets or replaces the system user token |
 //! | `PUT /v1/workspaces/{ws}/connection/ad-accounts` `{ad_account_ids}` | selects ad accounts, checks their terms |
 //! | `GET /v1/workspaces/{ws}/connection` | status, never the token |
 //! | `DELETE /v1/workspaces/{ws}/connection` | disconnects, deleting the tokens |
@@ -109,7 +109,10 @@ fn router(connector: Arc<Connector>, access: Access) -> Router {
             "/v1/workspaces/{ws}/connection/ad-accounts",
             put(ad_accounts),
         )
-        .route("/v1/oauth/callback", post(callback))
+        .route(
+            "/v1/workspaces/{ws}/connection/oauth/callback",
+            post(callback),
+        )
         .layer(middleware::from_fn_with_state(access, authorize))
         .with_state(connector)
 }
@@ -179,7 +182,11 @@ struct Callback {
     error_description: Option<String>,
 }
 
-async fn callback(State(c): Shared, Json(body): Json<Callback>) -> Result<Response, ConnectError> {
+async fn callback(
+    State(c): Shared,
+    Path(ws): Path<String>,
+    Json(body): Json<Callback>,
+) -> Result<Response, ConnectError> {
     let code = match (body.code, body.error) {
         (Some(code), None) if !code.is_empty() => code,
         (_, Some(error)) => {
@@ -192,7 +199,7 @@ async fn callback(State(c): Shared, Json(body): Json<Callback>) -> Result<Respon
         }
         _ => return Err(ConnectError::BadRequest("code is missing".into())),
     };
-    let view = c.complete_oauth(&code, &body.state).await?;
+    let view = c.complete_oauth(&ws, &code, &body.state).await?;
     Ok(Json(view).into_response())
 }
 
@@ -200,6 +207,8 @@ async fn callback(State(c): Shared, Json(body): Json<Callback>) -> Result<Respon
 #[serde(deny_unknown_fields)]
 struct SystemToken {
     token: SecretString,
+    #[serde(default)]
+    connected_by: Option<String>,
 }
 
 async fn system_token(
@@ -207,7 +216,9 @@ async fn system_token(
     Path(ws): Path<String>,
     Json(body): Json<SystemToken>,
 ) -> Result<Response, ConnectError> {
-    let view = c.set_system_token(&ws, body.token).await?;
+    let view = c
+        .set_system_token(&ws, body.token, body.connected_by.as_deref())
+        .await?;
     Ok(Json(view).into_response())
 }
 

@@ -142,13 +142,7 @@ impl Connector {
     ) -> Result<DialogStart, ConnectError> {
         check_workspace(workspace)?;
         self.app_secret()?;
-        if let Some(email) = connected_by {
-            if !looks_like_email(email) {
-                return Err(ConnectError::BadRequest(
-                    "connected_by must be an email address".into(),
-                ));
-            }
-        }
+        check_email(connected_by)?;
         let o = &self.settings.oauth;
         let expires_at = now_ms() / 1000 + o.state_ttl_secs;
         let state = OAuthState {
@@ -177,14 +171,31 @@ impl Connector {
         })
     }
 
-    /// The dialog came back with `code`: exchange it for a long-lived user token, check it,
-    /// list its ad accounts and store the connection.
+    /// The dialog came back with `code` for the person connecting `workspace`: exchange it for a
+    /// long-lived user token, check it, list its ad accounts and store the connection. The
+    /// caller names the workspace of the person's session: a state issued for another workspace
+    /// (someone else's connect link, approved by this person) is refused, and a state works once.
     pub async fn complete_oauth(
         &self,
+        workspace: &str,
         code: &str,
         state: &str,
     ) -> Result<ConnectionView, ConnectError> {
+        check_workspace(workspace)?;
         let state = self.open_state(state)?;
+        if state.workspace_id != workspace {
+            return Err(ConnectError::BadState(
+                "it was issued for another workspace",
+            ));
+        }
+        let ttl = std::time::Duration::from_secs(self.settings.oauth.state_ttl_secs.max(1));
+        if !self
+            .connections
+            .consume_nonce(&state.nonce.to_string(), ttl)
+            .await?
+        {
+            return Err(ConnectError::BadState("it was used already"));
+        }
         let secret = self.app_secret()?;
         let o = &self.settings.oauth;
         let short = self
@@ -198,7 +209,6 @@ impl Connector {
             .await
             .map_err(|e| ConnectError::from_graph(e, "getting a long-lived token"))?;
         let new = self.inspect(long.access_token).await?;
-        let workspace = &state.workspace_id;
         self.connections
             .store_user_token(workspace, &new, state.connected_by.as_deref(), now_ms())
             .await?;
@@ -207,18 +217,21 @@ impl Connector {
     }
 
     /// Sets or replaces the workspace's system user token, after checking it with Meta.
+    /// `connected_by`: who is told when it breaks (kept from before when None).
     pub async fn set_system_token(
         &self,
         workspace: &str,
         token: SecretString,
+        connected_by: Option<&str>,
     ) -> Result<ConnectionView, ConnectError> {
         check_workspace(workspace)?;
+        check_email(connected_by)?;
         if token.expose_secret().trim().is_empty() {
             return Err(ConnectError::BadRequest("the token is empty".into()));
         }
         let new = self.inspect(token).await?;
         self.connections
-            .store_system_token(workspace, &new, now_ms())
+            .store_system_token(workspace, &new, connected_by, now_ms())
             .await?;
         info!(message = "System user token set.", workspace_id = %workspace, ad_accounts = new.ad_accounts.len());
         self.connected(workspace).await
@@ -367,6 +380,15 @@ fn check_workspace(workspace: &str) -> Result<(), ConnectError> {
         Err(ConnectError::BadRequest(
             "the workspace id must be 1-128 characters of letters, digits, '-', '_' or '.'".into(),
         ))
+    }
+}
+
+fn check_email(who: Option<&str>) -> Result<(), ConnectError> {
+    match who {
+        Some(email) if !looks_like_email(email) => Err(ConnectError::BadRequest(
+            "connected_by must be an email address".into(),
+        )),
+        _ => Ok(()),
     }
 }
 

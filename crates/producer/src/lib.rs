@@ -14,6 +14,7 @@ use audience_export_core::config::Settings;
 use audience_export_core::connection::Connections;
 use audience_export_core::consumer;
 use audience_export_core::graph::GraphClient;
+use audience_export_core::pause::AccountPauses;
 use audience_export_core::telemetry;
 use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::workspace::Workspaces;
@@ -37,6 +38,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let graph = GraphClient::from_settings(&settings.graph)?;
     let workspaces = Workspaces::new(progress.connection(), &settings.namespace);
     let connections = Connections::new(progress.connection(), &settings.namespace, cipher.clone());
+    let pauses = AccountPauses::new(progress.connection(), &settings.namespace);
     let connector = Arc::new(connect::Connector::new(
         graph.clone(),
         connections.clone(),
@@ -58,6 +60,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 publisher,
                 topology,
                 connections: connections.clone(),
+                pauses: pauses.clone(),
                 metrics: metrics.clone(),
                 shard_size: settings.producer.shard_size.clamp(1, 10_000),
                 confirm_window: settings.producer.confirm_window,

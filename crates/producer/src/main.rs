@@ -53,7 +53,12 @@ enum ConnectionAction {
     },
     /// Sets or replaces the Business Manager system user token, read from standard input (never
     /// from the command line, where `ps` and shell history would keep it).
-    SetSystemUserToken { workspace: String },
+    SetSystemUserToken {
+        workspace: String,
+        /// Who is told when the connection breaks.
+        #[arg(long)]
+        connected_by: Option<String>,
+    },
     /// Selects the ad accounts the workspace may export to and checks their terms.
     SelectAdAccounts {
         workspace: String,
@@ -119,11 +124,18 @@ async fn connection(settings: Settings, action: ConnectionAction) -> anyhow::Res
             println!("{}", start.dialog_url);
             Ok(())
         }
-        ConnectionAction::SetSystemUserToken { workspace } => {
+        ConnectionAction::SetSystemUserToken {
+            workspace,
+            connected_by,
+        } => {
             let mut token = String::new();
             std::io::stdin().read_to_string(&mut token)?;
             let token = SecretString::from(token.trim().to_owned());
-            show(connector.set_system_token(&workspace, token).await?)
+            show(
+                connector
+                    .set_system_token(&workspace, token, connected_by.as_deref())
+                    .await?,
+            )
         }
         ConnectionAction::SelectAdAccounts {
             workspace,

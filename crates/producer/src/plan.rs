@@ -11,6 +11,7 @@ use audience_export_core::connection::{terms_url, ActiveToken, ConnectionError, 
 use audience_export_core::consumer::Outcome;
 use audience_export_core::contract::{Event, ExportJob};
 use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
+use audience_export_core::pause::AccountPauses;
 use audience_export_core::progress::{now_ms, Begin, ProgressError, ProgressStore};
 use audience_export_core::telemetry::backoff;
 use audience_export_core::workspace::Workspaces;
@@ -31,6 +32,8 @@ pub struct Deps {
     pub topology: Topology,
     /// Workspaces' Facebook connections: where a job's token comes from.
     pub connections: Connections,
+    /// Tokens Meta refused, recorded before the connection is marked invalid.
+    pub pauses: AccountPauses,
     pub metrics: Metrics,
     pub shard_size: usize,
     pub confirm_window: usize,
@@ -90,12 +93,29 @@ pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
                 deps.metrics.jobs.with_label_values(&["rejected"]).inc();
                 let rejected = Event::ExportRejected {
                     export_id: job.export_id.clone(),
-                    reason,
+                    reason: reason.clone(),
                     notify: job.notify.emails.clone(),
                 };
                 for event in invalid_token.iter().chain([&rejected]) {
                     if let Err(e) = deps.publisher.event(&deps.topology, event).await {
                         warn!(message = "Could not announce a refused export; requeueing.", error = %e);
+                        return Outcome::Requeue;
+                    }
+                }
+                // Announced first, recorded second: a marker without its event would stop every
+                // call with the token while nobody marks the connection invalid or tells anyone.
+                if let Some(Event::ConnectionInvalidated {
+                    workspace_id,
+                    token_fingerprint,
+                    ..
+                }) = &invalid_token
+                {
+                    let marked = deps
+                        .pauses
+                        .revoke_token(workspace_id, token_fingerprint, &reason)
+                        .await;
+                    if let Err(e) = marked {
+                        warn!(message = "Could not record the refused token; requeueing.", error = %e);
                         return Outcome::Requeue;
                     }
                 }
@@ -120,6 +140,21 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
         .await?
     {
         Begin::New => info!(message = "Export accepted.", fields = ?job.fields),
+        Begin::Existing { .. }
+            if deps.progress.job(&job.export_id).await?.as_deref() != Some(job_json.as_str()) =>
+        {
+            // The id names another job: running this one would write into that export (its
+            // audiences, its report, its workspace's ad account). Never retried, never announced
+            // under that id.
+            deps.metrics.jobs.with_label_values(&["rejected"]).inc();
+            warn!(message = "An export id was reused for a different job; dead-lettering it.");
+            return Ok(Outcome::Reject {
+                reason: format!(
+                    "export_id {} already names a different job; use a new export_id",
+                    job.export_id
+                ),
+            });
+        }
         Begin::Existing { sealed: true, .. } => {
             info!(message = "Export already planned; ignoring the repeated job.");
             deps.metrics.jobs.with_label_values(&["duplicate"]).inc();
@@ -262,6 +297,10 @@ async fn resolve(deps: &Deps, job: &ExportJob) -> Result<ActiveToken, PlanError>
                 "no Facebook connection: workspace {ws} has no token"
             ))
         })?;
+    // Refused by Meta moments ago, before the finalizer marked the connection invalid.
+    if let Some(reason) = deps.pauses.token_revoked(ws, &token.fingerprint).await? {
+        return Err(refused(reason));
+    }
     if !selected.tos_accepted {
         // Accepted since the last check? Ask Meta rather than refuse on stale news.
         let accepted = deps.graph.tos_accepted(&token.token, account).await;

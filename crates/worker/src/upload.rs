@@ -306,11 +306,10 @@ async fn failed_call(
     if class != ErrorClass::TokenInvalid {
         return finish(deps, &shard, Some(&Failure::shard(reason)), counters).await;
     }
-    // Stop every other worker first (the marker is read before each call), then tell the
-    // finalizer, which marks the connection invalid and tells people.
-    deps.pauses
-        .revoke_token(&shard.workspace_id, &token.fingerprint, &reason)
-        .await?;
+    // Tell the finalizer (which marks the connection invalid and tells people), then stop
+    // every other worker (the marker is read before each call). In that order: a marker whose
+    // event was lost would drop every shard silently, the connection still "valid"; an event
+    // whose marker was lost costs one more refused call on redelivery.
     let meta = error.meta().cloned().unwrap_or_default();
     deps.publisher
         .event(
@@ -324,6 +323,9 @@ async fn failed_call(
                 message: meta.message,
             },
         )
+        .await?;
+    deps.pauses
+        .revoke_token(&shard.workspace_id, &token.fingerprint, &reason)
         .await?;
     finish(deps, &shard, Some(&Failure::export(reason)), counters).await
 }

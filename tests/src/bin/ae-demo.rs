@@ -184,7 +184,7 @@ async fn connect(
     };
     let connected = call(
         reqwest::Method::POST,
-        "/v1/oauth/callback",
+        &format!("/v1/workspaces/{workspace}/connection/oauth/callback"),
         serde_json::json!({"code": param("code").context("no code")?, "state": param("state").context("no state")?}),
     )
     .await?;

@@ -1,6 +1,7 @@
-//! HTTP calls to the Graph API. Tokens travel in the `Authorization` header (never the URL, which
-//! proxies log), `appsecret_proof` in the form body. Payloads are form-encoded with `payload` as
-//! a JSON string, as Meta's own SDKs send them.
+//! HTTP calls to the Graph API. Tokens travel in the `Authorization` header or a form body, not
+//! the URL, which proxies log; the one exception is `debug_token`'s `input_token`, a query
+//! parameter in the only form Meta documents (GET). `appsecret_proof` goes with the parameters.
+//! Payloads are form-encoded with `payload` as a JSON string, as Meta's own SDKs send them.
 
 use super::classify::{classify, ErrorClass};
 use super::usage::Usage;
