@@ -558,6 +558,13 @@ async fn the_api_refuses_missing_or_wrong_keys_and_forged_or_expired_states() {
         .as_str()
         .unwrap_or_default()
         .contains("used already"));
+    let metrics = metrics_text(&app).await;
+    assert!(
+        metrics.contains(
+            "audience_export_api_requests_total{route=\"/v1/workspaces/{ws}/connection\",status=\"401\"} 2"
+        ),
+        "requests are counted by route template, never by workspace: {metrics}"
+    );
     app.stop().await;
 
     let expiring = spawn_app_with(Roles::PRODUCER, |s| s.oauth.state_ttl_secs = 0).await;

@@ -12,12 +12,13 @@
 //! | `DELETE /v1/workspaces/{ws}/connection` | disconnects, deleting the tokens |
 
 use crate::connect::{ConnectError, Connector};
-use axum::extract::{Path, Request, State};
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use prometheus::IntCounterVec;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
@@ -76,12 +77,13 @@ pub async fn serve(
     addr: SocketAddr,
     api: &audience_export_core::config::ApiSettings,
     connector: Arc<Connector>,
+    requests: IntCounterVec,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let access = Access::from_settings(api)?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(connector, access);
+    let app = router(connector, access, requests);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -94,7 +96,7 @@ pub async fn serve(
     Ok(bound)
 }
 
-fn router(connector: Arc<Connector>, access: Access) -> Router {
+fn router(connector: Arc<Connector>, access: Access, requests: IntCounterVec) -> Router {
     Router::new()
         .route(
             "/v1/workspaces/{ws}/connection",
@@ -114,7 +116,22 @@ fn router(connector: Arc<Connector>, access: Access) -> Router {
             post(callback),
         )
         .layer(middleware::from_fn_with_state(access, authorize))
+        .layer(middleware::from_fn_with_state(requests, count))
         .with_state(connector)
+}
+
+/// Counts every request by its route template (never the workspace id) and status.
+async fn count(State(requests): State<IntCounterVec>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    requests
+        .with_label_values(&[route.as_str(), response.status().as_str()])
+        .inc();
+    response
 }
 
 async fn authorize(State(access): State<Access>, request: Request, next: Next) -> Response {

@@ -49,6 +49,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         settings.api.addr,
         &settings.api,
         connector,
+        metrics.api_requests.clone(),
         shutdown.clone(),
     )
     .await?;

@@ -98,15 +98,31 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Some(Command::Connection { action }) => connection(settings, action).await,
+        Some(Command::Connection { action }) => {
+            // An operator's command: one line saying what failed, no backtrace.
+            if let Err(error) = connection(settings, action).await {
+                eprintln!("error: {error:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 
 async fn connection(settings: Settings, action: ConnectionAction) -> anyhow::Result<()> {
-    let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())?;
     let redis =
         redis::aio::ConnectionManager::new(redis::Client::open(settings.redis_url.as_str())?)
             .await?;
+    if let ConnectionAction::Status { workspace } = &action {
+        // Reading a status opens no token: no key needed.
+        let view = Connections::without_tokens(redis, &settings.namespace)
+            .view(workspace)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("workspace {workspace} has no Facebook connection"))?;
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())?;
     let connections = Connections::new(redis, &settings.namespace, cipher.clone());
     let graph = GraphClient::from_settings(&settings.graph)?;
     let connector = Connector::new(graph, connections.clone(), cipher, settings);
@@ -115,7 +131,7 @@ async fn connection(settings: Settings, action: ConnectionAction) -> anyhow::Res
         Ok(())
     };
     match action {
-        ConnectionAction::Status { workspace } => show(connector.status(&workspace).await?),
+        ConnectionAction::Status { .. } => unreachable!("answered above"),
         ConnectionAction::ConnectUrl {
             workspace,
             connected_by,

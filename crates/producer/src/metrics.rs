@@ -10,6 +10,8 @@ pub struct Metrics {
     pub members: IntCounter,
     /// Shards published and confirmed, by field.
     pub shards: IntCounterVec,
+    /// HTTP API requests, by route template and status code.
+    pub api_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -32,6 +34,14 @@ impl Metrics {
             ),
             &["field"],
         )?;
+        let api_requests = IntCounterVec::new(
+            Opts::new(
+                "audience_export_api_requests_total",
+                "HTTP API requests, by route template and status code.",
+            ),
+            &["route", "status"],
+        )?;
+        registry.register(Box::new(api_requests.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(members.clone()))?;
         registry.register(Box::new(shards.clone()))?;
@@ -39,6 +49,7 @@ impl Metrics {
             jobs,
             members,
             shards,
+            api_requests,
         })
     }
 }
