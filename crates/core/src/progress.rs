@@ -277,10 +277,6 @@ impl ProgressStore {
         Ok(())
     }
 
-    pub async fn is_shard_done(&self, export_id: &str, shard_key: &str) -> Result<bool> {
-        Ok(self.shard_gate(export_id, shard_key).await?.0)
-    }
-
     /// Why the export was stopped (its connection's token refused), if it was.
     pub async fn stop_reason(&self, export_id: &str) -> Result<Option<String>> {
         let mut c = self.redis.clone();

@@ -122,10 +122,6 @@ impl Connector {
         }
     }
 
-    pub fn connections(&self) -> &Connections {
-        &self.connections
-    }
-
     fn app_secret(&self) -> Result<&SecretString, ConnectError> {
         self.settings.graph.app_secret.as_ref().ok_or_else(|| {
             ConnectError::NotConfigured(
@@ -446,5 +442,31 @@ impl Announcer {
         let publisher = Publisher::new(&connection).await?;
         self.topology.declare(publisher.channel()).await?;
         Ok((connection, publisher))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failure_maps_to_a_status_and_says_whether_to_retry() {
+        let redis =
+            ConnectionError::Redis(redis::RedisError::from((redis::ErrorKind::IoError, "down")));
+        let key = ConnectionError::Cipher(audience_export_core::token_cipher::CipherError::NoKey);
+        let cases = [
+            (ConnectError::BadRequest("x".into()), 400, false),
+            (ConnectError::NotConnected("ws".into()), 404, false),
+            (ConnectError::BadState("forged"), 403, false),
+            (ConnectError::Refused("x".into()), 422, false),
+            (ConnectError::NotConfigured("x".into()), 503, true),
+            (ConnectError::Meta("x".into()), 502, true),
+            (ConnectError::Store(redis), 503, true),
+            (ConnectError::Store(key), 500, false),
+        ];
+        for (error, status, retryable) in cases {
+            assert_eq!(error.status(), status, "{error}");
+            assert_eq!(error.is_retryable(), retryable, "{error}");
+        }
     }
 }
