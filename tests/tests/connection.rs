@@ -4,7 +4,7 @@
 //! that no token is ever written anywhere in clear.
 
 use audience_export_core::connection::{Connections, Invalidated, NewToken, TokenKind};
-use audience_export_core::contract::{Event, ExportStatus};
+use audience_export_core::contract::{Event, ExportStatus, FinishedReport};
 use audience_export_core::progress::now_ms;
 use audience_export_core::token_cipher::TokenCipher;
 use audience_export_finalizer::email::Mailer;
@@ -98,6 +98,11 @@ fn job(
     job
 }
 
+/// The report's reason, or "" when it has none.
+fn reason(report: &FinishedReport) -> &str {
+    report.reason.as_deref().unwrap_or_default()
+}
+
 async fn enqueue(app: &TestApp, job: &Value) {
     app.enqueue(job.to_string().as_bytes()).await;
 }
@@ -170,13 +175,9 @@ async fn connect_by_oauth_lose_the_token_mid_export_and_reconnect() {
     let refused = app.finished("exp-unselected", DEADLINE).await;
     assert_eq!(refused.status, ExportStatus::Rejected);
     assert!(
-        refused
-            .reason
-            .as_deref()
-            .unwrap_or_default()
-            .contains(&format!(
-                "ad account act_{AD_ACCOUNT} is not selected for workspace {ws}"
-            )),
+        reason(&refused).contains(&format!(
+            "ad account act_{AD_ACCOUNT} is not selected for workspace {ws}"
+        )),
         "{refused:?}"
     );
 
@@ -215,11 +216,7 @@ async fn connect_by_oauth_lose_the_token_mid_export_and_reconnect() {
         let report = app.finished(export_id, DEADLINE).await;
         assert_eq!(report.status, ExportStatus::Failed, "{report:?}");
         assert!(
-            report
-                .reason
-                .as_deref()
-                .unwrap_or_default()
-                .starts_with("token invalid: Meta refused the Facebook connection"),
+            reason(&report).starts_with("token invalid: Meta refused the Facebook connection"),
             "{report:?}"
         );
         let audience = &report.audiences[0];
@@ -265,11 +262,7 @@ async fn connect_by_oauth_lose_the_token_mid_export_and_reconnect() {
     let meanwhile = app.finished("exp-meanwhile", DEADLINE).await;
     assert_eq!(meanwhile.status, ExportStatus::Rejected);
     assert!(
-        meanwhile
-            .reason
-            .as_deref()
-            .unwrap_or_default()
-            .starts_with("connection invalid"),
+        reason(&meanwhile).starts_with("connection invalid"),
         "{meanwhile:?}"
     );
     let told = app
@@ -685,19 +678,12 @@ async fn jobs_are_refused_without_a_connection_a_selected_account_or_accepted_te
     ));
 
     let before = app.emulator.audiences().len();
-    for (job, reason) in &cases {
+    for (job, expected) in &cases {
         enqueue(&app, job).await;
         let export_id = job["export_id"].as_str().expect("id");
         let report = app.finished(export_id, DEADLINE).await;
         assert_eq!(report.status, ExportStatus::Rejected, "{report:?}");
-        assert!(
-            report
-                .reason
-                .as_deref()
-                .unwrap_or_default()
-                .starts_with(reason.as_str()),
-            "{report:?}"
-        );
+        assert!(reason(&report).starts_with(expected.as_str()), "{report:?}");
         let mail = app
             .smtp
             .wait_for(DEADLINE, |m| m.data.contains(export_id))
@@ -913,14 +899,7 @@ async fn a_token_refused_to_the_producer_invalidates_the_connection_too() {
     app.export("exp-first", &["email"], &segment).await;
     let first = app.finished("exp-first", DEADLINE).await;
     assert_eq!(first.status, ExportStatus::Rejected);
-    assert!(
-        first
-            .reason
-            .as_deref()
-            .unwrap_or_default()
-            .starts_with("token invalid"),
-        "{first:?}"
-    );
+    assert!(reason(&first).starts_with("token invalid"), "{first:?}");
     let changed = app
         .wait_event(
             DEADLINE,
@@ -953,11 +932,7 @@ async fn a_token_refused_to_the_producer_invalidates_the_connection_too() {
     app.export("exp-second", &["email"], &segment).await;
     let second = app.finished("exp-second", DEADLINE).await;
     assert!(
-        second
-            .reason
-            .as_deref()
-            .unwrap_or_default()
-            .starts_with("connection invalid"),
+        reason(&second).starts_with("connection invalid"),
         "{second:?}"
     );
     assert_eq!(
@@ -1107,11 +1082,7 @@ async fn a_token_refused_moments_ago_is_not_used_for_the_next_job() {
     let report = app.finished("exp-marked", DEADLINE).await;
     assert_eq!(report.status, ExportStatus::Rejected);
     assert!(
-        report
-            .reason
-            .as_deref()
-            .unwrap_or_default()
-            .starts_with("token invalid: Meta refused the Facebook connection (test)"),
+        reason(&report).starts_with("token invalid: Meta refused the Facebook connection (test)"),
         "{report:?}"
     );
     assert_eq!(
