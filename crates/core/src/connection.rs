@@ -368,43 +368,23 @@ impl Connections {
         connected_by: Option<&str>,
         now_ms: u64,
     ) -> Result<(), ConnectionError> {
-        let key = self.key(workspace);
-        let sealed = self
-            .cipher()?
-            .seal(&new.token, &Self::context(workspace, TokenKind::User));
         let current = self.fields(workspace).await?;
-        let mut c = self.redis.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
         let system_refused = current.get("status").map(String::as_str) == Some("invalid")
             && current.contains_key("invalid_fp")
             && current.get("invalid_fp") == current.get("system_fp");
-        if system_refused {
-            pipe.hdel(&key, &["system_token", "system_fp", "system_available"]);
-        }
-        // A token once refused and entered again is given its chance again: Meta will say.
-        pipe.del(revoked_key(
-            &self.ns,
-            workspace,
-            &token_fingerprint(&new.token),
-        ))
-        .hdel(&key, &INVALID_FIELDS)
-        .hset_multiple(
-            &key,
-            &[
-                ("status", "valid".to_owned()),
-                ("user_token", sealed),
-                ("user_fp", token_fingerprint(&new.token)),
-                ("user_expires_at", new.expires_at.to_string()),
-                ("scopes", new.scopes.join(",")),
-                ("connected_by", connected_by.unwrap_or_default().to_owned()),
-                ("connected_at_ms", now_ms.to_string()),
-                ("user_available", json(&new.ad_accounts)),
-            ],
-        )
-        .sadd(self.index(), workspace);
-        let _: () = pipe.query_async(&mut c).await?;
-        Ok(())
+        let drop: &[&str] = if system_refused {
+            &["system_token", "system_fp", "system_available"]
+        } else {
+            &[]
+        };
+        let fields = vec![
+            ("user_expires_at", new.expires_at.to_string()),
+            ("scopes", new.scopes.join(",")),
+            ("connected_by", connected_by.unwrap_or_default().to_owned()),
+            ("connected_at_ms", now_ms.to_string()),
+        ];
+        self.store_token(workspace, TokenKind::User, new, fields, drop)
+            .await
     }
 
     /// Sets or replaces the Business Manager system user token, used for every call from now
@@ -417,33 +397,49 @@ impl Connections {
         connected_by: Option<&str>,
         now_ms: u64,
     ) -> Result<(), ConnectionError> {
-        let key = self.key(workspace);
-        let sealed = self
-            .cipher()?
-            .seal(&new.token, &Self::context(workspace, TokenKind::SystemUser));
-        let mut fields = vec![
-            ("status", "valid".to_owned()),
-            ("system_token", sealed),
-            ("system_fp", token_fingerprint(&new.token)),
-            ("system_available", json(&new.ad_accounts)),
-            ("system_set_at_ms", now_ms.to_string()),
-        ];
+        let mut fields = vec![("system_set_at_ms", now_ms.to_string())];
         if let Some(who) = connected_by {
             fields.push(("connected_by", who.to_owned()));
         }
-        let mut c = self.redis.clone();
-        let _: () = redis::pipe()
-            .atomic()
-            .del(revoked_key(
-                &self.ns,
-                workspace,
-                &token_fingerprint(&new.token),
-            ))
+        self.store_token(workspace, TokenKind::SystemUser, new, fields, &[])
+            .await
+    }
+
+    /// Writes a token into its slot with `fields`, in one transaction: the connection becomes
+    /// valid, `drop` fields go, and a refused-token marker of this very token is lifted (a token
+    /// entered again gets its chance again: Meta will say).
+    async fn store_token(
+        &self,
+        workspace: &str,
+        kind: TokenKind,
+        new: &NewToken,
+        fields: Vec<(&str, String)>,
+        drop: &[&str],
+    ) -> Result<(), ConnectionError> {
+        let key = self.key(workspace);
+        let slot = kind.slot();
+        let fingerprint = token_fingerprint(&new.token);
+        let sealed = self
+            .cipher()?
+            .seal(&new.token, &Self::context(workspace, kind));
+        let mut all: Vec<(String, String)> = vec![
+            ("status".into(), "valid".into()),
+            (format!("{slot}_token"), sealed),
+            (format!("{slot}_fp"), fingerprint.clone()),
+            (format!("{slot}_available"), json(&new.ad_accounts)),
+        ];
+        all.extend(fields.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if !drop.is_empty() {
+            pipe.hdel(&key, drop);
+        }
+        pipe.del(revoked_key(&self.ns, workspace, &fingerprint))
             .hdel(&key, &INVALID_FIELDS)
-            .hset_multiple(&key, &fields)
-            .sadd(self.index(), workspace)
-            .query_async(&mut c)
-            .await?;
+            .hset_multiple(&key, &all)
+            .sadd(self.index(), workspace);
+        let mut c = self.redis.clone();
+        let _: () = pipe.query_async(&mut c).await?;
         Ok(())
     }
 

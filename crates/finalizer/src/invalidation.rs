@@ -47,20 +47,21 @@ pub async fn handle(deps: &Deps, r: &Refusal<'_>) -> Result<Option<Outcome>, Fin
             return Ok(Some(Outcome::Ack));
         }
     }
-    // When it was marked, not when this (possibly repeated) report arrived.
-    let at_ms = deps
-        .connections
-        .view(ws)
-        .await?
-        .and_then(|v| v.invalid)
+    // Read once for both notices: when it was marked (not when this, possibly repeated, report
+    // arrived), and who connected the workspace.
+    let view = deps.connections.view(ws).await?;
+    let at_ms = view
+        .as_ref()
+        .and_then(|v| v.invalid.as_ref())
         .map_or(at_ms, |i| i.at_ms);
+    let owner: Vec<String> = view.and_then(|v| v.connected_by).into_iter().collect();
     // Two notices, each once: the email must not go twice because the event failed after it.
     let base = format!("invalid:{}", r.token_fingerprint);
     let emailed = once(
         deps,
         ws,
         &format!("{base}:email"),
-        email_owner(deps, r, at_ms),
+        email_owner(deps, r, &owner, at_ms),
     )
     .await?;
     let announced = once(
@@ -104,10 +105,13 @@ async fn once(
     }
 }
 
-async fn email_owner(deps: &Deps, r: &Refusal<'_>, at_ms: u64) -> Result<(), FinalizeError> {
+async fn email_owner(
+    deps: &Deps,
+    r: &Refusal<'_>,
+    recipients: &[String],
+    at_ms: u64,
+) -> Result<(), FinalizeError> {
     let ws = r.workspace_id;
-    let view = deps.connections.view(ws).await?;
-    let recipients: Vec<String> = view.and_then(|v| v.connected_by).into_iter().collect();
     let at = time::OffsetDateTime::from_unix_timestamp((at_ms / 1000) as i64)
         .ok()
         .and_then(|t| {
@@ -116,7 +120,7 @@ async fn email_owner(deps: &Deps, r: &Refusal<'_>, at_ms: u64) -> Result<(), Fin
         })
         .unwrap_or_default();
     let (subject, body) = email::connection_invalid(ws, r.code, r.subcode, r.message, &at);
-    match deps.mailer.send_text(&recipients, subject, body).await {
+    match deps.mailer.send_text(recipients, subject, body).await {
         Ok(()) => deps.metrics.notices.with_label_values(&["invalid"]).inc(),
         Err(EmailError::NoRecipient) => {
             info!(message = "Nobody to tell about the invalid connection (no connected_by).", workspace_id = %ws);

@@ -7,7 +7,9 @@
 use crate::metrics::Metrics;
 use crate::source::{Line, SegmentReader};
 use audience_export_core::amqp::{PendingConfirm, PublishError, Publisher, Topology};
-use audience_export_core::connection::{terms_url, ActiveToken, ConnectionError, Connections};
+use audience_export_core::connection::{
+    terms_url, ActiveToken, AdAccountStatus, ConnectionError, Connections,
+};
 use audience_export_core::consumer::Outcome;
 use audience_export_core::contract::{Event, ExportJob};
 use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
@@ -306,11 +308,7 @@ async fn resolve(deps: &Deps, job: &ExportJob) -> Result<ActiveToken, PlanError>
         let accepted = deps.graph.tos_accepted(&token.token, account).await;
         match accepted {
             Ok(true) => {
-                let status = audience_export_core::connection::AdAccountStatus::new(
-                    account,
-                    true,
-                    now_ms(),
-                );
+                let status = AdAccountStatus::new(account, true, now_ms());
                 deps.connections
                     .update_terms(ws, status)
                     .await

@@ -420,13 +420,7 @@ impl State {
             ));
         };
         let Some(t) = self.tokens.get_mut(token) else {
-            return Err(GraphFailure::new(
-                400,
-                190,
-                None,
-                "OAuthException",
-                "Invalid OAuth access token - Cannot parse access token",
-            ));
+            return Err(unparseable_token());
         };
         if let Some(subcode) = t.revoked {
             t.calls_after_revocation += 1;
@@ -770,15 +764,7 @@ impl State {
                 Some(t) if t.revoked.is_none() => {
                     (t.kind, t.ad_accounts.clone(), t.user_id.clone())
                 }
-                _ => {
-                    return Err(GraphFailure::new(
-                        400,
-                        190,
-                        None,
-                        "OAuthException",
-                        "Invalid OAuth access token - Cannot parse access token",
-                    ))
-                }
+                _ => return Err(unparseable_token()),
             };
             let long = format!("{short}LL");
             self.tokens.insert(
@@ -1211,4 +1197,15 @@ impl<'a> Payload<'a> {
             Rows::Multi(v) => v.len(),
         }
     }
+}
+
+/// Meta's answer to a token it cannot read (unknown, or not a token at all).
+fn unparseable_token() -> GraphFailure {
+    GraphFailure::new(
+        400,
+        190,
+        None,
+        "OAuthException",
+        "Invalid OAuth access token - Cannot parse access token",
+    )
 }
