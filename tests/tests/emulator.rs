@@ -650,3 +650,347 @@ async fn an_audience_reads_back_with_approximate_bounds_only() {
     );
     assert!(lower < 2000 && 2000 < upper, "{}", read.body);
 }
+
+/// Creates a customer-list audience named `name` with `description` and returns its id.
+async fn create_named(e: &Emulator, account: &str, name: &str, description: &str) -> String {
+    let form = [
+        ("name", name.to_owned()),
+        ("description", description.to_owned()),
+        ("subtype", "CUSTOM".to_owned()),
+        ("customer_file_source", "USER_PROVIDED_ONLY".to_owned()),
+    ];
+    let created = call(
+        reqwest::Method::POST,
+        format!("{}/v27.0/act_{account}/customaudiences", e.base_url()),
+        Some(TOKEN),
+        &form,
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.body);
+    created.body["id"].as_str().expect("id").to_owned()
+}
+
+/// `GET /act_{account}/customaudiences?{query}` with `token` in the header.
+async fn list(e: &Emulator, account: &str, token: &str, query: &str) -> Answer {
+    call(
+        reqwest::Method::GET,
+        format!(
+            "{}/v27.0/act_{account}/customaudiences?{query}",
+            e.base_url()
+        ),
+        Some(token),
+        &[],
+    )
+    .await
+}
+
+/// The `field` of every listed audience, in order.
+fn listed(a: &Answer, field: &str) -> Vec<String> {
+    a.body["data"]
+        .as_array()
+        .expect("a data array")
+        .iter()
+        .map(|x| x[field].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn listing_gives_the_accounts_audiences_newest_first_with_the_requested_fields() {
+    let e = emulator(Config::default()).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(create_named(&e, ACCOUNT, &format!("A{i}"), &format!("audience {i}")).await);
+    }
+    ids.reverse();
+    let calls_before = e.account_stats(ACCOUNT).0;
+
+    let read = list(&e, ACCOUNT, TOKEN, "fields=name,description,time_created").await;
+    assert_eq!(read.status, 200, "{}", read.body);
+    assert_eq!(listed(&read, "id"), ids, "newest first");
+    assert_eq!(listed(&read, "name"), ["A2", "A1", "A0"]);
+    assert_eq!(listed(&read, "description")[0], "audience 2");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    for audience in read.body["data"].as_array().expect("data") {
+        let mut keys: Vec<&str> = audience
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort();
+        assert_eq!(keys, ["description", "id", "name", "time_created"]);
+        let created = audience["time_created"].as_u64().expect("unix seconds");
+        assert!(created <= now && now - created < 600, "{audience}");
+    }
+    assert!(
+        read.body["paging"].get("next").is_none(),
+        "one page holds 3"
+    );
+    assert_eq!(
+        e.account_stats(ACCOUNT).0,
+        calls_before + 1,
+        "a listing counts against the ad account's budget"
+    );
+    assert!(read.headers.contains_key("x-business-use-case-usage"));
+    assert!(read.headers.contains_key("x-ad-account-usage"));
+
+    let bare = list(&e, ACCOUNT, TOKEN, "").await;
+    assert_eq!(
+        bare.body["data"][0],
+        json!({ "id": ids[0] }),
+        "without fields, ids only"
+    );
+    let unknown = list(&e, ACCOUNT, TOKEN, "fields=name,secret").await;
+    assert_eq!((unknown.status, code(&unknown)), (400, (100, None)));
+}
+
+#[tokio::test]
+async fn pagination_walks_every_audience_once() {
+    let e = emulator(Config::default()).await;
+    let mut created = Vec::new();
+    for i in 0..7 {
+        created.push(create_named(&e, ACCOUNT, &format!("P{i}"), "paged").await);
+    }
+    created.reverse();
+
+    // Following `next` as it comes: it carries the token, so no header is needed.
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut page = list(&e, ACCOUNT, TOKEN, "fields=name&limit=3").await;
+    loop {
+        assert_eq!(page.status, 200, "{}", page.body);
+        let ids = listed(&page, "id");
+        sizes.push(ids.len());
+        seen.extend(ids);
+        match page.body["paging"]["next"].as_str() {
+            Some(next) => {
+                assert!(
+                    next.contains("limit=3") && next.contains("fields=name"),
+                    "{next}"
+                );
+                page = call(reqwest::Method::GET, next.to_owned(), None, &[]).await;
+            }
+            None => break,
+        }
+    }
+    assert_eq!(sizes, [3, 3, 1]);
+    assert_eq!(seen, created, "every audience once, newest first");
+
+    // The same walk by the `after` cursor, the token in the header.
+    let mut by_cursor = Vec::new();
+    let mut query = "limit=2".to_owned();
+    loop {
+        let page = list(&e, ACCOUNT, TOKEN, &query).await;
+        by_cursor.extend(listed(&page, "id"));
+        if page.body["paging"].get("next").is_none() {
+            break;
+        }
+        let after = page.body["paging"]["cursors"]["after"]
+            .as_str()
+            .expect("an after cursor");
+        query = format!("limit=2&after={}", urlencode(after));
+    }
+    assert_eq!(by_cursor, created);
+
+    let forged = list(&e, ACCOUNT, TOKEN, &format!("after={}", created[0])).await;
+    assert_eq!(code(&forged), (100, None), "a cursor is opaque, not an id");
+}
+
+/// Percent-encodes a cursor for a query string (base64 holds `+`, `/` and `=`).
+fn urlencode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+#[tokio::test]
+async fn another_accounts_audiences_are_not_listed() {
+    let e = emulator(Config::default()).await;
+    e.add_ad_account(AdAccountSeed::new("5005"));
+    e.add_token(TokenSeed::user(TOKEN, &[ACCOUNT, "3003", "5005"]));
+    let ours = create_named(&e, ACCOUNT, "ours", "2002's").await;
+    let theirs = create_named(&e, "5005", "theirs", "5005's").await;
+
+    let listing = list(&e, ACCOUNT, TOKEN, "fields=name").await;
+    assert_eq!(
+        listing.body["data"],
+        json!([{ "id": ours, "name": "ours" }])
+    );
+    let other = list(&e, "5005", TOKEN, "fields=name").await;
+    assert_eq!(
+        other.body["data"],
+        json!([{ "id": theirs, "name": "theirs" }])
+    );
+
+    let foreign_cursor = other.body["paging"]["cursors"]["after"]
+        .as_str()
+        .expect("a cursor")
+        .to_owned();
+    let crossed = list(
+        &e,
+        ACCOUNT,
+        TOKEN,
+        &format!("after={}", urlencode(&foreign_cursor)),
+    )
+    .await;
+    assert_eq!(
+        code(&crossed),
+        (100, None),
+        "a cursor of another account's listing"
+    );
+
+    e.add_ad_account(AdAccountSeed::new("6006"));
+    e.add_token(TokenSeed::user(TOKEN, &[ACCOUNT, "6006"]));
+    assert_eq!(
+        list(&e, "6006", TOKEN, "").await.body,
+        json!({ "data": [] }),
+        "no audiences, no paging"
+    );
+}
+
+#[tokio::test]
+async fn listing_an_account_the_token_may_not_use_is_refused_like_other_account_calls() {
+    let e = emulator(Config::default()).await;
+    e.add_token(TokenSeed::user("EAAother", &["4004"]));
+    let _theirs = create_named(&e, ACCOUNT, "not yours", "").await;
+    let (calls_before, _) = e.account_stats(ACCOUNT);
+
+    let refused = list(&e, ACCOUNT, "EAAother", "fields=name").await;
+    assert_eq!((refused.status, code(&refused)), (400, (200, None)));
+    assert!(refused.body.get("data").is_none(), "{}", refused.body);
+    assert_eq!(
+        e.account_stats(ACCOUNT).0,
+        calls_before,
+        "a refused call is not charged to the account"
+    );
+    assert_eq!(
+        code(&list(&e, "9999", TOKEN, "").await),
+        (200, None),
+        "an account that does not exist"
+    );
+    assert_eq!(code(&list(&e, ACCOUNT, "nope", "").await), (190, None));
+    let old = call(
+        reqwest::Method::GET,
+        format!("{}/v12.0/act_{ACCOUNT}/customaudiences", e.base_url()),
+        Some(TOKEN),
+        &[],
+    )
+    .await;
+    assert_eq!(code(&old), (2635, None));
+}
+
+#[tokio::test]
+async fn listing_checks_appsecret_proof_and_carries_it_in_next() {
+    let config = Config {
+        app_secret: Some("s3cret".into()),
+        require_appsecret_proof: true,
+        ..Config::default()
+    };
+    let e = emulator(config).await;
+    let proof = {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").expect("key");
+        mac.update(TOKEN.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    };
+    for i in 0..3 {
+        let form = [
+            ("name", format!("S{i}")),
+            ("customer_file_source", "USER_PROVIDED_ONLY".to_owned()),
+            ("appsecret_proof", proof.clone()),
+        ];
+        let url = format!("{}/v27.0/act_{ACCOUNT}/customaudiences", e.base_url());
+        assert_eq!(
+            call(reqwest::Method::POST, url, Some(TOKEN), &form)
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(code(&list(&e, ACCOUNT, TOKEN, "").await), (100, None));
+    let first = list(
+        &e,
+        ACCOUNT,
+        TOKEN,
+        &format!("limit=2&appsecret_proof={proof}"),
+    )
+    .await;
+    let next = first.body["paging"]["next"].as_str().expect("a next link");
+    let second = call(reqwest::Method::GET, next.to_owned(), None, &[]).await;
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(listed(&second, "id").len(), 1);
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_is_listed() {
+    let e = emulator(Config::default()).await;
+    e.inject_on_create([Fault::Hang { ms: 5_000 }]);
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let lost = client
+        .post(format!(
+            "{}/v27.0/act_{ACCOUNT}/customaudiences",
+            e.base_url()
+        ))
+        .bearer_auth(TOKEN)
+        .form(&[
+            ("name", "lost answer"),
+            ("customer_file_source", "USER_PROVIDED_ONLY"),
+        ])
+        .send()
+        .await
+        .expect_err("the client times out");
+    assert!(lost.is_timeout(), "{lost}");
+
+    let found =
+        audience_export_harness::app::eventually(std::time::Duration::from_secs(5), || async {
+            let page = list(&e, ACCOUNT, TOKEN, "fields=name").await;
+            listed(&page, "name")
+                .contains(&"lost answer".to_owned())
+                .then_some(())
+        })
+        .await;
+    assert!(
+        found.is_some(),
+        "a hung create was applied: the listing shows it"
+    );
+    assert_eq!(e.audiences().len(), 1);
+    assert_eq!(
+        create(&e, ACCOUNT, TOKEN).await.status,
+        200,
+        "the fault was for one create only"
+    );
+}
+
+#[tokio::test]
+async fn create_faults_that_are_errors_or_resets_create_nothing() {
+    let e = emulator(Config::default()).await;
+    e.inject_on_create([Fault::Http500, Fault::Reset]);
+    let failed = create(&e, ACCOUNT, TOKEN).await;
+    assert_eq!((failed.status, code(&failed)), (500, (1, None)));
+    let reset = reqwest::Client::new()
+        .post(format!(
+            "{}/v27.0/act_{ACCOUNT}/customaudiences",
+            e.base_url()
+        ))
+        .bearer_auth(TOKEN)
+        .form(&[
+            ("name", "cut"),
+            ("customer_file_source", "USER_PROVIDED_ONLY"),
+        ])
+        .send()
+        .await;
+    let cut = match reset {
+        Ok(response) => response.bytes().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(cut.is_err(), "the connection is cut");
+    assert!(e.audiences().is_empty());
+    assert_eq!(
+        list(&e, ACCOUNT, TOKEN, "").await.body,
+        json!({ "data": [] })
+    );
+}

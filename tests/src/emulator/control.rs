@@ -1,7 +1,9 @@
 //! The control API under `/_emulator/`, kept apart from the Graph paths: what the demo, the
 //! benchmarks and out-of-process tests use to seed, break and inspect the emulator.
 
-use super::state::{AdAccountSeed, Config, Fault, State, TokenSeed};
+use super::faults::Fault;
+use super::seed::{AdAccountSeed, Config, TokenSeed};
+use super::state::State;
 use axum::extract::{Path, State as AxState};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,6 +24,7 @@ pub fn router(state: Shared) -> Router {
         .route("/_emulator/ad_accounts/{id}", get(account))
         .route("/_emulator/ad_accounts/{id}/budget", post(budget))
         .route("/_emulator/faults", post(faults))
+        .route("/_emulator/faults/create_audience", post(create_faults))
         .route("/_emulator/config", get(config).post(set_config))
         .with_state(state)
 }
@@ -36,8 +39,9 @@ async fn audiences(AxState(state): AxState<Shared>) -> Json<Value> {
         .iter()
         .map(|a| {
             json!({
-                "id": a.id, "ad_account": a.ad_account, "name": a.name, "subtype": a.subtype,
-                "customer_file_source": a.customer_file_source,
+                "id": a.id, "ad_account": a.ad_account, "name": a.name,
+                "description": a.description, "subtype": a.subtype,
+                "customer_file_source": a.customer_file_source, "time_created": a.time_created,
                 "distinct_entries": a.entries.len(), "calls": a.calls,
                 "entries_sent": a.entries.values().map(|n| *n as u64).sum::<u64>(),
             })
@@ -120,8 +124,18 @@ async fn budget(
     }
 }
 
+/// Faults for the next add-users calls, in order.
 async fn faults(AxState(state): AxState<Shared>, Json(list): Json<Vec<Fault>>) -> Json<Value> {
     lock(&state).scripted_faults.extend(list);
+    Json(json!({ "ok": true }))
+}
+
+/// Faults for the next create-audience calls, in order.
+async fn create_faults(
+    AxState(state): AxState<Shared>,
+    Json(list): Json<Vec<Fault>>,
+) -> Json<Value> {
+    lock(&state).create_faults.extend(list);
     Json(json!({ "ok": true }))
 }
 

@@ -1,10 +1,15 @@
 //! The Graph paths: `/{version}/{node}` and `/{version}/{node}/{edge}`, dispatched to the model
-//! in `state.rs` under its lock, answered after the latency model's delay with Meta's usage
-//! headers and error envelope.
+//! (`state.rs` and its rule modules) under its lock, answered after the latency model's delay
+//! with Meta's usage headers and error envelope, or cut, or sent slowly, as a fault says. HTTP in
+//! and out only: every rule Meta applies lives in the model, and the lock is never held across an
+//! await.
 
-use super::state::{
-    bad_param, Answer, Checked, Fault, GraphFailure, Params, Payload, State, Transport, Usage,
-};
+use super::failure::GraphFailure;
+use super::faults::Fault;
+use super::limits::Usage;
+use super::listing::PageLink;
+use super::payload::{Checked, Payload};
+use super::state::{Params, State};
 use super::CallRecord;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State as AxState};
@@ -19,6 +24,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 type Shared = Arc<Mutex<State>>;
+
+/// What a handler sends back: body, status, and how long to wait before answering.
+struct Answer {
+    result: Result<Value, GraphFailure>,
+    /// Entries in the request's payload, for the call log.
+    records: usize,
+    delay: Duration,
+    usage: Option<Usage>,
+    transport: Transport,
+}
+
+/// How the answer travels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Transport {
+    Normal,
+    /// Cut the connection instead of answering.
+    Reset,
+    /// Send the body in two halves, `Duration` apart.
+    Slow(Duration),
+}
 
 pub fn router(state: Shared) -> Router {
     Router::new()
@@ -88,12 +113,20 @@ async fn respond(
 ) -> Response {
     let params = params(headers, query, body);
     let token = bearer(headers).or_else(|| params.get("access_token").cloned());
+    // Where the client reached us, for the `next` links of listings.
+    let origin = format!(
+        "http://{}",
+        headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost")
+    );
     // Parsing and checking up to 10,000 entries is the costly part of a call: done here, on the
     // request's task, so concurrent uploads do not queue behind one lock.
     let checked = (edge == Some("users")).then(|| {
         params
             .get("payload")
-            .ok_or_else(|| bad_param("payload"))
+            .ok_or_else(|| GraphFailure::bad_param("payload"))
             .and_then(|raw| Payload::parse(raw))
             .map(Payload::check)
     });
@@ -108,6 +141,7 @@ async fn respond(
             &params,
             checked.as_ref(),
             token.as_deref(),
+            &origin,
         );
         s.calls.push(CallRecord {
             method: method.to_string(),
@@ -187,6 +221,7 @@ fn dispatch(
     p: &Params,
     checked: Option<&Result<Checked<'_>, GraphFailure>>,
     token: Option<&str>,
+    origin: &str,
 ) -> Answer {
     let plain = |result: Result<Value, GraphFailure>| Answer {
         result,
@@ -215,19 +250,24 @@ fn dispatch(
         }
         (_, account, edge) if account.starts_with("act_") => {
             let id = &account[4..];
-            if !s.ad_accounts.contains_key(id) || !s.tokens[&token].ad_accounts.contains(id) {
-                return plain(Err(GraphFailure::new(
-                    400,
-                    200,
-                    None,
-                    "OAuthException",
-                    format!("(#200) The user does not have permission to manage ad account act_{id}, or it does not exist."),
-                )));
+            if let Err(f) = s.account_for(&token, id) {
+                return plain(Err(f));
             }
             match (method.as_str(), edge) {
                 ("GET", None) => plain(Ok(s.tos(id))),
+                ("GET", Some("customaudiences")) => {
+                    let url = format!("{origin}/{version}/{account}/customaudiences");
+                    let link = PageLink {
+                        url: &url,
+                        token: &token,
+                    };
+                    charged(s, &token, id, 0, |s| s.list_audiences(id, p, &link))
+                }
                 ("POST", Some("customaudiences")) => {
-                    charged(s, &token, id, 0, |s| s.create_audience(&token, id, p))
+                    let fault = s.next_create_fault();
+                    faulted(s, &token, id, 0, fault, |s| {
+                        s.create_audience(&token, id, p)
+                    })
                 }
                 _ => plain(Err(unsupported(method, account))),
             }
@@ -241,28 +281,14 @@ fn dispatch(
             let checked = match checked {
                 Some(Ok(checked)) => checked,
                 Some(Err(f)) => return plain(Err(f.clone())),
-                None => return plain(Err(bad_param("payload"))),
+                None => return plain(Err(GraphFailure::bad_param("payload"))),
             };
             let records = checked.payload.len();
             let fault = s.next_fault();
-            let mut answer = charged(s, &token, &account, records, |s| {
-                match fault.as_ref().and_then(State::failure) {
-                    Some(failure) => Err(failure),
-                    None if fault == Some(Fault::Reset) => Ok(Value::Null),
-                    None => s.users(audience, checked, m == "DELETE", p),
-                }
+            let mut answer = faulted(s, &token, &account, records, fault, |s| {
+                s.users(audience, checked, m == "DELETE", p)
             });
             answer.records = records;
-            if answer.result.is_ok() {
-                match fault {
-                    Some(Fault::Hang { ms }) => answer.delay += Duration::from_millis(ms),
-                    Some(Fault::Reset) => answer.transport = Transport::Reset,
-                    Some(Fault::SlowBody { ms }) => {
-                        answer.transport = Transport::Slow(Duration::from_millis(ms))
-                    }
-                    _ => {}
-                }
-            }
             answer
         }
         _ => plain(Err(unsupported(method, node))),
@@ -296,14 +322,40 @@ fn charged(
     }
 }
 
+/// A charged call that may meet an injected fault, drawn by the caller. One policy for every
+/// faultable call: an error fault answers instead of the call (not applied); a reset cuts the
+/// connection (not applied); a hang or a slow body applies the call, then answers late or slowly,
+/// so the client cannot tell whether it was applied.
+fn faulted(
+    s: &mut State,
+    token: &str,
+    account: &str,
+    records: usize,
+    fault: Option<Fault>,
+    call: impl FnOnce(&mut State) -> Result<Value, GraphFailure>,
+) -> Answer {
+    let mut answer = charged(s, token, account, records, |s| {
+        match fault.as_ref().and_then(Fault::failure) {
+            Some(failure) => Err(failure),
+            None if fault == Some(Fault::Reset) => Ok(Value::Null),
+            None => call(s),
+        }
+    });
+    if answer.result.is_ok() {
+        match fault {
+            Some(Fault::Hang { ms }) => answer.delay += Duration::from_millis(ms),
+            Some(Fault::Reset) => answer.transport = Transport::Reset,
+            Some(Fault::SlowBody { ms }) => {
+                answer.transport = Transport::Slow(Duration::from_millis(ms))
+            }
+            _ => {}
+        }
+    }
+    answer
+}
+
 fn unsupported(method: &Method, node: &str) -> GraphFailure {
-    GraphFailure::new(
-        400,
-        100,
-        Some(33),
-        "GraphMethodException",
-        format!("Unsupported {} request. Object with ID '{node}' does not exist, cannot be loaded due to missing permissions, or does not support this operation.", method.as_str().to_lowercase()),
-    )
+    GraphFailure::unsupported(&method.as_str().to_lowercase(), node)
 }
 
 /// Query and body parameters together; a JSON body's non-string values become their JSON text,

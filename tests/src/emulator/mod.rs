@@ -7,11 +7,22 @@
 //!
 //! It never forwards anything anywhere: it is a closed, in-memory model.
 
+mod accounts;
+mod audiences;
+mod auth;
 mod control;
+mod failure;
+mod faults;
 mod graph;
+mod limits;
+mod listing;
+mod oauth;
+mod payload;
+mod seed;
 mod state;
 
-pub use state::{AdAccountSeed, Config, Fault, Latency, Seed, TokenKind, TokenSeed};
+pub use faults::Fault;
+pub use seed::{AdAccountSeed, Config, Latency, Seed, TokenKind, TokenSeed};
 
 use state::State;
 use std::collections::HashMap;
@@ -33,8 +44,11 @@ pub struct AudienceView {
     pub id: String,
     pub ad_account: String,
     pub name: String,
+    pub description: Option<String>,
     pub subtype: String,
     pub customer_file_source: Option<String>,
+    /// Unix seconds of the creation.
+    pub time_created: u64,
     /// Entry (hash or MADID) → times it was sent.
     pub entries: HashMap<String, u32>,
     pub calls: u64,
@@ -144,6 +158,13 @@ impl Emulator {
     /// Queues faults answered, in order, to the next add-users calls.
     pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
         self.with(|s| s.scripted_faults.extend(faults))
+    }
+
+    /// Queues faults answered, in order, to the next create-audience calls
+    /// (`POST /act_{id}/customaudiences`): a `Hang` creates the audience and answers past the
+    /// client's timeout, the case listing the account's audiences recovers from.
+    pub fn inject_on_create(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.with(|s| s.create_faults.extend(faults))
     }
 
     /// Changes the configuration in place (window, user budget, fault rates...).
