@@ -9,7 +9,7 @@ mode="${1:-full}"
 
 scripts/services.sh
 cargo build --release --quiet --bins
-bench=target/release/ae-bench
+bench="$(scripts/target-dir.sh)/release/ae-bench"
 
 if [ "$mode" = quick ]; then
   commands=(

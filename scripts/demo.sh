@@ -12,7 +12,8 @@ cargo build --quiet --bins
 
 DEMO="$PWD/.demo"
 rm -rf "$DEMO" && mkdir -p "$DEMO/mail" "$DEMO/logs"
-BIN="$PWD/target/debug"
+# Where cargo put the binaries: CARGO_TARGET_DIR (or a build.target-dir setting) when set.
+BIN="$(scripts/target-dir.sh)/debug"
 ACCOUNT=1234567890
 
 # Embedded defaults, spelled out: one namespace, the emulator's URL, and this run's secrets:
