@@ -10,8 +10,8 @@ default:
 demo:
     scripts/demo.sh
 
-# Formatting, clippy with -D warnings, unit tests and the end-to-end suite (starts RabbitMQ and Redis if needed).
-test: up lint
+# Formatting, clippy with -D warnings, unit tests and the end-to-end suite (starts RabbitMQ and Redis, installs promtool if needed).
+test: up tools lint
     cargo test --workspace --all-targets
 
 # Formatting check and clippy.
@@ -22,6 +22,10 @@ lint:
 # Make sure RabbitMQ and Redis are running.
 up:
     scripts/services.sh
+
+# Install the tools the suite runs (promtool) if they are missing.
+tools:
+    scripts/tools.sh
 
 # Every benchmark (release build, under 15 minutes); rewrites the "Latest run" of BENCHMARKS.md.
 bench:

@@ -7,9 +7,9 @@ use crate::smtp::SmtpSink;
 use audience_export_core::amqp::{self, Publisher, Topology};
 use audience_export_core::config::Settings;
 use audience_export_core::connection::{AdAccountStatus, Connections, NewToken};
-use audience_export_core::contract::{Event, FinishedReport};
+use audience_export_core::contract::{AdAccountId, Event, ExportId, FinishedReport, WorkspaceId};
 use audience_export_core::progress::now_ms;
-use audience_export_core::progress::ProgressStore;
+use audience_export_core::progress::{ExportProgress, ProgressStore};
 use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::Running;
 use futures::StreamExt;
@@ -201,23 +201,39 @@ pub async fn connect_workspace(
     token: &str,
     ad_account: &str,
 ) {
+    let (workspace, ad_account) = (ws(workspace), account(ad_account));
     let new = NewToken {
         token: SecretString::from(token.to_owned()),
         expires_at: now_ms() / 1000 + 60 * 24 * 3600,
         scopes: vec!["ads_management".into()],
-        ad_accounts: vec![ad_account.into()],
+        ad_accounts: vec![ad_account.clone()],
     };
     connections
-        .store_user_token(workspace, &new, Some(CONNECTED_BY), now_ms())
+        .store_user_token(&workspace, &new, Some(CONNECTED_BY), now_ms())
         .await
         .expect("storing the test connection");
     connections
         .select_ad_accounts(
-            workspace,
-            &[AdAccountStatus::new(ad_account, true, now_ms())],
+            &workspace,
+            &[AdAccountStatus::new(&ad_account, true, now_ms())],
         )
         .await
         .expect("selecting the test ad account");
+}
+
+/// A workspace id the test knows is valid.
+pub fn ws(id: &str) -> WorkspaceId {
+    WorkspaceId::parse(id).expect("a valid workspace id in a test")
+}
+
+/// An export id the test knows is valid.
+pub fn export(id: &str) -> ExportId {
+    ExportId::parse(id).expect("a valid export id in a test")
+}
+
+/// An ad account id the test knows is valid.
+pub fn account(id: &str) -> AdAccountId {
+    AdAccountId::parse(id).expect("a valid ad account id in a test")
 }
 
 /// A secret setting's value for a child process's environment ("" when unset).
@@ -303,6 +319,14 @@ impl TestApp {
                 return None;
             }
         }
+    }
+
+    /// The export's progress hash, decoded.
+    pub async fn progress_of(&self, export_id: &str) -> ExportProgress {
+        self.progress
+            .progress(&export(export_id))
+            .await
+            .expect("reading progress")
     }
 
     /// Waits for the export's `export.finished` event and returns its report.
@@ -494,7 +518,7 @@ impl TestApp {
     pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
         let channel = self.publisher.channel();
         let message = channel
-            .basic_get(queue, BasicGetOptions::default())
+            .basic_get(queue.into(), BasicGetOptions::default())
             .await
             .expect("basic.get")?;
         message
@@ -510,7 +534,7 @@ impl TestApp {
         let channel = self.connection.create_channel().await.expect("a channel");
         let q = channel
             .queue_declare(
-                queue,
+                queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
@@ -519,7 +543,7 @@ impl TestApp {
             )
             .await
             .expect("the queue exists");
-        let _ = channel.close(200, "done").await;
+        let _ = channel.close(200, "done".into()).await;
         q.message_count()
     }
 
@@ -535,7 +559,7 @@ impl TestApp {
         delete_namespace(&self.settings, &self.topology, self.publisher.channel()).await;
         self.cleaned = true;
         // Closed while the runtime still runs, so lapin's I/O loop ends quietly.
-        let _ = self.connection.close(200, "done").await;
+        let _ = self.connection.close(200, "done".into()).await;
     }
 }
 
@@ -564,7 +588,7 @@ impl Drop for TestApp {
                     .ok()?;
                 let channel = connection.create_channel().await.ok()?;
                 delete_namespace(&settings, &topology, &channel).await;
-                connection.close(200, "cleaned").await.ok()
+                connection.close(200, "cleaned".into()).await.ok()
             })
         });
         let _ = cleanup.join();

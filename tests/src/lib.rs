@@ -2,6 +2,7 @@
 //! deterministic segment generator, and `spawn_app`, which runs the real producer, worker and
 //! finalizer loops in-process against the real RabbitMQ and Redis under a fresh namespace.
 
+pub mod api;
 pub mod app;
 pub mod emulator;
 pub mod logs;

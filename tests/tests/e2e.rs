@@ -3,9 +3,12 @@
 //! canonical values, never from the code under test.
 
 use audience_export_core::amqp::{header_str, Topology};
-use audience_export_core::contract::{Event, ExportStatus};
+use audience_export_core::contract::{Event, ExportStatus, PhoneCountry};
+use audience_export_core::progress::{FieldTotals, PlanTotals, ProgressStatus};
 use audience_export_core::{Field, Shard};
-use audience_export_harness::app::{eventually, spawn_app, spawn_app_with, Roles, AD_ACCOUNT};
+use audience_export_harness::app::{
+    account, eventually, export, spawn_app, spawn_app_with, ws, Roles, AD_ACCOUNT,
+};
 use audience_export_harness::emulator::Fault;
 use audience_export_harness::segment::generate;
 use std::collections::HashMap;
@@ -103,9 +106,13 @@ async fn a_segment_export_arrives_whole_with_its_report() {
     }
     assert_eq!(app.smtp.mails().len(), 1, "exactly one email");
 
-    let snapshot = app.progress.snapshot("exp-e2e").await.expect("progress");
-    assert_eq!(snapshot.get("status"), Some("succeeded"));
-    assert!(snapshot.is_complete());
+    let progress = app.progress_of("exp-e2e").await;
+    assert_eq!(
+        progress.status,
+        Some(ProgressStatus::Finished(ExportStatus::Succeeded))
+    );
+    assert!(progress.is_complete());
+    assert!(progress.unknown.is_empty(), "{:?}", progress.unknown);
     app.stop().await;
 }
 
@@ -125,41 +132,47 @@ async fn a_shard_delivered_twice_is_counted_once() {
         .expect("client");
     let token = secrecy::SecretString::from(app.token.clone());
     let audience = graph
-        .create_custom_audience(&token, AD_ACCOUNT, "Twice", "", "USER_PROVIDED_ONLY")
+        .create_custom_audience(
+            &token,
+            &account(AD_ACCOUNT),
+            "Twice",
+            "",
+            "USER_PROVIDED_ONLY",
+        )
         .await
         .expect("audience");
     let job = app.job("exp-twice", &["email"], &app.dir.join("unused"));
+    let id = export("exp-twice");
     app.progress
-        .begin("exp-twice", &job.to_string(), 1, Duration::from_secs(600))
+        .begin(&id, &job.to_string(), 1, Duration::from_secs(600))
         .await
         .expect("begin");
     app.progress
-        .set_audience("exp-twice", Field::Email, &audience, "Twice")
+        .set_audience(&id, Field::Email, &audience, "Twice")
         .await
         .expect("audience");
     let records: Vec<String> = (0..50).map(|i| format!("person{i}@example.com")).collect();
     let shard = Shard {
-        export_id: "exp-twice".into(),
-        workspace_id: "ws-1".into(),
+        export_id: id.clone(),
+        workspace_id: ws("ws-1"),
         audience_id: audience.clone(),
-        ad_account_id: AD_ACCOUNT.into(),
+        ad_account_id: account(AD_ACCOUNT),
         field: Field::Email,
         shard_index: 0,
         records,
         attempt: 1,
         default_phone_country: None,
     };
-    app.progress
-        .seal(
-            "exp-twice",
-            &[
-                ("shards_planned".into(), 1),
-                ("email:shards".into(), 1),
-                ("email:with_value".into(), 50),
-            ],
-        )
-        .await
-        .expect("seal");
+    let mut plan = PlanTotals::default();
+    plan.fields.insert(
+        Field::Email,
+        FieldTotals {
+            with_value: 50,
+            missing: 0,
+            shards: 1,
+        },
+    );
+    app.progress.seal(&id, &plan).await.expect("seal");
     for _ in 0..2 {
         app.publisher
             .to_queue(&app.topology.shards(), &shard)
@@ -181,9 +194,9 @@ async fn a_shard_delivered_twice_is_counted_once() {
     })
     .await;
     assert!(both_handled.is_some(), "both deliveries were handled");
-    let snapshot = app.progress.snapshot("exp-twice").await.expect("progress");
-    assert_eq!(snapshot.count("shards_done"), 1);
-    assert_eq!(snapshot.count("email:uploaded"), 50);
+    let progress = app.progress_of("exp-twice").await;
+    assert_eq!(progress.shards_done, 1);
+    assert_eq!(progress.field(Field::Email).uploaded, 50);
     assert_eq!(
         app.depth(&app.topology.shards()).await,
         0,
@@ -371,8 +384,41 @@ async fn each_role_serves_health_readiness_and_metrics() {
             metrics.contains("# HELP audience_export_"),
             "{addr}: {metrics}"
         );
+        for process in ["process_cpu_seconds_total", "process_resident_memory_bytes"] {
+            assert!(
+                metrics.lines().any(|l| l.starts_with(process)),
+                "{addr} exports {process}"
+            );
+        }
+        promtool_check_metrics(&metrics);
     }
     app.stop().await;
+}
+
+/// `promtool check metrics` (Prometheus's own linter: names, units, HELP) on a scrape.
+/// scripts/tools.sh installs promtool; its absence fails the test rather than skipping it.
+fn promtool_check_metrics(scrape: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool on PATH (scripts/tools.sh installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(scrape.as_bytes())
+        .expect("writing the scrape");
+    let out = child.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,16 +447,16 @@ async fn a_killed_worker_process_loses_no_shard() {
     let mut first = spawn_worker();
     app.export("exp-kill", &["email"], &segment).await;
     let some_done = eventually(DEADLINE, || async {
-        let s = app.progress.snapshot("exp-kill").await.ok()?;
-        (s.is_sealed() && s.count("shards_done") >= 5).then_some(())
+        let s = app.progress_of("exp-kill").await;
+        (s.sealed && s.shards_done >= 5).then_some(())
     })
     .await;
     assert!(some_done.is_some(), "the first worker uploads a few shards");
     first.start_kill().expect("SIGKILL");
     first.wait().await.expect("the first worker exits");
-    let at_kill = app.progress.snapshot("exp-kill").await.expect("progress");
+    let at_kill = app.progress_of("exp-kill").await;
     assert!(
-        at_kill.count("shards_done") < planned,
+        at_kill.shards_done < planned,
         "killed mid-export, not after it"
     );
 
@@ -703,8 +749,8 @@ async fn after_meta_refuses_a_token_no_worker_calls_meta_with_it_again() {
     generate(&segment, 400, 31).expect("segment");
     app.export("exp-revoke", &["email"], &segment).await;
     let started = eventually(DEADLINE, || async {
-        let s = app.progress.snapshot("exp-revoke").await.ok()?;
-        (s.is_sealed() && s.count("shards_done") >= 3).then_some(())
+        let s = app.progress_of("exp-revoke").await;
+        (s.sealed && s.shards_done >= 3).then_some(())
     })
     .await;
     assert!(started.is_some(), "a few shards upload first");
@@ -748,17 +794,11 @@ async fn national_phone_numbers_take_the_jobs_country_else_the_workspaces() {
     let workspaces = Workspaces::connect(&app.settings.redis_url, app.namespace())
         .await
         .expect("redis");
+    let gb = PhoneCountry::parse("gb").expect("GB has a numbering plan");
     workspaces
-        .set_default_phone_country("ws-1", Some("gb"))
+        .set_default_phone_country(&ws("ws-1"), Some(gb))
         .await
         .expect("set");
-    assert!(
-        workspaces
-            .set_default_phone_country("ws-1", Some("XX"))
-            .await
-            .is_err(),
-        "unknown countries are refused"
-    );
     let segment = app.dir.join("national.ndjson");
     std::fs::write(&segment, "{\"phone\":\"020 7946 0958\"}\n{\"phone\":\"07400 123456\"}\n{\"phone\":\"(212) 736-5000\"}\n").expect("segment");
     let sha = |s: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()));

@@ -7,9 +7,9 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Confirmation, PublisherConfirm};
 use serde::Serialize;
 
 /// Queue and exchange names of one namespace.
@@ -97,7 +97,7 @@ impl Topology {
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         channel
             .exchange_declare(
-                &self.events(),
+                self.events().into(),
                 ExchangeKind::Topic,
                 ExchangeDeclareOptions {
                     durable: true,
@@ -118,9 +118,9 @@ impl Topology {
         for key in FINALIZER_EVENTS {
             channel
                 .queue_bind(
-                    &self.finalizer(),
-                    &self.events(),
-                    key,
+                    self.finalizer().into(),
+                    self.events().into(),
+                    key.into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
@@ -149,12 +149,12 @@ impl Topology {
     pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
         for queue in self.queues() {
             channel
-                .queue_delete(&queue, lapin::options::QueueDeleteOptions::default())
+                .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
                 .await?;
         }
         channel
             .exchange_delete(
-                &self.events(),
+                self.events().into(),
                 lapin::options::ExchangeDeleteOptions::default(),
             )
             .await
@@ -169,7 +169,7 @@ impl Topology {
     async fn declare_work_queue(&self, channel: &Channel, queue: &str) -> lapin::Result<()> {
         let dead = Topology::dead(queue);
         channel
-            .queue_declare(&dead, durable(), self.base_args())
+            .queue_declare(dead.as_str().into(), durable(), self.base_args())
             .await?;
         let mut args = self.base_args();
         args.insert(
@@ -177,7 +177,7 @@ impl Topology {
             AMQPValue::LongLongInt(DELIVERY_LIMIT),
         );
         dead_letter_to(&mut args, &dead);
-        channel.queue_declare(queue, durable(), args).await?;
+        channel.queue_declare(queue.into(), durable(), args).await?;
         Ok(())
     }
 
@@ -194,7 +194,7 @@ impl Topology {
         );
         dead_letter_to(&mut args, queue);
         channel
-            .queue_declare(&Topology::retry(queue, delay_ms), durable(), args)
+            .queue_declare(Topology::retry(queue, delay_ms).into(), durable(), args)
             .await?;
         Ok(())
     }
@@ -244,14 +244,12 @@ impl PublishError {
     }
 }
 
-/// Opens a connection. Callers retry with backoff around it. lapin runs its I/O on the calling
-/// tokio runtime rather than on its own global executor: that executor, shared by every runtime
-/// of a process, stalled connections for minutes when test runtimes came and went.
+/// Opens a connection. Callers retry with backoff around it (lapin 4 recovers nothing by
+/// itself unless asked: `reconnecting` is the one recovery). With its `tokio` feature lapin runs
+/// on the calling tokio runtime, not on a global executor: that executor, shared by every
+/// runtime of a process, stalled connections for minutes when test runtimes came and went.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(name.into())
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio);
+    let props = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(url, props).await
 }
 
@@ -322,8 +320,8 @@ impl Publisher {
         let confirm = self
             .channel
             .basic_publish(
-                exchange,
-                routing_key,
+                exchange.into(),
+                routing_key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
@@ -412,7 +410,7 @@ pub async fn subscribe(
     let channel = connection.create_channel().await?;
     let queue = channel
         .queue_declare(
-            "",
+            "".into(),
             QueueDeclareOptions {
                 exclusive: true,
                 auto_delete: true,
@@ -423,17 +421,17 @@ pub async fn subscribe(
         .await?;
     channel
         .queue_bind(
-            queue.name().as_str(),
-            &topology.events(),
-            routing_key,
+            queue.name().clone(),
+            topology.events().into(),
+            routing_key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await?;
     let consumer = channel
         .basic_consume(
-            queue.name().as_str(),
-            "",
+            queue.name().clone(),
+            "".into(),
             lapin::options::BasicConsumeOptions {
                 no_ack: true,
                 ..Default::default()

@@ -6,6 +6,7 @@
 //! One hash per workspace, `{ns}:workspace:<id>:connection`, and an index set `{ns}:connections`
 //! of the workspaces that have one (for the expiry sweep and key rotation).
 
+use crate::contract::{AdAccountId, ConnectionStatus, WorkspaceId};
 use crate::progress::{claim, release, Claim};
 use crate::token_cipher::{CipherError, TokenCipher};
 use redis::aio::ConnectionManager;
@@ -22,15 +23,10 @@ pub fn token_fingerprint(token: &SecretString) -> String {
     hex::encode(&digest[..8])
 }
 
-/// The key recording that Meta refused a workspace's token (written by the worker or producer
-/// that got the refusal, read before every call; see `pause::AccountPauses::revoke_token`).
-pub fn revoked_key(namespace: &str, workspace: &str, fingerprint: &str) -> String {
+/// The key recording that Meta refused one of a workspace's tokens (`revocation` writes and
+/// reads it; storing a token lifts its own).
+pub fn revoked_key(namespace: &str, workspace: &WorkspaceId, fingerprint: &str) -> String {
     format!("{namespace}:workspace:{workspace}:revoked:{fingerprint}")
-}
-
-/// Where Meta's Custom Audience terms for an ad account are accepted.
-pub fn terms_url(ad_account: &str) -> String {
-    format!("https://business.facebook.com/ads/manage/customaudiences/tos/?act={ad_account}")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,8 +58,7 @@ impl TokenKind {
 /// when last checked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdAccountStatus {
-    /// The number, without `act_`.
-    pub id: String,
+    pub id: AdAccountId,
     pub tos_accepted: bool,
     pub checked_at_ms: u64,
     /// Where to accept the terms, when they are not accepted.
@@ -72,12 +67,12 @@ pub struct AdAccountStatus {
 }
 
 impl AdAccountStatus {
-    pub fn new(id: &str, tos_accepted: bool, checked_at_ms: u64) -> AdAccountStatus {
+    pub fn new(id: &AdAccountId, tos_accepted: bool, checked_at_ms: u64) -> AdAccountStatus {
         AdAccountStatus {
-            id: id.to_owned(),
+            id: id.clone(),
             tos_accepted,
             checked_at_ms,
-            terms_url: (!tos_accepted).then(|| terms_url(id)),
+            terms_url: (!tos_accepted).then(|| id.terms_url()),
         }
     }
 }
@@ -94,9 +89,9 @@ pub struct Invalidation {
 /// What the status API and the CLI show: everything but the tokens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionView {
-    pub workspace_id: String,
+    pub workspace_id: WorkspaceId,
     /// `valid` or `invalid`.
-    pub status: String,
+    pub status: ConnectionStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invalid: Option<Invalidation>,
     /// The kind of token every call uses: the system user's when there is one.
@@ -110,18 +105,18 @@ pub struct ConnectionView {
     pub connected_by: Option<String>,
     pub connected_at_ms: u64,
     /// Ad accounts the active token can use (`/me/adaccounts`).
-    pub available_ad_accounts: Vec<String>,
+    pub available_ad_accounts: Vec<AdAccountId>,
     /// Ad accounts the workspace selected for exports.
     pub ad_accounts: Vec<AdAccountStatus>,
 }
 
 impl ConnectionView {
     pub fn is_valid(&self) -> bool {
-        self.status == "valid"
+        self.status == ConnectionStatus::Valid
     }
 
-    pub fn selected(&self, ad_account: &str) -> Option<&AdAccountStatus> {
-        self.ad_accounts.iter().find(|a| a.id == ad_account)
+    pub fn selected(&self, ad_account: &AdAccountId) -> Option<&AdAccountStatus> {
+        self.ad_accounts.iter().find(|a| &a.id == ad_account)
     }
 }
 
@@ -140,7 +135,7 @@ pub struct NewToken {
     /// Unix seconds; 0 when it does not expire.
     pub expires_at: u64,
     pub scopes: Vec<String>,
-    pub ad_accounts: Vec<String>,
+    pub ad_accounts: Vec<AdAccountId>,
 }
 
 /// What `invalidate` did.
@@ -245,7 +240,7 @@ impl Connections {
         self.cipher.as_ref().ok_or(CipherError::NoKey)
     }
 
-    fn key(&self, workspace: &str) -> String {
+    fn key(&self, workspace: &WorkspaceId) -> String {
         format!("{}:workspace:{workspace}:connection", self.ns)
     }
 
@@ -254,24 +249,30 @@ impl Connections {
     }
 
     /// The associated data of a sealed token: its workspace and slot.
-    fn context(workspace: &str, kind: TokenKind) -> String {
+    fn context(workspace: &WorkspaceId, kind: TokenKind) -> String {
         format!("{workspace}/{}", kind.as_str())
     }
 
-    async fn fields(&self, workspace: &str) -> Result<HashMap<String, String>, ConnectionError> {
+    async fn fields(
+        &self,
+        workspace: &WorkspaceId,
+    ) -> Result<HashMap<String, String>, ConnectionError> {
         let mut c = self.redis.clone();
         Ok(c.hgetall(self.key(workspace)).await?)
     }
 
     /// The connection without its tokens, or None when the workspace never connected.
-    pub async fn view(&self, workspace: &str) -> Result<Option<ConnectionView>, ConnectionError> {
+    pub async fn view(
+        &self,
+        workspace: &WorkspaceId,
+    ) -> Result<Option<ConnectionView>, ConnectionError> {
         let f = self.fields(workspace).await?;
         if f.is_empty() {
             return Ok(None);
         }
         let get = |k: &str| f.get(k).map(String::as_str);
         let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok());
-        let json_list = |k: &str| -> Result<Vec<String>, ConnectionError> {
+        let json_list = |k: &str| -> Result<Vec<AdAccountId>, ConnectionError> {
             get(k)
                 .map(|v| {
                     serde_json::from_str(v).map_err(|e| ConnectionError::Corrupt(e.to_string()))
@@ -280,7 +281,16 @@ impl Connections {
                 .map(Option::unwrap_or_default)
         };
         let system = get("system_token").is_some();
-        let invalid = (get("status") == Some("invalid")).then(|| Invalidation {
+        let status = match get("status") {
+            None | Some("valid") => ConnectionStatus::Valid,
+            Some("invalid") => ConnectionStatus::Invalid,
+            Some(other) => {
+                return Err(ConnectionError::Corrupt(format!(
+                    "status `{other}` is neither valid nor invalid"
+                )))
+            }
+        };
+        let invalid = (status == ConnectionStatus::Invalid).then(|| Invalidation {
             reason: get("invalid_reason").unwrap_or_default().to_owned(),
             code: get("invalid_code")
                 .and_then(|v| v.parse().ok())
@@ -293,8 +303,8 @@ impl Connections {
             .transpose()?
             .unwrap_or_default();
         Ok(Some(ConnectionView {
-            workspace_id: workspace.to_owned(),
-            status: get("status").unwrap_or("valid").to_owned(),
+            workspace_id: workspace.clone(),
+            status,
             invalid,
             token_kind: if system {
                 TokenKind::SystemUser
@@ -329,7 +339,7 @@ impl Connections {
     /// workspace has no connection.
     pub async fn active_token(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
     ) -> Result<Option<ActiveToken>, ConnectionError> {
         let mut c = self.redis.clone();
         let (status, system, user, reason): (
@@ -354,7 +364,7 @@ impl Connections {
             fingerprint: token_fingerprint(&token),
             token,
             kind,
-            invalid: (status.as_deref() == Some("invalid"))
+            invalid: (status.as_deref() == Some(ConnectionStatus::Invalid.as_str()))
                 .then(|| reason.unwrap_or_else(|| "token invalid".to_owned())),
         }))
     }
@@ -363,13 +373,14 @@ impl Connections {
     /// token that Meta refused is dropped, so the new user token is the one used.
     pub async fn store_user_token(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         new: &NewToken,
         connected_by: Option<&str>,
         now_ms: u64,
     ) -> Result<(), ConnectionError> {
         let current = self.fields(workspace).await?;
-        let system_refused = current.get("status").map(String::as_str) == Some("invalid")
+        let system_refused = current.get("status").map(String::as_str)
+            == Some(ConnectionStatus::Invalid.as_str())
             && current.contains_key("invalid_fp")
             && current.get("invalid_fp") == current.get("system_fp");
         let drop: &[&str] = if system_refused {
@@ -392,7 +403,7 @@ impl Connections {
     /// the connection breaks.
     pub async fn store_system_token(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         new: &NewToken,
         connected_by: Option<&str>,
         now_ms: u64,
@@ -410,7 +421,7 @@ impl Connections {
     /// entered again gets its chance again: Meta will say).
     async fn store_token(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         kind: TokenKind,
         new: &NewToken,
         fields: Vec<(&str, String)>,
@@ -423,7 +434,7 @@ impl Connections {
             .cipher()?
             .seal(&new.token, &Self::context(workspace, kind));
         let mut all: Vec<(String, String)> = vec![
-            ("status".into(), "valid".into()),
+            ("status".into(), ConnectionStatus::Valid.as_str().into()),
             (format!("{slot}_token"), sealed),
             (format!("{slot}_fp"), fingerprint.clone()),
             (format!("{slot}_available"), json(&new.ad_accounts)),
@@ -437,7 +448,7 @@ impl Connections {
         pipe.del(revoked_key(&self.ns, workspace, &fingerprint))
             .hdel(&key, &INVALID_FIELDS)
             .hset_multiple(&key, &all)
-            .sadd(self.index(), workspace);
+            .sadd(self.index(), workspace.as_str());
         let mut c = self.redis.clone();
         let _: () = pipe.query_async(&mut c).await?;
         Ok(())
@@ -446,7 +457,7 @@ impl Connections {
     /// Replaces the workspace's selection of ad accounts.
     pub async fn select_ad_accounts(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         accounts: &[AdAccountStatus],
     ) -> Result<(), ConnectionError> {
         let mut c = self.redis.clone();
@@ -460,7 +471,7 @@ impl Connections {
     /// not recorded, and the next job asks Meta again.
     pub async fn update_terms(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         status: AdAccountStatus,
     ) -> Result<bool, ConnectionError> {
         let Some(before) = self.fields(workspace).await?.remove("selected") else {
@@ -477,7 +488,7 @@ impl Connections {
 
     async fn set_if(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         field: &str,
         expected: &str,
         new: &str,
@@ -497,7 +508,7 @@ impl Connections {
     /// Marks the connection invalid because Meta refused the token `fingerprint`, once.
     pub async fn invalidate(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         fingerprint: &str,
         reason: &str,
         code: i64,
@@ -524,12 +535,12 @@ impl Connections {
     }
 
     /// Deletes the connection and its tokens.
-    pub async fn disconnect(&self, workspace: &str) -> Result<bool, ConnectionError> {
+    pub async fn disconnect(&self, workspace: &WorkspaceId) -> Result<bool, ConnectionError> {
         let mut c = self.redis.clone();
         let (deleted, _): (i64, i64) = redis::pipe()
             .atomic()
             .del(self.key(workspace))
-            .srem(self.index(), workspace)
+            .srem(self.index(), workspace.as_str())
             .query_async(&mut c)
             .await?;
         Ok(deleted == 1)
@@ -554,7 +565,7 @@ impl Connections {
         Ok(set.is_some())
     }
 
-    fn notice_key(&self, workspace: &str, what: &str) -> String {
+    fn notice_key(&self, workspace: &WorkspaceId, what: &str) -> String {
         format!("{}:workspace:{workspace}:notice:{what}", self.ns)
     }
 
@@ -563,7 +574,7 @@ impl Connections {
     /// leaves the lease to expire and the notice to the next one.
     pub async fn claim_notice(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         what: &str,
         owner: &str,
         lease: std::time::Duration,
@@ -573,7 +584,11 @@ impl Connections {
     }
 
     /// Records a notice as sent; kept longer than a user token lives.
-    pub async fn notice_sent(&self, workspace: &str, what: &str) -> Result<(), ConnectionError> {
+    pub async fn notice_sent(
+        &self,
+        workspace: &WorkspaceId,
+        what: &str,
+    ) -> Result<(), ConnectionError> {
         let mut c = self.redis.clone();
         let _: () = c
             .set_ex(self.notice_key(workspace, what), "done", NOTICE_TTL_SECS)
@@ -584,7 +599,7 @@ impl Connections {
     /// Gives a notice back after a failed attempt, so the next try may send it at once.
     pub async fn release_notice(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         what: &str,
         owner: &str,
     ) -> Result<(), ConnectionError> {
@@ -593,9 +608,13 @@ impl Connections {
     }
 
     /// Workspaces that have a connection.
-    pub async fn workspaces(&self) -> Result<Vec<String>, ConnectionError> {
+    pub async fn workspaces(&self) -> Result<Vec<WorkspaceId>, ConnectionError> {
         let mut c = self.redis.clone();
-        let mut ids: Vec<String> = c.smembers(self.index()).await?;
+        let ids: Vec<String> = c.smembers(self.index()).await?;
+        let mut ids: Vec<WorkspaceId> = ids
+            .into_iter()
+            .map(|id| WorkspaceId::parse(id).map_err(|e| ConnectionError::Corrupt(e.to_string())))
+            .collect::<Result<_, _>>()?;
         ids.sort();
         Ok(ids)
     }
@@ -628,6 +647,6 @@ impl Connections {
     }
 }
 
-fn json(list: &[String]) -> String {
-    serde_json::to_string(list).expect("strings serialize")
+fn json(list: &[AdAccountId]) -> String {
+    serde_json::to_string(list).expect("ids serialize")
 }

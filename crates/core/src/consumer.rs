@@ -5,7 +5,7 @@
 
 use crate::amqp::{self, PublishError, Publisher, Topology};
 use crate::config::Settings;
-use crate::telemetry::{backoff, Health};
+use crate::telemetry::{backoff, Health, Role};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -84,8 +84,15 @@ pub async fn settle(publisher: &Publisher, queue: &str, delivery: &Delivery, out
                 .await
         }
     };
-    if let Err(e) = settled {
-        warn!(message = "Ack or nack failed; the broker will redeliver.", error = %e);
+    // lapin answers Ok(false) when nothing was sent: the channel closed under the delivery.
+    match settled {
+        Ok(true) => {}
+        Ok(false) => {
+            warn!(
+                message = "Ack or nack not sent: the channel is closed; the broker will redeliver."
+            )
+        }
+        Err(e) => warn!(message = "Ack or nack failed; the broker will redeliver.", error = %e),
     }
 }
 
@@ -108,8 +115,8 @@ where
         .await?;
     let mut consumer = channel
         .basic_consume(
-            queue,
-            "",
+            queue.into(),
+            "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -127,7 +134,7 @@ where
         }
     };
     let _ = channel
-        .basic_cancel(consumer.tag().as_str(), BasicCancelOptions::default())
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
         .await;
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while in_flight.join_next().await.is_some() {}
@@ -142,7 +149,7 @@ where
 /// Runs broker sessions until one ends cleanly (shutdown), reconnecting with backoff after each
 /// failure and keeping `/readyz` honest meanwhile.
 pub async fn reconnecting<S, Fut>(
-    role: &str,
+    role: Role,
     health: &Health,
     shutdown: &CancellationToken,
     mut session: S,
@@ -179,7 +186,7 @@ where
 /// backoff when the session fails; return once `shutdown` is cancelled and in-flight work drained.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<D, B, Q, H, Fut>(
-    role: &str,
+    role: Role,
     settings: &Settings,
     health: &Health,
     shutdown: &CancellationToken,
@@ -219,7 +226,7 @@ where
             }
         })
         .await;
-        let _ = connection.close(200, "shutdown").await;
+        let _ = connection.close(200, "shutdown".into()).await;
         ended
     })
     .await

@@ -1,8 +1,9 @@
 //! The library the three binaries share, so that each contract is written once.
 //!
-//! It owns the message contracts (`contract`), configuration loading (`config`), the Graph API
-//! client (`graph`), the Redis progress store (`progress`), the RabbitMQ topology and publishing
-//! rules (`amqp`), and telemetry (`telemetry`). It must never hold business decisions that belong to
+//! It owns the message contracts and ids (`contract`), configuration loading (`config`), the
+//! Graph API client (`graph`), the Redis progress store and its schema (`progress`), workspaces'
+//! connections (`connection`, `token_cipher`) and the refused-token path (`revocation`), the
+//! RabbitMQ topology and publishing rules (`amqp`, `consumer`), and telemetry (`telemetry`). It must never hold business decisions that belong to
 //! one role: planning lives in the producer, hashing in the worker, completion in the finalizer.
 
 pub mod amqp;
@@ -13,6 +14,7 @@ pub mod contract;
 pub mod graph;
 pub mod pause;
 pub mod progress;
+pub mod revocation;
 pub mod shutdown;
 pub mod telemetry;
 pub mod token_cipher;

@@ -1,9 +1,9 @@
-//! Fleet-wide stops, in Redis. Pauses of an ad account: when Meta's usage headers pass the
-//! threshold or Meta throttles, one worker pauses the account for every worker, and shards for it
-//! wait in the delay queues instead of calling Meta (or being held unacked). Revoked tokens: once
-//! Meta refuses a workspace's token, no worker calls Meta with it again. Keys hold a deadline or a
-//! reason, and name a token only by a fingerprint, never the token.
+//! Fleet-wide pauses of an ad account, in Redis: when Meta's usage headers pass the threshold or
+//! Meta throttles, one worker pauses the account for every worker, and shards for it wait in the
+//! delay queues instead of calling Meta (or being held unacked). A key holds only a deadline (its
+//! TTL). Refused tokens are `revocation`'s.
 
+use crate::contract::AdAccountId;
 use redis::aio::ConnectionManager;
 use std::time::Duration;
 
@@ -16,9 +16,6 @@ if current < tonumber(ARGV[1]) then
 end
 return 0
 "#;
-
-/// How long a revoked token stays recorded: longer than a user token lives (about 60 days).
-const REVOCATION_TTL_SECS: u64 = 90 * 24 * 3600;
 
 #[derive(Clone)]
 pub struct AccountPauses {
@@ -37,12 +34,15 @@ impl AccountPauses {
         }
     }
 
-    fn key(&self, ad_account: &str) -> String {
+    fn key(&self, ad_account: &AdAccountId) -> String {
         format!("{}:account:{ad_account}:pause", self.ns)
     }
 
     /// How long the account stays paused, if it is.
-    pub async fn remaining(&self, ad_account: &str) -> redis::RedisResult<Option<Duration>> {
+    pub async fn remaining(
+        &self,
+        ad_account: &AdAccountId,
+    ) -> redis::RedisResult<Option<Duration>> {
         let mut c = self.redis.clone();
         let ttl: i64 = redis::cmd("PTTL")
             .arg(self.key(ad_account))
@@ -51,43 +51,12 @@ impl AccountPauses {
         Ok((ttl > 0).then(|| Duration::from_millis(ttl as u64)))
     }
 
-    fn revoked_key(&self, workspace: &str, fingerprint: &str) -> String {
-        crate::connection::revoked_key(&self.ns, workspace, fingerprint)
-    }
-
-    /// Records that Meta refused this workspace's token, with the reason the reports show.
-    /// A new token has another fingerprint, so reconnecting lifts the stop by itself.
-    pub async fn revoke_token(
-        &self,
-        workspace: &str,
-        fingerprint: &str,
-        reason: &str,
-    ) -> redis::RedisResult<()> {
-        let mut c = self.redis.clone();
-        redis::cmd("SET")
-            .arg(self.revoked_key(workspace, fingerprint))
-            .arg(reason)
-            .arg("EX")
-            .arg(REVOCATION_TTL_SECS)
-            .query_async(&mut c)
-            .await
-    }
-
-    /// Why this workspace's token was refused, if it was.
-    pub async fn token_revoked(
-        &self,
-        workspace: &str,
-        fingerprint: &str,
-    ) -> redis::RedisResult<Option<String>> {
-        let mut c = self.redis.clone();
-        redis::cmd("GET")
-            .arg(self.revoked_key(workspace, fingerprint))
-            .query_async(&mut c)
-            .await
-    }
-
     /// Pauses the account for at least `for_`. Returns whether this call set or extended it.
-    pub async fn pause(&self, ad_account: &str, for_: Duration) -> redis::RedisResult<bool> {
+    pub async fn pause(
+        &self,
+        ad_account: &AdAccountId,
+        for_: Duration,
+    ) -> redis::RedisResult<bool> {
         let mut c = self.redis.clone();
         let set: i64 = self
             .extend

@@ -73,7 +73,7 @@ pub struct Ops {
 
 /// Connects to Redis and serves `/metrics`, `/healthz`, `/readyz` for `role` on `addr`.
 pub async fn start_ops(
-    role: &str,
+    role: Role,
     addr: SocketAddr,
     settings: &crate::config::Settings,
     shutdown: &CancellationToken,
@@ -83,6 +83,11 @@ pub async fn start_ops(
         .await
         .context("connecting to Redis")?;
     let registry = Registry::new();
+    // Every role's CPU and memory, for the dashboard's per-role panels (Linux only: /proc).
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
     let health = Health::new(progress.clone());
     let addr = serve_ops(
         role,
@@ -103,7 +108,7 @@ pub async fn start_ops(
 /// Binds the ops endpoints and serves them until `shutdown`. Returns the bound address (tests
 /// bind port 0).
 async fn serve_ops(
-    role: &str,
+    role: Role,
     addr: SocketAddr,
     registry: Registry,
     health: Arc<Health>,
@@ -130,7 +135,7 @@ async fn serve_ops(
 
 /// `audience_export_build_info{role, version} 1`: which build each process runs, and a series
 /// that exists from the first scrape.
-fn register_build_info(registry: &Registry, role: &str) {
+fn register_build_info(registry: &Registry, role: Role) {
     let info = prometheus::IntGaugeVec::new(
         prometheus::Opts::new(
             "audience_export_build_info",
@@ -139,7 +144,7 @@ fn register_build_info(registry: &Registry, role: &str) {
         &["role", "version"],
     );
     if let Ok(info) = info {
-        info.with_label_values(&[role, env!("CARGO_PKG_VERSION")])
+        info.with_label_values(&[role.as_str(), env!("CARGO_PKG_VERSION")])
             .set(1);
         // Registering twice fails only if a caller serves two ops endpoints on one registry.
         let _ = registry.register(Box::new(info));
@@ -158,6 +163,143 @@ async fn readyz(State(state): State<OpsState>) -> (StatusCode, &'static str) {
     match state.health.ready().await {
         Ok(()) => (StatusCode::OK, "ready"),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+/// The three roles of the fleet: the `role` label of `audience_export_build_info`, the name of a
+/// broker connection, the word in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Producer,
+    Worker,
+    Finalizer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Producer => "producer",
+            Role::Worker => "worker",
+            Role::Finalizer => "finalizer",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A metric label's values, declared as an enum: a typo cannot create a new series, and every
+/// series exists (at zero) from the first scrape, so alerts on `rate()` see it.
+pub trait Label: Copy + 'static {
+    const ALL: &'static [Self];
+    fn as_str(self) -> &'static str;
+}
+
+/// One or more `Label`s: the values of one series.
+pub trait Labels: Copy + 'static {
+    fn values(self) -> Vec<&'static str>;
+    fn every() -> Vec<Self>;
+}
+
+impl<L: Label> Labels for L {
+    fn values(self) -> Vec<&'static str> {
+        vec![self.as_str()]
+    }
+    fn every() -> Vec<L> {
+        L::ALL.to_vec()
+    }
+}
+
+impl<A: Label, B: Label> Labels for (A, B) {
+    fn values(self) -> Vec<&'static str> {
+        vec![self.0.as_str(), self.1.as_str()]
+    }
+    fn every() -> Vec<(A, B)> {
+        A::ALL
+            .iter()
+            .flat_map(|&a| B::ALL.iter().map(move |&b| (a, b)))
+            .collect()
+    }
+}
+
+/// A counter family whose label values are typed.
+#[derive(Clone)]
+pub struct Counters<L> {
+    vec: prometheus::IntCounterVec,
+    labels: std::marker::PhantomData<L>,
+}
+
+impl<L: Labels> Counters<L> {
+    /// Declares `name` with `label_names` (one per `Label` of `L`), registers it and creates every
+    /// series at zero.
+    pub fn register(
+        registry: &Registry,
+        name: &str,
+        help: &str,
+        label_names: &[&str],
+    ) -> prometheus::Result<Counters<L>> {
+        let vec = prometheus::IntCounterVec::new(prometheus::Opts::new(name, help), label_names)?;
+        registry.register(Box::new(vec.clone()))?;
+        let counters = Counters {
+            vec,
+            labels: std::marker::PhantomData,
+        };
+        for labels in L::every() {
+            counters.with(labels);
+        }
+        Ok(counters)
+    }
+
+    pub fn with(&self, labels: L) -> prometheus::IntCounter {
+        self.vec.with_label_values(&labels.values())
+    }
+}
+
+/// A histogram family whose label values are typed.
+#[derive(Clone)]
+pub struct Histograms<L> {
+    vec: prometheus::HistogramVec,
+    labels: std::marker::PhantomData<L>,
+}
+
+impl<L: Labels> Histograms<L> {
+    pub fn register(
+        registry: &Registry,
+        name: &str,
+        help: &str,
+        label_names: &[&str],
+        buckets: Vec<f64>,
+    ) -> prometheus::Result<Histograms<L>> {
+        let vec = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(name, help).buckets(buckets),
+            label_names,
+        )?;
+        registry.register(Box::new(vec.clone()))?;
+        Ok(Histograms {
+            vec,
+            labels: std::marker::PhantomData,
+        })
+    }
+
+    pub fn with(&self, labels: L) -> prometheus::Histogram {
+        self.vec.with_label_values(&labels.values())
+    }
+}
+
+impl Label for crate::contract::Field {
+    const ALL: &'static [Self] = &crate::contract::Field::ALL;
+    fn as_str(self) -> &'static str {
+        crate::contract::Field::as_str(self)
+    }
+}
+
+impl Label for crate::contract::ExportStatus {
+    const ALL: &'static [Self] = &crate::contract::ExportStatus::ALL;
+    fn as_str(self) -> &'static str {
+        crate::contract::ExportStatus::as_str(self)
     }
 }
 

@@ -2,7 +2,7 @@
 //! its id and link, and what was read, dropped (with reasons), sent and reported by Meta. Holds
 //! no identifier and no token; only counts and ids.
 
-use audience_export_core::contract::{ExportStatus, FinishedReport};
+use audience_export_core::contract::{ExportStatus, FinishedReport, WorkspaceId};
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
 use lettre::transport::smtp::AsyncSmtpTransport;
@@ -43,16 +43,6 @@ impl Mailer {
             transport,
             from: from.parse()?,
         })
-    }
-
-    /// Sends the report to the recipients that parse as addresses; skips the others.
-    pub async fn send(
-        &self,
-        recipients: &[String],
-        report: &FinishedReport,
-    ) -> Result<(), EmailError> {
-        self.send_text(recipients, subject(report), body(report))
-            .await
     }
 
     /// Sends a plain-text email to the recipients that parse as addresses; skips the others.
@@ -101,7 +91,7 @@ pub fn token_subcode_meaning(subcode: Option<i64>) -> &'static str {
 
 /// The email to whoever connected a workspace when Meta refuses its connection.
 pub fn connection_invalid(
-    workspace: &str,
+    workspace: &WorkspaceId,
     code: i64,
     subcode: Option<i64>,
     message: &str,
@@ -141,7 +131,11 @@ pub fn connection_invalid(
 }
 
 /// The email to whoever connected a workspace when its user token is about to expire.
-pub fn expiry_warning(workspace: &str, expires_on: &str, days_left: i64) -> (String, String) {
+pub fn expiry_warning(
+    workspace: &WorkspaceId,
+    expires_on: &str,
+    days_left: i64,
+) -> (String, String) {
     let subject = format!("Facebook connection of workspace {workspace} expires on {expires_on}");
     let mut out = String::new();
     if days_left > 0 {
@@ -174,7 +168,7 @@ pub fn subject(report: &FinishedReport) -> String {
         ExportStatus::Rejected => "could not start",
     };
     let name = if report.segment_name.is_empty() {
-        &report.export_id
+        report.export_id.as_str()
     } else {
         &report.segment_name
     };
@@ -184,13 +178,14 @@ pub fn subject(report: &FinishedReport) -> String {
 pub fn body(r: &FinishedReport) -> String {
     let mut out = String::new();
     // Writing to a String cannot fail.
+    let account = r.ad_account_id.as_ref().map_or_else(
+        || "an unknown ad account".to_owned(),
+        |a| format!("ad account {}", a.act()),
+    );
     let _ = writeln!(
         out,
-        "Export {} of segment \"{}\" to ad account act_{}: {}.",
-        r.export_id,
-        r.segment_name,
-        r.ad_account_id,
-        r.status.as_str()
+        "Export {} of segment \"{}\" to {account}: {}.",
+        r.export_id, r.segment_name, r.status
     );
     if let Some(reason) = &r.reason {
         let _ = writeln!(out, "Reason: {reason}");
@@ -206,11 +201,11 @@ pub fn body(r: &FinishedReport) -> String {
             "\n{label} audience \"{}\" (id {})",
             a.name, a.audience_id
         );
-        if !a.audience_id.is_empty() {
+        if let (false, Some(account)) = (a.audience_id.is_empty(), &r.ad_account_id) {
             let _ = writeln!(
                 out,
-                "  Open: https://business.facebook.com/adsmanager/audiences?act={}&ids={}",
-                r.ad_account_id, a.audience_id
+                "  Open: https://business.facebook.com/adsmanager/audiences?act={account}&ids={}",
+                a.audience_id
             );
         }
         let _ = writeln!(out, "  Members with a value: {}", a.with_value);

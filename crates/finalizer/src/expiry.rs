@@ -4,8 +4,9 @@
 //! Connections that use a system user token are skipped: the user token's expiry does not stop
 //! their exports.
 
-use crate::email::{self, EmailError, Mailer};
-use crate::metrics::Metrics;
+use crate::email;
+use crate::metrics::{EmailKind, Metrics};
+use crate::notify::Notifier;
 use audience_export_core::connection::{ConnectionError, Connections};
 use audience_export_core::progress::{now_ms, Claim};
 use std::time::Duration;
@@ -17,7 +18,7 @@ const LEASE: Duration = Duration::from_secs(300);
 
 pub struct Sweeper {
     pub connections: Connections,
-    pub mailer: Mailer,
+    pub notifier: Notifier,
     pub metrics: Metrics,
     pub warn_within: Duration,
     pub owner: String,
@@ -69,17 +70,17 @@ impl Sweeper {
             let days_left = (expires_at as i64 - now as i64) / 86_400;
             let (subject, body) = email::expiry_warning(&ws, &date, days_left);
             let recipients: Vec<String> = view.connected_by.into_iter().collect();
-            match self.mailer.send_text(&recipients, subject, body).await {
-                Ok(()) => {
-                    self.metrics.notices.with_label_values(&["expiry"]).inc();
-                    info!(message = "Token expiry warning sent.", workspace_id = %ws, days_left);
+            match self
+                .notifier
+                .send(EmailKind::Expiry, &recipients, subject, body)
+                .await
+            {
+                Ok(delivered) => {
+                    info!(message = "Token expiry warning done.", workspace_id = %ws, days_left, delivered = ?delivered);
                     self.connections.notice_sent(&ws, &what).await?;
                 }
-                Err(EmailError::NoRecipient) => {
-                    self.connections.notice_sent(&ws, &what).await?;
-                }
-                Err(error) => {
-                    warn!(message = "The token expiry warning could not be sent.", %error);
+                // Given back: the next sweep sends it.
+                Err(_) => {
                     self.connections
                         .release_notice(&ws, &what, &self.owner)
                         .await?;

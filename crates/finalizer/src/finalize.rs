@@ -3,133 +3,44 @@
 //! complete an export (a shard done, the plan sealed, a refusal) leads here; all but the first to
 //! find it complete see the claim taken and do nothing.
 
-use crate::email::{EmailError, Mailer};
-use crate::invalidation;
-use crate::metrics::Metrics;
-use crate::report;
-use audience_export_core::amqp::{PublishError, Publisher, Topology, FINALIZER_RETRY_MS};
-use audience_export_core::connection::{ConnectionError, Connections};
-use audience_export_core::consumer::Outcome;
-use audience_export_core::contract::{Event, ExportStatus};
-use audience_export_core::progress::{now_ms, Claim, ProgressError, ProgressStore};
+use crate::metrics::EmailKind;
+use crate::{email, report, Deps, FinalizeError, Handled, LEASE};
+use audience_export_core::contract::{Event, ExportId, ExportStatus};
+use audience_export_core::progress::{now_ms, Claim};
 use audience_export_core::ExportJob;
-use std::sync::Arc;
-use std::time::Duration;
-use tracing::{info, warn, Instrument};
+use tracing::info;
 
-/// How long a finalizer may hold an export (or a notice) before another may take over.
-pub const LEASE: Duration = Duration::from_secs(60);
-
-pub struct Deps {
-    pub progress: ProgressStore,
-    pub publisher: Publisher,
-    pub topology: Topology,
-    pub mailer: Mailer,
-    pub metrics: Metrics,
-    pub retention: Duration,
-    /// This process's claim owner id.
-    pub owner: String,
-    pub connections: Connections,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum FinalizeError {
-    #[error(transparent)]
-    Progress(#[from] ProgressError),
-    #[error(transparent)]
-    Publish(#[from] PublishError),
-    #[error(transparent)]
-    Email(#[from] EmailError),
-    #[error(transparent)]
-    Connection(#[from] ConnectionError),
-}
-
-pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
-    let event: Event = match serde_json::from_slice(body) {
-        Ok(e) => e,
-        Err(e) => {
-            return Outcome::Reject {
-                reason: format!("not an event: {e}"),
-            }
-        }
-    };
-    let result = match event {
-        Event::ShardCompleted { export_id, .. } | Event::ExportSealed { export_id } => {
-            let span = tracing::info_span!("export", %export_id);
-            finish_if_complete(&deps, &export_id).instrument(span).await
-        }
-        Event::ExportRejected {
-            export_id,
-            reason,
-            notify,
-        } => {
-            let span = tracing::info_span!("export", %export_id);
-            finish(&deps, &export_id, Some((reason, notify)))
-                .instrument(span)
-                .await
-        }
-        Event::ConnectionInvalidated {
-            workspace_id,
-            token_fingerprint,
-            code,
-            subcode,
-            message,
-            ..
-        } => {
-            let refusal = invalidation::Refusal {
-                workspace_id: &workspace_id,
-                token_fingerprint: &token_fingerprint,
-                code,
-                subcode,
-                message: &message,
-            };
-            invalidation::handle(&deps, &refusal)
-                .await
-                .map(|outcome| outcome.unwrap_or_else(|| delay(&deps, body)))
-        }
-        Event::ExportFinished(_) | Event::ConnectionChanged { .. } => Ok(Outcome::Ack),
-    };
-    result.unwrap_or_else(|error| {
-        warn!(message = "Finalization failed; retrying later.", %error);
-        delay(&deps, body)
-    })
-}
-
-fn delay(deps: &Deps, body: &[u8]) -> Outcome {
-    Outcome::Delay {
-        queue: Topology::retry(&deps.topology.finalizer(), FINALIZER_RETRY_MS),
-        body: body.to_vec(),
-        expiration_ms: None,
-    }
-}
-
-async fn finish_if_complete(deps: &Deps, export_id: &str) -> Result<Outcome, FinalizeError> {
-    let snapshot = deps.progress.snapshot(export_id).await?;
-    if !snapshot.is_complete() {
-        return Ok(Outcome::Ack);
+/// A progress event: finishes the export if every planned shard arrived and the plan is sealed.
+pub async fn if_complete(deps: &Deps, export_id: &ExportId) -> Result<Handled, FinalizeError> {
+    if !deps.progress.progress(export_id).await?.is_complete() {
+        return Ok(Handled::Done);
     }
     finish(deps, export_id, None).await
+}
+
+/// The producer refused the job: finishes it `rejected` with the reason, telling `notify` too.
+pub async fn rejected(
+    deps: &Deps,
+    export_id: &ExportId,
+    reason: String,
+    notify: Vec<String>,
+) -> Result<Handled, FinalizeError> {
+    finish(deps, export_id, Some((reason, notify))).await
 }
 
 /// Finishes an export once. `rejection` carries the reason and recipients of a refused job.
 async fn finish(
     deps: &Deps,
-    export_id: &str,
+    export_id: &ExportId,
     rejection: Option<(String, Vec<String>)>,
-) -> Result<Outcome, FinalizeError> {
+) -> Result<Handled, FinalizeError> {
     match deps
         .progress
         .claim_finalization(export_id, &deps.owner, LEASE)
         .await?
     {
-        Claim::Done => return Ok(Outcome::Ack),
-        Claim::Held { .. } => {
-            let body = serde_json::to_vec(&Event::ExportSealed {
-                export_id: export_id.to_owned(),
-            })
-            .expect("an event serializes");
-            return Ok(delay(deps, &body));
-        }
+        Claim::Done => return Ok(Handled::Done),
+        Claim::Held { .. } => return Ok(Handled::Held),
         Claim::Won => {}
     }
     let outcome = finish_claimed(deps, export_id, rejection).await;
@@ -143,20 +54,20 @@ async fn finish(
 
 async fn finish_claimed(
     deps: &Deps,
-    export_id: &str,
+    export_id: &ExportId,
     rejection: Option<(String, Vec<String>)>,
-) -> Result<Outcome, FinalizeError> {
-    let snapshot = deps.progress.snapshot(export_id).await?;
+) -> Result<Handled, FinalizeError> {
+    let progress = deps.progress.progress(export_id).await?;
     let job: Option<ExportJob> = deps
         .progress
         .job(export_id)
         .await?
         .and_then(|json| serde_json::from_str(&json).ok());
-    let (status, reason, mut recipients) = match (rejection, snapshot.get("stop_reason")) {
+    let (status, reason, mut recipients) = match (rejection, &progress.stop_reason) {
         (Some((reason, notify)), _) => (ExportStatus::Rejected, Some(reason), notify),
         // Stopped (its connection's token refused): failed, whatever arrived before.
-        (None, Some(stop)) => (ExportStatus::Failed, Some(stop.to_owned()), Vec::new()),
-        (None, None) => (report::status_of(&snapshot), None, Vec::new()),
+        (None, Some(stop)) => (ExportStatus::Failed, Some(stop.clone()), Vec::new()),
+        (None, None) => (report::status_of(&progress), None, Vec::new()),
     };
     if let Some(job) = &job {
         recipients.extend(job.notify.emails.iter().cloned());
@@ -164,41 +75,33 @@ async fn finish_claimed(
     recipients.sort();
     recipients.dedup();
     let now = now_ms();
-    let report = report::build(export_id, job.as_ref(), &snapshot, status, reason, now);
+    let report = report::build(export_id, job.as_ref(), &progress, status, reason, now);
 
-    match deps.mailer.send(&recipients, &report).await {
-        Ok(()) => deps.metrics.emails.with_label_values(&["sent"]).inc(),
-        Err(EmailError::NoRecipient) => deps
-            .metrics
-            .emails
-            .with_label_values(&["no_recipient"])
-            .inc(),
-        Err(e) if e.is_retryable() => return Err(e.into()),
-        Err(e) => {
-            warn!(message = "The notification email could not be sent.", error = %e);
-            deps.metrics.emails.with_label_values(&["failed"]).inc();
-        }
-    }
+    deps.notifier
+        .send(
+            EmailKind::Report,
+            &recipients,
+            email::subject(&report),
+            email::body(&report),
+        )
+        .await?;
     deps.publisher
         .event(&deps.topology, &Event::ExportFinished(report.clone()))
         .await?;
     deps.progress
         .complete(
             export_id,
-            status.as_str(),
+            status,
             report.reason.as_deref().unwrap_or(""),
             now,
             deps.retention,
         )
         .await?;
-    deps.metrics
-        .exports
-        .with_label_values(&[status.as_str()])
-        .inc();
+    deps.metrics.exports.with(status).inc();
     info!(
         message = "Export finished.",
         status = status.as_str(),
         duration_ms = report.duration_ms
     );
-    Ok(Outcome::Ack)
+    Ok(Handled::Done)
 }

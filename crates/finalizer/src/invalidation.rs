@@ -4,24 +4,24 @@
 //! it stop by themselves: workers drop their remaining shards (see `worker::upload`), and each
 //! finishes `failed` with the token's reason, through the usual completion path and its email.
 
-use crate::email::{self, EmailError};
-use crate::finalize::{Deps, FinalizeError, LEASE};
+use crate::email;
+use crate::metrics::EmailKind;
+use crate::{Deps, FinalizeError, Handled, LEASE};
 use audience_export_core::connection::Invalidated;
-use audience_export_core::consumer::Outcome;
-use audience_export_core::contract::Event;
+use audience_export_core::contract::{ConnectionStatus, Event, WorkspaceId};
 use audience_export_core::progress::{now_ms, Claim};
 use tracing::{info, warn};
 
 pub struct Refusal<'a> {
-    pub workspace_id: &'a str,
+    pub workspace_id: &'a WorkspaceId,
     pub token_fingerprint: &'a str,
     pub code: i64,
     pub subcode: Option<i64>,
     pub message: &'a str,
 }
 
-/// Handles one report. `Ok(None)`: the notice is held by another finalizer; retry later.
-pub async fn handle(deps: &Deps, r: &Refusal<'_>) -> Result<Option<Outcome>, FinalizeError> {
+/// Handles one report. `Held`: a notice is held by another finalizer; retry later.
+pub async fn handle(deps: &Deps, r: &Refusal<'_>) -> Result<Handled, FinalizeError> {
     let ws = r.workspace_id;
     let reason = format!(
         "token invalid: Meta refused the Facebook connection ({}). Reconnect Facebook for this workspace.",
@@ -40,11 +40,11 @@ pub async fn handle(deps: &Deps, r: &Refusal<'_>) -> Result<Option<Outcome>, Fin
         Invalidated::Already => {}
         Invalidated::Stale => {
             info!(message = "A refusal of a token the workspace no longer uses; ignored.", workspace_id = %ws);
-            return Ok(Some(Outcome::Ack));
+            return Ok(Handled::Done);
         }
         Invalidated::Missing => {
             info!(message = "A refusal for a workspace that is not connected; ignored.", workspace_id = %ws);
-            return Ok(Some(Outcome::Ack));
+            return Ok(Handled::Done);
         }
     }
     // Read once for both notices: when it was marked (not when this, possibly repeated, report
@@ -71,14 +71,18 @@ pub async fn handle(deps: &Deps, r: &Refusal<'_>) -> Result<Option<Outcome>, Fin
         announce(deps, r, &reason, at_ms),
     )
     .await?;
-    Ok((emailed && announced).then_some(Outcome::Ack))
+    Ok(if emailed && announced {
+        Handled::Done
+    } else {
+        Handled::Held
+    })
 }
 
 /// Runs `action` unless it ran already for this notice. Ok(false): another finalizer holds the
 /// notice; try again later. A failed action gives the notice back.
 async fn once(
     deps: &Deps,
-    ws: &str,
+    ws: &WorkspaceId,
     what: &str,
     action: impl std::future::Future<Output = Result<(), FinalizeError>>,
 ) -> Result<bool, FinalizeError> {
@@ -120,14 +124,9 @@ async fn email_owner(
         })
         .unwrap_or_default();
     let (subject, body) = email::connection_invalid(ws, r.code, r.subcode, r.message, &at);
-    match deps.mailer.send_text(recipients, subject, body).await {
-        Ok(()) => deps.metrics.notices.with_label_values(&["invalid"]).inc(),
-        Err(EmailError::NoRecipient) => {
-            info!(message = "Nobody to tell about the invalid connection (no connected_by).", workspace_id = %ws);
-        }
-        Err(e) if e.is_retryable() => return Err(e.into()),
-        Err(e) => warn!(message = "The connection email could not be sent.", error = %e),
-    }
+    deps.notifier
+        .send(EmailKind::Invalid, recipients, subject, body)
+        .await?;
     Ok(())
 }
 
@@ -141,8 +140,8 @@ async fn announce(
         .event(
             &deps.topology,
             &Event::ConnectionChanged {
-                workspace_id: r.workspace_id.to_owned(),
-                status: "invalid".into(),
+                workspace_id: r.workspace_id.clone(),
+                status: ConnectionStatus::Invalid,
                 reason: Some(reason.to_owned()),
                 code: Some(r.code),
                 subcode: r.subcode,

@@ -1,22 +1,29 @@
 //! The finalizer: listens to the fleet's events, finishes each export exactly once (email,
 //! `export.finished`, terminal status), marks connections invalid when Meta refuses their token
 //! and tells people, and warns before user tokens expire.
+//!
+//! `dispatch` routes each event; `finalize` and `invalidation` handle them and know nothing of
+//! each other; every email goes through `notify`.
 
+pub mod dispatch;
 pub mod email;
 pub mod expiry;
 pub mod finalize;
 pub mod invalidation;
 pub mod metrics;
+pub mod notify;
 pub mod report;
 
-use audience_export_core::amqp::Topology;
+use audience_export_core::amqp::{PublishError, Publisher, Topology};
 use audience_export_core::config::Settings;
-use audience_export_core::connection::Connections;
+use audience_export_core::connection::{ConnectionError, Connections};
 use audience_export_core::consumer;
-use audience_export_core::telemetry;
+use audience_export_core::progress::{ProgressError, ProgressStore};
+use audience_export_core::telemetry::{self, Role};
 use audience_export_core::Running;
-use finalize::Deps;
+use email::EmailError;
 use lapin::message::Delivery;
+use notify::Notifier;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -24,9 +31,59 @@ use tokio_util::sync::CancellationToken;
 /// Events handled at once; finalization is short and mostly waits on Redis and SMTP.
 const EVENTS_IN_FLIGHT: u16 = 16;
 
+/// How long a finalizer may hold an export (or a notice) before another may take over.
+pub const LEASE: Duration = Duration::from_secs(60);
+
+/// What the event handlers share.
+pub struct Deps {
+    pub progress: ProgressStore,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    pub notifier: Notifier,
+    pub metrics: metrics::Metrics,
+    pub retention: Duration,
+    /// This process's claim owner id.
+    pub owner: String,
+    pub connections: Connections,
+}
+
+/// How a handler left an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Nothing more to do with it.
+    Done,
+    /// Another finalizer holds the export's (or the notice's) claim: look again later, in case
+    /// it dies before finishing.
+    Held,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FinalizeError {
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Email(#[from] EmailError),
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+}
+
+impl FinalizeError {
+    /// Whether the same event may succeed later (Redis, the broker or SMTP back).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            FinalizeError::Progress(e) => e.is_retryable(),
+            FinalizeError::Publish(e) => e.is_retryable(),
+            FinalizeError::Email(e) => e.is_retryable(),
+            FinalizeError::Connection(e) => e.is_retryable(),
+        }
+    }
+}
+
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let ops = telemetry::start_ops(
-        "finalizer",
+        Role::Finalizer,
         settings.finalizer.ops_addr,
         &settings,
         &shutdown,
@@ -43,9 +100,13 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     // so it is not given the key that opens them.
     let connections = Connections::without_tokens(progress.connection(), &settings.namespace);
     let f = &settings.finalizer;
+    let notifier = Notifier::new(
+        email::Mailer::new(&f.smtp_host, f.smtp_port, &f.mail_from)?,
+        metrics.clone(),
+    );
     let sweeper = expiry::Sweeper {
         connections: connections.clone(),
-        mailer: email::Mailer::new(&f.smtp_host, f.smtp_port, &f.mail_from)?,
+        notifier: notifier.clone(),
         metrics: metrics.clone(),
         warn_within: Duration::from_secs(settings.connections.expiry_warning_days * 86_400),
         owner: owner.clone(),
@@ -61,7 +122,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 progress: progress.clone(),
                 publisher,
                 topology,
-                mailer: email::Mailer::new(&f.smtp_host, f.smtp_port, &f.mail_from)?,
+                notifier: notifier.clone(),
                 metrics: metrics.clone(),
                 retention: Duration::from_secs(f.retention_secs),
                 owner: owner.clone(),
@@ -69,10 +130,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             })
         };
         let handle = |deps, delivery: Arc<Delivery>| async move {
-            finalize::handle(deps, &delivery.data).await
+            dispatch::handle(deps, &delivery.data).await
         };
         consumer::serve(
-            "finalizer",
+            Role::Finalizer,
             &settings,
             &health,
             &shutdown,

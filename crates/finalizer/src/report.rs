@@ -1,17 +1,13 @@
 //! Builds the finished report (what the email and the `export.finished` event say) from an
 //! export's progress hash and its job. Pure: no I/O, so its arithmetic is tested on its own.
 
-use audience_export_core::contract::{AudienceReport, ExportStatus, FinishedReport};
-use audience_export_core::progress::Snapshot;
+use audience_export_core::contract::{AudienceReport, ExportId, ExportStatus, FinishedReport};
+use audience_export_core::progress::{ExportProgress, FieldProgress};
 use audience_export_core::{ExportJob, Field};
 
 /// The terminal status an export's counters imply.
-pub fn status_of(snapshot: &Snapshot) -> ExportStatus {
-    let (done, failed) = (
-        snapshot.count("shards_done"),
-        snapshot.count("shards_failed"),
-    );
-    match (done, failed) {
+pub fn status_of(progress: &ExportProgress) -> ExportStatus {
+    match (progress.shards_done, progress.shards_failed) {
         (_, 0) => ExportStatus::Succeeded,
         (0, _) => ExportStatus::Failed,
         _ => ExportStatus::PartiallyFailed,
@@ -19,121 +15,91 @@ pub fn status_of(snapshot: &Snapshot) -> ExportStatus {
 }
 
 pub fn build(
-    export_id: &str,
+    export_id: &ExportId,
     job: Option<&ExportJob>,
-    snapshot: &Snapshot,
+    progress: &ExportProgress,
     status: ExportStatus,
     reason: Option<String>,
     now_ms: u64,
 ) -> FinishedReport {
-    let fields: Vec<Field> = match job {
-        Some(job) => job.fields.clone(),
-        None => Vec::new(),
-    };
+    let fields: &[Field] = job.map_or(&[], |j| &j.fields);
     let audiences = fields
         .iter()
-        .filter(|f| {
-            snapshot.get(&format!("{f}:audience_id")).is_some() || status != ExportStatus::Rejected
-        })
-        .map(|&field| audience(snapshot, field))
+        .map(|&field| (field, progress.field(field)))
+        // A rejected export names only the audiences it created before it was refused.
+        .filter(|(_, f)| f.audience_id.is_some() || status != ExportStatus::Rejected)
+        .map(|(field, f)| audience(field, f))
         .collect();
-    let started = snapshot.count("started_at_ms");
     let reason = reason.or_else(|| {
         (status != ExportStatus::Succeeded)
-            .then(|| {
-                fields
-                    .iter()
-                    .find_map(|f| snapshot.get(&format!("{f}:last_error")).map(str::to_owned))
-            })
+            .then(|| fields.iter().find_map(|&f| progress.field(f).last_error))
             .flatten()
     });
     FinishedReport {
-        export_id: export_id.to_owned(),
+        export_id: export_id.clone(),
         status,
         reason,
         segment_name: job.map(|j| j.segment.name.clone()).unwrap_or_default(),
-        ad_account_id: job
-            .map(|j| j.ad_account_number().to_owned())
-            .unwrap_or_default(),
-        members_read: snapshot.count("members_read"),
-        malformed_records: snapshot.count("malformed_records"),
+        ad_account_id: job.map(|j| j.ad_account_id.clone()),
+        members_read: progress.members_read,
+        malformed_records: progress.malformed_records,
         audiences,
-        duration_ms: if started > 0 {
-            now_ms.saturating_sub(started)
-        } else {
-            0
-        },
+        duration_ms: progress
+            .started_at_ms
+            .map_or(0, |started| now_ms.saturating_sub(started)),
     }
 }
 
-fn audience(s: &Snapshot, field: Field) -> AudienceReport {
+fn audience(field: Field, f: FieldProgress) -> AudienceReport {
     AudienceReport {
         field: Some(field),
-        audience_id: s
-            .get(&format!("{field}:audience_id"))
-            .unwrap_or_default()
-            .to_owned(),
-        name: s
-            .get(&format!("{field}:audience_name"))
-            .unwrap_or_default()
-            .to_owned(),
-        with_value: s.field_count(field, "with_value"),
-        missing: s.field_count(field, "missing"),
-        invalid: s.invalid_by_reason(field).into_iter().collect(),
-        prehashed: s.field_count(field, "prehashed"),
-        duplicates: s.field_count(field, "duplicates"),
-        uploaded: s.field_count(field, "uploaded"),
-        meta_received: s.field_count(field, "meta_received"),
-        meta_invalid: s.field_count(field, "meta_invalid"),
-        shards: s.field_count(field, "shards"),
-        shards_failed: s.field_count(field, "shards_failed"),
-        last_error: s.get(&format!("{field}:last_error")).map(str::to_owned),
+        audience_id: f.audience_id.unwrap_or_default(),
+        name: f.audience_name.unwrap_or_default(),
+        with_value: f.with_value,
+        missing: f.missing,
+        invalid: f.invalid,
+        prehashed: f.prehashed,
+        duplicates: f.duplicates,
+        uploaded: f.uploaded,
+        meta_received: f.meta_received,
+        meta_invalid: f.meta_invalid,
+        shards: f.shards,
+        shards_failed: f.shards_failed,
+        last_error: f.last_error,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    fn snap(pairs: &[(&str, &str)]) -> Snapshot {
-        Snapshot(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<HashMap<_, _>>(),
-        )
+    fn counts(done: u64, failed: u64) -> ExportProgress {
+        ExportProgress {
+            shards_done: done,
+            shards_failed: failed,
+            ..ExportProgress::default()
+        }
     }
 
     #[test]
     fn status_follows_the_shard_counts() {
-        assert_eq!(
-            status_of(&snap(&[("shards_done", "3")])),
-            ExportStatus::Succeeded
-        );
-        assert_eq!(status_of(&snap(&[])), ExportStatus::Succeeded);
-        assert_eq!(
-            status_of(&snap(&[("shards_done", "2"), ("shards_failed", "1")])),
-            ExportStatus::PartiallyFailed
-        );
-        assert_eq!(
-            status_of(&snap(&[("shards_failed", "1")])),
-            ExportStatus::Failed
-        );
+        assert_eq!(status_of(&counts(3, 0)), ExportStatus::Succeeded);
+        assert_eq!(status_of(&counts(0, 0)), ExportStatus::Succeeded);
+        assert_eq!(status_of(&counts(2, 1)), ExportStatus::PartiallyFailed);
+        assert_eq!(status_of(&counts(0, 1)), ExportStatus::Failed);
     }
 
     #[test]
-    fn a_field_report_reads_its_counters() {
-        let s = snap(&[
-            ("email:audience_id", "42"),
-            ("email:with_value", "10"),
-            ("email:invalid:email_format", "2"),
-            ("email:invalid:empty", "1"),
-            ("email:uploaded", "7"),
-            ("email:meta_received", "7"),
-            ("phone:uploaded", "99"),
-        ]);
-        let a = audience(&s, Field::Email);
+    fn a_field_report_carries_its_counters() {
+        let f = FieldProgress {
+            audience_id: Some("42".into()),
+            with_value: 10,
+            invalid: [("email_format".to_owned(), 2), ("empty".to_owned(), 1)].into(),
+            uploaded: 7,
+            meta_received: 7,
+            ..FieldProgress::default()
+        };
+        let a = audience(Field::Email, f);
         assert_eq!(a.audience_id, "42");
         assert_eq!(a.invalid_total(), 3);
         assert_eq!(a.invalid.get("email_format"), Some(&2));

@@ -12,6 +12,7 @@
 //! | `DELETE /v1/workspaces/{ws}/connection` | disconnects, deleting the tokens |
 
 use crate::connect::{ConnectError, Connector};
+use audience_export_core::contract::WorkspaceId;
 use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -168,6 +169,12 @@ impl IntoResponse for ConnectError {
 
 type Shared = State<Arc<Connector>>;
 
+/// The workspace a route names, parsed at the edge: an id that could not be a workspace is a
+/// 400 with the rule, before anything reads Redis.
+fn workspace(raw: String) -> Result<WorkspaceId, ConnectError> {
+    WorkspaceId::parse(raw).map_err(|e| ConnectError::BadRequest(e.to_string()))
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct StartOAuth {
@@ -180,7 +187,7 @@ async fn start_oauth(
     body: Option<Json<StartOAuth>>,
 ) -> Result<Response, ConnectError> {
     let body = body.map(|Json(b)| b).unwrap_or_default();
-    let start = c.start_oauth(&ws, body.connected_by.as_deref())?;
+    let start = c.start_oauth(&workspace(ws)?, body.connected_by.as_deref())?;
     Ok(Json(start).into_response())
 }
 
@@ -216,7 +223,9 @@ async fn callback(
         }
         _ => return Err(ConnectError::BadRequest("code is missing".into())),
     };
-    let view = c.complete_oauth(&ws, &code, &body.state).await?;
+    let view = c
+        .complete_oauth(&workspace(ws)?, &code, &body.state)
+        .await?;
     Ok(Json(view).into_response())
 }
 
@@ -234,7 +243,7 @@ async fn system_token(
     Json(body): Json<SystemToken>,
 ) -> Result<Response, ConnectError> {
     let view = c
-        .set_system_token(&ws, body.token, body.connected_by.as_deref())
+        .set_system_token(&workspace(ws)?, body.token, body.connected_by.as_deref())
         .await?;
     Ok(Json(view).into_response())
 }
@@ -250,16 +259,18 @@ async fn ad_accounts(
     Path(ws): Path<String>,
     Json(body): Json<AdAccounts>,
 ) -> Result<Response, ConnectError> {
-    let view = c.select_ad_accounts(&ws, &body.ad_account_ids).await?;
+    let view = c
+        .select_ad_accounts(&workspace(ws)?, &body.ad_account_ids)
+        .await?;
     Ok(Json(view).into_response())
 }
 
 async fn status(State(c): Shared, Path(ws): Path<String>) -> Result<Response, ConnectError> {
-    Ok(Json(c.status(&ws).await?).into_response())
+    Ok(Json(c.status(&workspace(ws)?).await?).into_response())
 }
 
 async fn disconnect(State(c): Shared, Path(ws): Path<String>) -> Result<Response, ConnectError> {
-    c.disconnect(&ws).await?;
+    c.disconnect(&workspace(ws)?).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -10,7 +10,9 @@ use audience_export_core::config::Settings;
 use audience_export_core::connection::{
     AdAccountStatus, ConnectionError, ConnectionView, Connections, NewToken,
 };
-use audience_export_core::contract::{is_identifier, looks_like_email, Event};
+use audience_export_core::contract::{
+    looks_like_email, AdAccountId, ConnectionStatus, Event, WorkspaceId,
+};
 use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
 use audience_export_core::progress::now_ms;
 use audience_export_core::token_cipher::TokenCipher;
@@ -29,7 +31,7 @@ pub enum ConnectError {
     #[error("{0}")]
     BadRequest(String),
     #[error("workspace {0} has no Facebook connection")]
-    NotConnected(String),
+    NotConnected(WorkspaceId),
     #[error("the connect attempt is not valid: {0}. Start connecting again.")]
     BadState(&'static str),
     /// Meta refused what we asked, or the token cannot do what exports need.
@@ -81,7 +83,7 @@ impl ConnectError {
 /// after `expires_at`.
 #[derive(Serialize, Deserialize)]
 struct OAuthState {
-    workspace_id: String,
+    workspace_id: WorkspaceId,
     connected_by: Option<String>,
     expires_at: u64,
     nonce: u64,
@@ -133,16 +135,15 @@ impl Connector {
     /// Starts connecting `workspace`: the URL of Meta's dialog, with a sealed, expiring state.
     pub fn start_oauth(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         connected_by: Option<&str>,
     ) -> Result<DialogStart, ConnectError> {
-        check_workspace(workspace)?;
         self.app_secret()?;
         check_email(connected_by)?;
         let o = &self.settings.oauth;
         let expires_at = now_ms() / 1000 + o.state_ttl_secs;
         let state = OAuthState {
-            workspace_id: workspace.to_owned(),
+            workspace_id: workspace.clone(),
             connected_by: connected_by.map(str::to_owned),
             expires_at,
             nonce: rand::random(),
@@ -173,13 +174,12 @@ impl Connector {
     /// (someone else's connect link, approved by this person) is refused, and a state works once.
     pub async fn complete_oauth(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         code: &str,
         state: &str,
     ) -> Result<ConnectionView, ConnectError> {
-        check_workspace(workspace)?;
         let state = self.open_state(state)?;
-        if state.workspace_id != workspace {
+        if &state.workspace_id != workspace {
             return Err(ConnectError::BadState(
                 "it was issued for another workspace",
             ));
@@ -216,11 +216,10 @@ impl Connector {
     /// `connected_by`: who is told when it breaks (kept from before when None).
     pub async fn set_system_token(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         token: SecretString,
         connected_by: Option<&str>,
     ) -> Result<ConnectionView, ConnectError> {
-        check_workspace(workspace)?;
         check_email(connected_by)?;
         if token.expose_secret().trim().is_empty() {
             return Err(ConnectError::BadRequest("the token is empty".into()));
@@ -282,27 +281,30 @@ impl Connector {
     /// terms with Meta.
     pub async fn select_ad_accounts(
         &self,
-        workspace: &str,
+        workspace: &WorkspaceId,
         ids: &[String],
     ) -> Result<ConnectionView, ConnectError> {
-        check_workspace(workspace)?;
+        let ids = ids
+            .iter()
+            .map(|id| AdAccountId::parse(id).map_err(|e| ConnectError::BadRequest(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
         let view = self.require(workspace).await?;
         let token = self
             .connections
             .active_token(workspace)
             .await?
-            .ok_or_else(|| ConnectError::NotConnected(workspace.to_owned()))?;
+            .ok_or_else(|| ConnectError::NotConnected(workspace.clone()))?;
         if let Some(reason) = &token.invalid {
             return Err(ConnectError::Refused(format!(
                 "the connection is invalid ({reason}): reconnect first"
             )));
         }
         let mut statuses = Vec::new();
-        for id in ids {
-            let id = id.trim().trim_start_matches("act_");
-            if !view.available_ad_accounts.iter().any(|a| a == id) {
+        for id in &ids {
+            if !view.available_ad_accounts.contains(id) {
                 return Err(ConnectError::Refused(format!(
-                    "act_{id} is not an ad account this connection can use (it can use: {})",
+                    "{} is not an ad account this connection can use (it can use: {})",
+                    id.act(),
                     list(&view.available_ad_accounts)
                 )));
             }
@@ -321,22 +323,20 @@ impl Connector {
         self.require(workspace).await
     }
 
-    pub async fn status(&self, workspace: &str) -> Result<ConnectionView, ConnectError> {
-        check_workspace(workspace)?;
+    pub async fn status(&self, workspace: &WorkspaceId) -> Result<ConnectionView, ConnectError> {
         self.require(workspace).await
     }
 
     /// Deletes the connection and its tokens.
-    pub async fn disconnect(&self, workspace: &str) -> Result<(), ConnectError> {
-        check_workspace(workspace)?;
+    pub async fn disconnect(&self, workspace: &WorkspaceId) -> Result<(), ConnectError> {
         if !self.connections.disconnect(workspace).await? {
-            return Err(ConnectError::NotConnected(workspace.to_owned()));
+            return Err(ConnectError::NotConnected(workspace.clone()));
         }
         info!(message = "Workspace disconnected from Facebook.", workspace_id = %workspace);
         self.announcer
             .announce(&Event::ConnectionChanged {
-                workspace_id: workspace.to_owned(),
-                status: "disconnected".into(),
+                workspace_id: workspace.clone(),
+                status: ConnectionStatus::Disconnected,
                 reason: None,
                 code: None,
                 subcode: None,
@@ -346,19 +346,19 @@ impl Connector {
         Ok(())
     }
 
-    async fn require(&self, workspace: &str) -> Result<ConnectionView, ConnectError> {
+    async fn require(&self, workspace: &WorkspaceId) -> Result<ConnectionView, ConnectError> {
         self.connections
             .view(workspace)
             .await?
-            .ok_or_else(|| ConnectError::NotConnected(workspace.to_owned()))
+            .ok_or_else(|| ConnectError::NotConnected(workspace.clone()))
     }
 
     /// Tells the upstream platform the connection is valid (again), and returns its view.
-    async fn connected(&self, workspace: &str) -> Result<ConnectionView, ConnectError> {
+    async fn connected(&self, workspace: &WorkspaceId) -> Result<ConnectionView, ConnectError> {
         self.announcer
             .announce(&Event::ConnectionChanged {
-                workspace_id: workspace.to_owned(),
-                status: "valid".into(),
+                workspace_id: workspace.clone(),
+                status: ConnectionStatus::Valid,
                 reason: None,
                 code: None,
                 subcode: None,
@@ -366,16 +366,6 @@ impl Connector {
             })
             .await;
         self.require(workspace).await
-    }
-}
-
-fn check_workspace(workspace: &str) -> Result<(), ConnectError> {
-    if is_identifier(workspace) {
-        Ok(())
-    } else {
-        Err(ConnectError::BadRequest(
-            "the workspace id must be 1-128 characters of letters, digits, '-', '_' or '.'".into(),
-        ))
     }
 }
 
@@ -388,12 +378,12 @@ fn check_email(who: Option<&str>) -> Result<(), ConnectError> {
     }
 }
 
-fn list(ids: &[String]) -> String {
+fn list(ids: &[AdAccountId]) -> String {
     if ids.is_empty() {
         "none".into()
     } else {
         ids.iter()
-            .map(|i| format!("act_{i}"))
+            .map(AdAccountId::act)
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -451,12 +441,15 @@ mod tests {
 
     #[test]
     fn each_failure_maps_to_a_status_and_says_whether_to_retry() {
-        let redis =
-            ConnectionError::Redis(redis::RedisError::from((redis::ErrorKind::IoError, "down")));
+        let redis = ConnectionError::Redis(redis::RedisError::from((redis::ErrorKind::Io, "down")));
         let key = ConnectionError::Cipher(audience_export_core::token_cipher::CipherError::NoKey);
         let cases = [
             (ConnectError::BadRequest("x".into()), 400, false),
-            (ConnectError::NotConnected("ws".into()), 404, false),
+            (
+                ConnectError::NotConnected(WorkspaceId::parse("ws").unwrap()),
+                404,
+                false,
+            ),
             (ConnectError::BadState("forged"), 403, false),
             (ConnectError::Refused("x".into()), 422, false),
             (ConnectError::NotConfigured("x".into()), 503, true),

@@ -14,8 +14,8 @@ use audience_export_core::config::Settings;
 use audience_export_core::connection::Connections;
 use audience_export_core::consumer;
 use audience_export_core::graph::GraphClient;
-use audience_export_core::pause::AccountPauses;
-use audience_export_core::telemetry;
+use audience_export_core::revocation::Revocations;
+use audience_export_core::telemetry::{self, Role};
 use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::workspace::Workspaces;
 use audience_export_core::Running;
@@ -31,14 +31,23 @@ const JOBS_IN_FLIGHT: u16 = 2;
 
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())?;
-    let ops =
-        telemetry::start_ops("producer", settings.producer.ops_addr, &settings, &shutdown).await?;
+    let ops = telemetry::start_ops(
+        Role::Producer,
+        settings.producer.ops_addr,
+        &settings,
+        &shutdown,
+    )
+    .await?;
     let metrics = metrics::Metrics::register(&ops.registry)?;
     let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let graph = GraphClient::from_settings(&settings.graph)?;
     let workspaces = Workspaces::new(progress.connection(), &settings.namespace);
     let connections = Connections::new(progress.connection(), &settings.namespace, cipher.clone());
-    let pauses = AccountPauses::new(progress.connection(), &settings.namespace);
+    let revocations = Revocations::new(
+        connections.clone(),
+        progress.connection(),
+        &settings.namespace,
+    );
     let connector = Arc::new(connect::Connector::new(
         graph.clone(),
         connections.clone(),
@@ -61,7 +70,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 publisher,
                 topology,
                 connections: connections.clone(),
-                pauses: pauses.clone(),
+                revocations: revocations.clone(),
                 metrics: metrics.clone(),
                 shard_size: settings.producer.shard_size.clamp(1, 10_000),
                 confirm_window: settings.producer.confirm_window,
@@ -73,7 +82,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         let handle =
             |deps, delivery: Arc<Delivery>| async move { plan::handle(deps, &delivery.data).await };
         consumer::serve(
-            "producer",
+            Role::Producer,
             &settings,
             &health,
             &shutdown,

@@ -2,6 +2,7 @@
 //! SIGTERM or SIGINT), or manages a workspace's settings and Facebook connection for operators.
 
 use audience_export_core::connection::Connections;
+use audience_export_core::contract::{PhoneCountry, WorkspaceId};
 use audience_export_core::graph::GraphClient;
 use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::workspace::Workspaces;
@@ -26,9 +27,9 @@ enum Command {
     /// Shows or sets the country of phone numbers written without their country code, for every
     /// export of a workspace that does not name one itself.
     PhoneCountry {
-        workspace: String,
+        workspace: WorkspaceId,
         /// ISO 3166-1 alpha-2 code, e.g. US. Omit to show the current one.
-        country: Option<String>,
+        country: Option<PhoneCountry>,
         /// Remove the workspace's default.
         #[arg(long, conflicts_with = "country")]
         clear: bool,
@@ -43,10 +44,10 @@ enum Command {
 #[derive(Subcommand)]
 enum ConnectionAction {
     /// Shows the connection's status, ad accounts and expiry (never the token).
-    Status { workspace: String },
+    Status { workspace: WorkspaceId },
     /// Prints the URL of Meta's OAuth dialog for connecting the workspace.
     ConnectUrl {
-        workspace: String,
+        workspace: WorkspaceId,
         /// Who connects: told when the connection breaks or is about to expire.
         #[arg(long)]
         connected_by: Option<String>,
@@ -54,19 +55,19 @@ enum ConnectionAction {
     /// Sets or replaces the Business Manager system user token, read from standard input (never
     /// from the command line, where `ps` and shell history would keep it).
     SetSystemUserToken {
-        workspace: String,
+        workspace: WorkspaceId,
         /// Who is told when the connection breaks.
         #[arg(long)]
         connected_by: Option<String>,
     },
     /// Selects the ad accounts the workspace may export to and checks their terms.
     SelectAdAccounts {
-        workspace: String,
+        workspace: WorkspaceId,
         #[arg(required = true)]
         ad_account_ids: Vec<String>,
     },
     /// Deletes the connection and its tokens.
-    Disconnect { workspace: String },
+    Disconnect { workspace: WorkspaceId },
     /// Re-seals every stored token with the first key of AE_CONNECTIONS__ENCRYPTION_KEYS.
     RotateKeys,
 }
@@ -88,14 +89,14 @@ async fn main() -> anyhow::Result<()> {
             let workspaces = Workspaces::connect(&settings.redis_url, &settings.namespace).await?;
             if clear || country.is_some() {
                 workspaces
-                    .set_default_phone_country(&workspace, country.as_deref())
+                    .set_default_phone_country(&workspace, country)
                     .await?;
             }
             let current = workspaces.default_phone_country(&workspace).await?;
-            println!(
-                "{workspace}: {}",
-                current.as_deref().unwrap_or("no default phone country")
-            );
+            match current {
+                Some(country) => println!("{workspace}: {country}"),
+                None => println!("{workspace}: no default phone country"),
+            }
             Ok(())
         }
         Some(Command::Connection { action }) => {
@@ -110,9 +111,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn connection(settings: Settings, action: ConnectionAction) -> anyhow::Result<()> {
-    let redis =
-        redis::aio::ConnectionManager::new(redis::Client::open(settings.redis_url.as_str())?)
-            .await?;
+    let redis = audience_export_core::progress::connect_redis(&settings.redis_url).await?;
     if let ConnectionAction::Status { workspace } = &action {
         // Reading a status opens no token: no key needed.
         let view = Connections::without_tokens(redis, &settings.namespace)

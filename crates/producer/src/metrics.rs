@@ -1,37 +1,68 @@
-//! The producer's metrics, declared in one place, with bounded labels only.
+//! The producer's metrics, declared in one place, with bounded, typed labels only.
 
+use audience_export_core::telemetry::{Counters, Label};
+use audience_export_core::Field;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+
+/// What became of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// Planned and sealed.
+    Planned,
+    /// A repeat of a job already planned or ended: ignored.
+    Duplicate,
+    /// Refused with a reason (invalid, or its connection cannot run it).
+    Rejected,
+    /// Our infrastructure failed mid-way: back to the queue.
+    Requeued,
+}
+
+impl Label for JobOutcome {
+    const ALL: &'static [JobOutcome] = &[
+        JobOutcome::Planned,
+        JobOutcome::Duplicate,
+        JobOutcome::Rejected,
+        JobOutcome::Requeued,
+    ];
+    fn as_str(self) -> &'static str {
+        match self {
+            JobOutcome::Planned => "planned",
+            JobOutcome::Duplicate => "duplicate",
+            JobOutcome::Rejected => "rejected",
+            JobOutcome::Requeued => "requeued",
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Metrics {
-    /// Jobs by outcome: planned, duplicate, rejected, requeued.
-    pub jobs: IntCounterVec,
+    /// Jobs by outcome.
+    pub jobs: Counters<JobOutcome>,
     /// Segment members read.
     pub members: IntCounter,
     /// Shards published and confirmed, by field.
-    pub shards: IntCounterVec,
-    /// HTTP API requests, by route template and status code.
+    pub shards: Counters<Field>,
+    /// HTTP API requests, by route template (never an id) and status code: both bounded by the
+    /// router, not by an enum.
     pub api_requests: IntCounterVec,
 }
 
 impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Metrics> {
-        let jobs = IntCounterVec::new(
-            Opts::new(
-                "audience_export_jobs_total",
-                "Export jobs taken by the producer, by outcome.",
-            ),
+        let jobs = Counters::register(
+            registry,
+            "audience_export_jobs_total",
+            "Export jobs taken by the producer, by outcome.",
             &["outcome"],
         )?;
         let members = IntCounter::new(
             "audience_export_members_read_total",
             "Segment members read by the producer.",
         )?;
-        let shards = IntCounterVec::new(
-            Opts::new(
-                "audience_export_shards_published_total",
-                "Shards published and confirmed, by field.",
-            ),
+        let shards = Counters::register(
+            registry,
+            "audience_export_shards_published_total",
+            "Shards published and confirmed, by field.",
             &["field"],
         )?;
         let api_requests = IntCounterVec::new(
@@ -42,9 +73,7 @@ impl Metrics {
             &["route", "status"],
         )?;
         registry.register(Box::new(api_requests.clone()))?;
-        registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(members.clone()))?;
-        registry.register(Box::new(shards.clone()))?;
         Ok(Metrics {
             jobs,
             members,

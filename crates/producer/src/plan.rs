@@ -4,17 +4,19 @@
 //! resumed (audiences already created are reused; shards already counted are skipped by the
 //! workers), never planned twice.
 
-use crate::metrics::Metrics;
+use crate::metrics::{JobOutcome, Metrics};
 use crate::source::{Line, SegmentReader};
 use audience_export_core::amqp::{PendingConfirm, PublishError, Publisher, Topology};
 use audience_export_core::connection::{
-    terms_url, ActiveToken, AdAccountStatus, ConnectionError, Connections,
+    ActiveToken, AdAccountStatus, ConnectionError, Connections,
 };
 use audience_export_core::consumer::Outcome;
-use audience_export_core::contract::{Event, ExportJob};
+use audience_export_core::contract::{Event, ExportJob, PhoneCountry};
 use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
-use audience_export_core::pause::AccountPauses;
-use audience_export_core::progress::{now_ms, Begin, ProgressError, ProgressStore};
+use audience_export_core::progress::{
+    now_ms, Begin, FieldTotals, PlanTotals, ProgressError, ProgressStatus, ProgressStore,
+};
+use audience_export_core::revocation::{Refusal, RevocationError, Revocations, Unusable};
 use audience_export_core::telemetry::backoff;
 use audience_export_core::workspace::Workspaces;
 use audience_export_core::{Field, Shard};
@@ -32,10 +34,10 @@ pub struct Deps {
     pub progress: ProgressStore,
     pub publisher: Publisher,
     pub topology: Topology,
-    /// Workspaces' Facebook connections: where a job's token comes from.
+    /// Workspaces' Facebook connections: what a job is checked against.
     pub connections: Connections,
-    /// Tokens Meta refused, recorded before the connection is marked invalid.
-    pub pauses: AccountPauses,
+    /// Whether a workspace's token may be used, and what to do when Meta refuses it.
+    pub revocations: Revocations,
     pub metrics: Metrics,
     pub shard_size: usize,
     pub confirm_window: usize,
@@ -53,15 +55,16 @@ enum PlanError {
     Progress(#[from] ProgressError),
     #[error(transparent)]
     Publish(#[from] PublishError),
-    #[error("Redis failed: {0}")]
-    Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Connection(ConnectionError),
+    #[error("the workspace's settings cannot be read: {0}")]
+    Settings(anyhow::Error),
     /// The job cannot run; the reason goes to the requester.
     #[error("{reason}")]
     Refused {
         reason: String,
-        invalid_token: Option<Event>,
+        /// Meta refused the workspace's token: announced and recorded for the whole fleet.
+        token: Option<Refusal>,
     },
 }
 
@@ -69,7 +72,7 @@ pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
     let job = match ExportJob::parse(body) {
         Ok(job) => job,
         Err(error) => {
-            deps.metrics.jobs.with_label_values(&["rejected"]).inc();
+            deps.metrics.jobs.with(JobOutcome::Rejected).inc();
             let reason = error.to_string();
             if let Some((export_id, notify)) = ExportJob::salvage(body) {
                 let event = Event::ExportRejected {
@@ -90,48 +93,51 @@ pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
     async {
         match plan(&deps, &job).await {
             Ok(outcome) => outcome,
-            Err(PlanError::Refused { reason, invalid_token }) => {
+            Err(PlanError::Refused { reason, token }) => {
                 warn!(message = "Export refused.", %reason);
-                deps.metrics.jobs.with_label_values(&["rejected"]).inc();
-                let rejected = Event::ExportRejected {
-                    export_id: job.export_id.clone(),
-                    reason: reason.clone(),
-                    notify: job.notify.emails.clone(),
-                };
-                for event in invalid_token.iter().chain([&rejected]) {
-                    if let Err(e) = deps.publisher.event(&deps.topology, event).await {
+                match refuse(&deps, &job, reason, token.as_ref()).await {
+                    Ok(()) => {
+                        deps.metrics.jobs.with(JobOutcome::Rejected).inc();
+                        Outcome::Ack
+                    }
+                    Err(e) => {
                         warn!(message = "Could not announce a refused export; requeueing.", error = %e);
-                        return Outcome::Requeue;
+                        deps.metrics.jobs.with(JobOutcome::Requeued).inc();
+                        Outcome::Requeue
                     }
                 }
-                // Announced first, recorded second: a marker without its event would stop every
-                // call with the token while nobody marks the connection invalid or tells anyone.
-                if let Some(Event::ConnectionInvalidated {
-                    workspace_id,
-                    token_fingerprint,
-                    ..
-                }) = &invalid_token
-                {
-                    let marked = deps
-                        .pauses
-                        .revoke_token(workspace_id, token_fingerprint, &reason)
-                        .await;
-                    if let Err(e) = marked {
-                        warn!(message = "Could not record the refused token; requeueing.", error = %e);
-                        return Outcome::Requeue;
-                    }
-                }
-                Outcome::Ack
             }
             Err(error) => {
                 warn!(message = "Planning interrupted; requeueing the job.", %error);
-                deps.metrics.jobs.with_label_values(&["requeued"]).inc();
+                deps.metrics.jobs.with(JobOutcome::Requeued).inc();
                 Outcome::Requeue
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// Announces a refused job (after the token refusal that caused it, if one did), for the
+/// finalizer to record and tell the requester.
+async fn refuse(
+    deps: &Deps,
+    job: &ExportJob,
+    reason: String,
+    token: Option<&Refusal>,
+) -> Result<(), RevocationError> {
+    if let Some(refusal) = token {
+        deps.revocations
+            .refused(&deps.publisher, &deps.topology, refusal)
+            .await?;
+    }
+    let rejected = Event::ExportRejected {
+        export_id: job.export_id.clone(),
+        reason,
+        notify: job.notify.emails.clone(),
+    };
+    deps.publisher.event(&deps.topology, &rejected).await?;
+    Ok(())
 }
 
 async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
@@ -148,7 +154,7 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
             // The id names another job: running this one would write into that export (its
             // audiences, its report, its workspace's ad account). Never retried, never announced
             // under that id.
-            deps.metrics.jobs.with_label_values(&["rejected"]).inc();
+            deps.metrics.jobs.with(JobOutcome::Rejected).inc();
             warn!(message = "An export id was reused for a different job; dead-lettering it.");
             return Ok(Outcome::Reject {
                 reason: format!(
@@ -159,15 +165,15 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
         }
         Begin::Existing { sealed: true, .. } => {
             info!(message = "Export already planned; ignoring the repeated job.");
-            deps.metrics.jobs.with_label_values(&["duplicate"]).inc();
+            deps.metrics.jobs.with(JobOutcome::Duplicate).inc();
             return Ok(Outcome::Ack);
         }
         Begin::Existing {
             sealed: false,
             status,
-        } if status != "planning" => {
-            info!(message = "Export already ended; ignoring the repeated job.", %status);
-            deps.metrics.jobs.with_label_values(&["duplicate"]).inc();
+        } if status != Some(ProgressStatus::Planning) => {
+            info!(message = "Export already ended; ignoring the repeated job.", status = ?status);
+            deps.metrics.jobs.with(JobOutcome::Duplicate).inc();
             return Ok(Outcome::Ack);
         }
         Begin::Existing { .. } => {
@@ -175,7 +181,6 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
         }
     }
 
-    let account = job.ad_account_number();
     let token = resolve(deps, job).await?;
     let mut audiences = BTreeMap::new();
     for &field in &job.fields {
@@ -198,15 +203,15 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
         .await
         .map_err(|e| refused(e.to_string()))?;
     // The job's country wins over the workspace's default.
-    let phone_country = match &job.default_phone_country {
-        Some(country) => Some(country.to_ascii_uppercase()),
-        None => {
-            deps.workspaces
-                .default_phone_country(&job.workspace_id)
-                .await?
-        }
+    let phone_country = match job.default_phone_country {
+        Some(country) => Some(country),
+        None => deps
+            .workspaces
+            .default_phone_country(&job.workspace_id)
+            .await
+            .map_err(PlanError::Settings)?,
     };
-    let mut sharder = Sharder::new(deps, job, account, audiences, phone_country);
+    let mut sharder = Sharder::new(deps, job, audiences, phone_country);
     let (mut members, mut malformed) = (0u64, 0u64);
     while let Some(line) = reader.next().await.map_err(|e| refused(e.to_string()))? {
         match line {
@@ -224,21 +229,14 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
             break;
         }
     }
-    let totals = sharder.finish().await?;
+    let totals = PlanTotals {
+        members_read: members,
+        malformed_records: malformed,
+        fields: sharder.finish().await?,
+    };
     deps.metrics.members.inc_by(members);
-
-    let shards: u64 = totals.values().map(|t| t.shards).sum();
-    let mut seal: Vec<(String, u64)> = vec![
-        ("members_read".into(), members),
-        ("malformed_records".into(), malformed),
-        ("shards_planned".into(), shards),
-    ];
-    for (field, t) in &totals {
-        seal.push((format!("{field}:with_value"), t.with_value));
-        seal.push((format!("{field}:missing"), t.missing));
-        seal.push((format!("{field}:shards"), t.shards));
-    }
-    deps.progress.seal(&job.export_id, &seal).await?;
+    let shards = totals.shards();
+    deps.progress.seal(&job.export_id, &totals).await?;
     deps.publisher
         .event(
             &deps.topology,
@@ -247,7 +245,7 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
             },
         )
         .await?;
-    deps.metrics.jobs.with_label_values(&["planned"]).inc();
+    deps.metrics.jobs.with(JobOutcome::Planned).inc();
     info!(
         message = "Export planned and sealed.",
         members, malformed, shards
@@ -256,22 +254,24 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
 }
 
 /// The workspace's token for this job, once the job passes the connection's checks: connected,
-/// valid, the ad account selected by this workspace, its terms accepted. Only the job's own
-/// workspace is ever looked at, so a job cannot reach another workspace's connection.
+/// valid, the ad account selected by this workspace, its terms accepted, the token usable. Only
+/// the job's own workspace is ever looked at, so a job cannot reach another workspace's
+/// connection.
 async fn resolve(deps: &Deps, job: &ExportJob) -> Result<ActiveToken, PlanError> {
     let ws = &job.workspace_id;
-    let account = job.ad_account_number();
+    let account = &job.ad_account_id;
+    let act = account.act();
     let stored = |e: ConnectionError| {
         if e.is_retryable() {
             PlanError::Connection(e)
         } else {
             warn!(message = "The workspace's connection cannot be read.", error = %e);
-            refused(format!("the Facebook connection of workspace {ws} cannot be read ({e}); reconnect Facebook, or ask an operator to check the encryption keys"))
+            refused(Unusable::Unreadable(e).reason(ws))
         }
     };
     let Some(view) = deps.connections.view(ws).await.map_err(stored)? else {
         return Err(refused(format!(
-            "no Facebook connection: workspace {ws} has not connected Facebook. Connect it and select ad account act_{account}, then export again."
+            "no Facebook connection: workspace {ws} has not connected Facebook. Connect it and select ad account {act}, then export again."
         )));
     };
     if let Some(invalid) = &view.invalid {
@@ -286,23 +286,20 @@ async fn resolve(deps: &Deps, job: &ExportJob) -> Result<ActiveToken, PlanError>
     }
     let Some(selected) = view.selected(account) else {
         return Err(refused(format!(
-            "ad account act_{account} is not selected for workspace {ws}: select it in the workspace's Facebook connection, then export again."
+            "ad account {act} is not selected for workspace {ws}: select it in the workspace's Facebook connection, then export again."
         )));
     };
-    let token = deps
-        .connections
-        .active_token(ws)
+    // Refused by Meta moments ago (before the finalizer marked the connection invalid), or
+    // changed since the view was read: the one usability check the workers make too.
+    let token = match deps
+        .revocations
+        .usable_token(ws)
         .await
-        .map_err(stored)?
-        .ok_or_else(|| {
-            refused(format!(
-                "no Facebook connection: workspace {ws} has no token"
-            ))
-        })?;
-    // Refused by Meta moments ago, before the finalizer marked the connection invalid.
-    if let Some(reason) = deps.pauses.token_revoked(ws, &token.fingerprint).await? {
-        return Err(refused(reason));
-    }
+        .map_err(PlanError::Connection)?
+    {
+        Ok(token) => token,
+        Err(unusable) => return Err(refused(unusable.reason(ws))),
+    };
     if !selected.tos_accepted {
         // Accepted since the last check? Ask Meta rather than refuse on stale news.
         let accepted = deps.graph.tos_accepted(&token.token, account).await;
@@ -316,8 +313,8 @@ async fn resolve(deps: &Deps, job: &ExportJob) -> Result<ActiveToken, PlanError>
             }
             Ok(false) => {
                 return Err(refused(format!(
-                    "terms not accepted: accept the Custom Audience terms for act_{account} at {}, then export again.",
-                    terms_url(account)
+                    "terms not accepted: accept the Custom Audience terms for {act} at {}, then export again.",
+                    account.terms_url()
                 )))
             }
             Err(e) => return Err(refusal(job, &token, "check the Custom Audience terms", &e)),
@@ -329,7 +326,7 @@ async fn resolve(deps: &Deps, job: &ExportJob) -> Result<ActiveToken, PlanError>
 fn refused(reason: String) -> PlanError {
     PlanError::Refused {
         reason,
-        invalid_token: None,
+        token: None,
     }
 }
 
@@ -349,7 +346,6 @@ async fn create_audience(
     field: Field,
     name: &str,
 ) -> Result<String, PlanError> {
-    let account = job.ad_account_number();
     let description = format!(
         "Exported from segment {} ({})",
         job.segment.name, job.segment.id
@@ -361,7 +357,7 @@ async fn create_audience(
             .graph
             .create_custom_audience(
                 &token.token,
-                account,
+                &job.ad_account_id,
                 name,
                 &description,
                 &deps.customer_file_source,
@@ -383,51 +379,37 @@ async fn create_audience(
 }
 
 /// The reason a marketer reads when Meta refuses a call (`what`), naming the fix where there is
-/// one; a refused token is also reported for the finalizer to mark the connection invalid.
+/// one; a refused token is also reported for the whole fleet (`revocation`).
 fn refusal(job: &ExportJob, token: &ActiveToken, what: &str, e: &GraphError) -> PlanError {
-    let account = job.ad_account_number();
     let class = e.class();
     let reason = match class {
         ErrorClass::TokenInvalid | ErrorClass::PermissionLost | ErrorClass::TermsNotAccepted => {
-            e.explain(account)
+            e.explain(&job.ad_account_id)
         }
         _ => format!("Meta refused to {what}: {}", e.user_message()),
     };
-    let invalid_token = (class == ErrorClass::TokenInvalid).then(|| {
-        let meta = e.meta().cloned().unwrap_or_default();
-        Event::ConnectionInvalidated {
-            workspace_id: job.workspace_id.clone(),
-            export_id: Some(job.export_id.clone()),
-            token_fingerprint: token.fingerprint.clone(),
-            code: meta.code.unwrap_or(190),
-            subcode: meta.error_subcode,
-            message: meta.message,
-        }
+    let token = (class == ErrorClass::TokenInvalid).then(|| {
+        Refusal::new(
+            &job.workspace_id,
+            Some(&job.export_id),
+            token,
+            e,
+            &job.ad_account_id,
+        )
     });
-    PlanError::Refused {
-        reason,
-        invalid_token,
-    }
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct FieldTotals {
-    with_value: u64,
-    missing: u64,
-    shards: u64,
+    PlanError::Refused { reason, token }
 }
 
 /// Per-field buffers that become shard messages, with a bounded window of unconfirmed publishes.
 struct Sharder<'a> {
     deps: &'a Deps,
     job: &'a ExportJob,
-    account: &'a str,
     audiences: BTreeMap<Field, String>,
     buffers: BTreeMap<Field, Vec<String>>,
     totals: BTreeMap<Field, FieldTotals>,
     pending: VecDeque<PendingConfirm>,
     /// Country of national phone numbers: the job's, else the workspace's default.
-    phone_country: Option<String>,
+    phone_country: Option<PhoneCountry>,
     /// Why the export was stopped (checked after each shard), if it was.
     stopped: Option<String>,
 }
@@ -436,15 +418,13 @@ impl<'a> Sharder<'a> {
     fn new(
         deps: &'a Deps,
         job: &'a ExportJob,
-        account: &'a str,
         audiences: BTreeMap<Field, String>,
-        phone_country: Option<String>,
+        phone_country: Option<PhoneCountry>,
     ) -> Self {
         let fields = audiences.keys().copied();
         Sharder {
             deps,
             job,
-            account,
             buffers: fields
                 .clone()
                 .map(|f| (f, Vec::with_capacity(deps.shard_size)))
@@ -482,12 +462,12 @@ impl<'a> Sharder<'a> {
             export_id: self.job.export_id.clone(),
             workspace_id: self.job.workspace_id.clone(),
             audience_id: self.audiences[&field].clone(),
-            ad_account_id: self.account.to_owned(),
+            ad_account_id: self.job.ad_account_id.clone(),
             field,
             shard_index: totals.shards as u32,
             records,
             attempt: 1,
-            default_phone_country: self.phone_country.clone(),
+            default_phone_country: self.phone_country,
         };
         totals.shards += 1;
         let body = serde_json::to_vec(&shard).expect("a shard always serializes");
@@ -502,11 +482,7 @@ impl<'a> Sharder<'a> {
             )
             .await?;
         self.pending.push_back(pending);
-        self.deps
-            .metrics
-            .shards
-            .with_label_values(&[field.as_str()])
-            .inc();
+        self.deps.metrics.shards.with(field).inc();
         while self.pending.len() >= self.deps.confirm_window.max(1) {
             if let Some(oldest) = self.pending.pop_front() {
                 oldest.wait().await?;

@@ -13,7 +13,8 @@ use audience_export_core::connection::Connections;
 use audience_export_core::consumer;
 use audience_export_core::graph::GraphClient;
 use audience_export_core::pause::AccountPauses;
-use audience_export_core::telemetry;
+use audience_export_core::revocation::Revocations;
+use audience_export_core::telemetry::{self, Role};
 use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::Running;
 use lapin::message::Delivery;
@@ -24,12 +25,13 @@ use upload::Deps;
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())?;
     let ops =
-        telemetry::start_ops("worker", settings.worker.ops_addr, &settings, &shutdown).await?;
+        telemetry::start_ops(Role::Worker, settings.worker.ops_addr, &settings, &shutdown).await?;
     let metrics = metrics::Metrics::register(&ops.registry)?;
     let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let graph = GraphClient::from_settings(&settings.graph)?;
     let pauses = AccountPauses::new(progress.connection(), &settings.namespace);
     let connections = Connections::new(progress.connection(), &settings.namespace, cipher);
+    let revocations = Revocations::new(connections, progress.connection(), &settings.namespace);
     let task = tokio::spawn(async move {
         let build = |publisher, topology| {
             Ok(Deps {
@@ -38,7 +40,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 publisher,
                 topology,
                 limiter: Deps::limiter(settings.worker.calls_per_second_per_account),
-                connections: connections.clone(),
+                revocations: revocations.clone(),
                 metrics: metrics.clone(),
                 max_attempts: settings.worker.max_attempts,
                 pauses: pauses.clone(),
@@ -50,7 +52,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         };
         let prefetch = settings.worker.concurrency;
         consumer::serve(
-            "worker",
+            Role::Worker,
             &settings,
             &health,
             &shutdown,

@@ -1,6 +1,7 @@
 //! `audience-worker`: runs the worker, or (`normalize`) shows how values would be normalized,
 //! so support can answer "why did this user not match".
 
+use audience_export_core::contract::PhoneCountry;
 use audience_export_core::{config::Settings, shutdown, telemetry, Field};
 use audience_export_worker::normalize::{normalize, Rules};
 use clap::{Parser, Subcommand};
@@ -25,7 +26,7 @@ enum Command {
         field: Field,
         /// Country of phone numbers written without their country code, e.g. US.
         #[arg(long)]
-        default_country: Option<String>,
+        default_country: Option<PhoneCountry>,
     },
 }
 
@@ -35,11 +36,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Normalize {
             field,
             default_country,
-        }) => {
-            let rules =
-                Rules::with_country(default_country.as_deref()).map_err(anyhow::Error::msg)?;
-            normalize_stdin(field, &rules)
-        }
+        }) => normalize_stdin(field, &Rules::new(default_country)),
         None => {
             let settings = Settings::load()?;
             telemetry::init_logging(&settings.log);

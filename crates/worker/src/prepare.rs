@@ -2,6 +2,7 @@
 //! with every dropped value counted by reason. Pure CPU work, run on the blocking pool.
 
 use crate::normalize::{normalize_to_entry, Entry, Invalid, Rules};
+use audience_export_core::progress::ShardCounts;
 use audience_export_core::Field;
 use std::collections::{BTreeMap, HashSet};
 
@@ -16,16 +17,18 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// The Redis counters this shard adds to its export, whatever the upload's fate.
-    pub fn counters(&self, field: Field) -> Vec<(String, u64)> {
-        let mut out = vec![
-            (format!("{field}:duplicates"), self.duplicates),
-            (format!("{field}:prehashed"), self.prehashed),
-        ];
-        for (reason, n) in &self.invalid {
-            out.push((format!("{field}:invalid:{}", reason.as_str()), *n));
+    /// What this shard adds to its field's counters, whatever the upload's fate.
+    pub fn counts(&self) -> ShardCounts {
+        ShardCounts {
+            duplicates: self.duplicates,
+            prehashed: self.prehashed,
+            invalid: self
+                .invalid
+                .iter()
+                .map(|(reason, &n)| (reason.as_str(), n))
+                .collect(),
+            ..ShardCounts::default()
         }
-        out
     }
 }
 
@@ -125,8 +128,8 @@ mod tests {
         assert_eq!(p.duplicates, 1);
         assert_eq!(p.invalid.get(&Invalid::EmailFormat), Some(&1));
         assert_eq!(p.invalid.get(&Invalid::Empty), Some(&1));
-        let counters = p.counters(Field::Email);
-        assert!(counters.contains(&("email:invalid:email_format".into(), 1)));
-        assert!(counters.contains(&("email:duplicates".into(), 1)));
+        let counts = p.counts();
+        assert_eq!(counts.invalid.get("email_format"), Some(&1));
+        assert_eq!(counts.duplicates, 1);
     }
 }

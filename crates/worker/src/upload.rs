@@ -2,16 +2,17 @@
 //! limit, upload, classify Meta's answer, record the effect in Redis and announce it. Returns one
 //! `Outcome`; the consumer loop alone acks, retries or rejects.
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RecordOutcome, ShardOutcome};
 use crate::normalize::Rules;
 use crate::prepare::{prepare, Prepared};
 use audience_export_core::amqp::{PublishError, Publisher, Topology};
-use audience_export_core::connection::{ActiveToken, ConnectionError, Connections};
+use audience_export_core::connection::{ActiveToken, ConnectionError};
 use audience_export_core::consumer::Outcome;
-use audience_export_core::contract::Event;
-use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
+use audience_export_core::contract::{AdAccountId, Event};
+use audience_export_core::graph::{CallOutcome, ErrorClass, GraphClient, GraphError};
 use audience_export_core::pause::AccountPauses;
-use audience_export_core::progress::{Failure, ProgressError, ProgressStore};
+use audience_export_core::progress::{Failure, ProgressError, ProgressStore, ShardCounts};
+use audience_export_core::revocation::{Refusal, RevocationError, Revocations, Unusable};
 use audience_export_core::Shard;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::num::NonZeroU32;
@@ -26,12 +27,12 @@ pub struct Deps {
     pub publisher: Publisher,
     pub topology: Topology,
     /// Per-ad-account budget of this process.
-    pub limiter: DefaultKeyedRateLimiter<String>,
-    /// Workspaces' Facebook connections: each shard's token comes from its workspace's.
-    pub connections: Connections,
+    pub limiter: DefaultKeyedRateLimiter<AdAccountId>,
+    /// Each shard's token, from its workspace's connection, unless it is unusable.
+    pub revocations: Revocations,
     pub metrics: Metrics,
     pub max_attempts: u32,
-    /// Fleet-wide pauses per ad account, and revoked tokens.
+    /// Fleet-wide pauses per ad account.
     pub pauses: AccountPauses,
     pub pacing: Pacing,
 }
@@ -55,7 +56,7 @@ impl Pacing {
 }
 
 impl Deps {
-    pub fn limiter(calls_per_second: u32) -> DefaultKeyedRateLimiter<String> {
+    pub fn limiter(calls_per_second: u32) -> DefaultKeyedRateLimiter<AdAccountId> {
         let rate = NonZeroU32::new(calls_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
         // No burst: after a pause, a worker resumes one call at a time rather than all at once.
         governor::RateLimiter::keyed(Quota::per_second(rate).allow_burst(NonZeroU32::MIN))
@@ -72,14 +73,16 @@ enum InfraError {
     #[error("Redis failed: {0}")]
     Pause(#[from] redis::RedisError),
     #[error(transparent)]
-    Connection(ConnectionError),
+    Connection(#[from] ConnectionError),
+    #[error(transparent)]
+    Revocation(#[from] RevocationError),
 }
 
 pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
     let shard: Shard = match serde_json::from_slice(body) {
         Ok(shard) => shard,
         Err(e) => {
-            deps.metrics.shards.with_label_values(&["rejected"]).inc();
+            deps.metrics.shards.with(ShardOutcome::Rejected).inc();
             return Outcome::Reject {
                 reason: format!("not a shard message: {e}"),
             };
@@ -107,15 +110,16 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
     if let (false, Some(reason)) = (done, stopped) {
         // The export was stopped (its connection's token refused): drop what is left of it
         // without calling Meta, even if the workspace has reconnected since.
-        deps.metrics.shards.with_label_values(&["dropped"]).inc();
-        return finish(deps, &shard, Some(&Failure::export(reason)), Vec::new()).await;
+        deps.metrics.shards.with(ShardOutcome::Dropped).inc();
+        let failure = Failure::export(reason);
+        return finish(deps, &shard, Some(&failure), &ShardCounts::default()).await;
     }
     if done {
         // Counted before (a redelivery after a crash between record and ack): announce again,
         // since the announcement may be what was lost, and ack.
         deps.metrics
             .shards
-            .with_label_values(&["duplicate_delivery"])
+            .with(ShardOutcome::DuplicateDelivery)
             .inc();
         announce(deps, &shard, false).await?;
         return Ok(Outcome::Ack);
@@ -125,8 +129,7 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
     let field = shard.field;
     // Hashing 10,000 values takes milliseconds: off the async threads, so other uploads' I/O
     // is not held up. The records come back because a retry must carry them.
-    // The producer checked the country when it accepted the job.
-    let rules = Rules::with_country(shard.default_phone_country.as_deref()).unwrap_or_default();
+    let rules = Rules::new(shard.default_phone_country);
     let records = std::mem::take(&mut shard.records);
     let (prepared, records): (Prepared, Vec<String>) = tokio::task::spawn_blocking(move || {
         let prepared = prepare(field, &records, &rules);
@@ -137,12 +140,12 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
     shard.records = records;
     deps.metrics
         .prepare_seconds
-        .with_label_values(&[field.as_str()])
+        .with(field)
         .observe(started.elapsed().as_secs_f64());
-    let mut counters = prepared.counters(field);
+    let mut counts = prepared.counts();
 
     if prepared.data.is_empty() {
-        return finish(deps, &shard, None, counters).await;
+        return finish(deps, &shard, None, &counts).await;
     }
 
     // The permit is taken on every attempt; then the fleet-wide pause is checked last, so a
@@ -158,11 +161,15 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
     }
     // Resolved last, right before the call: a token refused while this shard waited for its
     // permit is not used again.
-    let token = match usable_token(deps, &shard).await? {
+    let token = match deps.revocations.usable_token(&shard.workspace_id).await? {
         Ok(token) => token,
-        Err(reason) => {
-            deps.metrics.shards.with_label_values(&["dropped"]).inc();
-            return finish(deps, &shard, Some(&Failure::export(reason)), counters).await;
+        Err(unusable) => {
+            if let Unusable::Unreadable(e) = &unusable {
+                warn!(message = "The workspace's connection cannot be read.", error = %e);
+            }
+            deps.metrics.shards.with(ShardOutcome::Dropped).inc();
+            let failure = Failure::export(unusable.reason(&shard.workspace_id));
+            return finish(deps, &shard, Some(&failure), &counts).await;
         }
     };
     let call = Instant::now();
@@ -177,12 +184,12 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
         .await;
     deps.metrics
         .upload_seconds
-        .with_label_values(&[field.as_str()])
+        .with(field)
         .observe(call.elapsed().as_secs_f64());
 
     match result {
         Ok(answer) => {
-            deps.metrics.graph_requests.with_label_values(&["ok"]).inc();
+            deps.metrics.graph_requests.with(CallOutcome::Ok).inc();
             if let Some(usage) = answer
                 .usage
                 .filter(|u| u.percent >= deps.pacing.usage_threshold_pct)
@@ -199,22 +206,22 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
                     );
                 }
             }
-            counters.push((format!("{field}:uploaded"), prepared.data.len() as u64));
-            counters.push((format!("{field}:meta_received"), answer.num_received));
-            counters.push((format!("{field}:meta_invalid"), answer.num_invalid_entries));
-            let r = finish(deps, &shard, None, counters).await;
+            counts.uploaded = prepared.data.len() as u64;
+            counts.meta_received = answer.num_received;
+            counts.meta_invalid = answer.num_invalid_entries;
+            let r = finish(deps, &shard, None, &counts).await;
             if r.is_ok() {
                 let records = &deps.metrics.records;
                 records
-                    .with_label_values(&[field.as_str(), "uploaded"])
+                    .with((field, RecordOutcome::Uploaded))
                     .inc_by(prepared.data.len() as u64);
                 records
-                    .with_label_values(&[field.as_str(), "duplicate"])
+                    .with((field, RecordOutcome::Duplicate))
                     .inc_by(prepared.duplicates);
                 records
-                    .with_label_values(&[field.as_str(), "invalid"])
+                    .with((field, RecordOutcome::Invalid))
                     .inc_by(prepared.invalid.values().sum());
-                deps.metrics.shards.with_label_values(&["uploaded"]).inc();
+                deps.metrics.shards.with(ShardOutcome::Uploaded).inc();
                 info!(
                     message = "Shard uploaded.",
                     entries = prepared.data.len(),
@@ -223,40 +230,8 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
             }
             r
         }
-        Err(error) => failed_call(deps, shard, &token, error, counters).await,
+        Err(error) => failed_call(deps, shard, &token, error, &counts).await,
     }
-}
-
-/// The workspace's token, or why nothing may be sent for this shard: no connection any more,
-/// the connection marked invalid, or this very token already refused by Meta (recorded by the
-/// first worker that got the refusal, before the finalizer marks the connection invalid).
-async fn usable_token(
-    deps: &Deps,
-    shard: &Shard,
-) -> Result<Result<ActiveToken, String>, InfraError> {
-    let ws = &shard.workspace_id;
-    let token = match deps.connections.active_token(ws).await {
-        Ok(Some(token)) => token,
-        Ok(None) => {
-            return Ok(Err(format!(
-                "no Facebook connection: workspace {ws} was disconnected during the export. Reconnect Facebook, then export again."
-            )))
-        }
-        Err(e) if e.is_retryable() => return Err(InfraError::Connection(e)),
-        Err(e) => {
-            warn!(message = "The workspace's connection cannot be read.", error = %e);
-            return Ok(Err(format!(
-                "the Facebook connection of workspace {ws} cannot be read ({e}); reconnect Facebook"
-            )));
-        }
-    };
-    if let Some(reason) = &token.invalid {
-        return Ok(Err(reason.clone()));
-    }
-    if let Some(reason) = deps.pauses.token_revoked(ws, &token.fingerprint).await? {
-        return Ok(Err(reason));
-    }
-    Ok(Ok(token))
 }
 
 async fn failed_call(
@@ -264,12 +239,12 @@ async fn failed_call(
     mut shard: Shard,
     token: &ActiveToken,
     error: GraphError,
-    counters: Vec<(String, u64)>,
+    counts: &ShardCounts,
 ) -> Result<Outcome, InfraError> {
     let class = error.class();
     deps.metrics
         .graph_requests
-        .with_label_values(&[class.as_str()])
+        .with(CallOutcome::Failed(class))
         .inc();
     if matches!(class, ErrorClass::Throttled | ErrorClass::Blocked) {
         // Waiting is the remedy, not another attempt: pause the account for the whole fleet
@@ -291,7 +266,7 @@ async fn failed_call(
         shard.attempt += 1;
         let delay_ms = deps.topology.shard_retry_delay(shard.attempt);
         warn!(message = "Upload failed; retrying later.", class = class.as_str(), delay_ms, %error);
-        deps.metrics.shards.with_label_values(&["retried"]).inc();
+        deps.metrics.shards.with(ShardOutcome::Retried).inc();
         let queue = Topology::retry(&deps.topology.shards(), delay_ms);
         let body = serde_json::to_vec(&shard).expect("a shard always serializes");
         return Ok(Outcome::Delay {
@@ -302,32 +277,22 @@ async fn failed_call(
     }
     warn!(message = "Upload failed for good.", class = class.as_str(), %error);
     let reason = error.explain(&shard.ad_account_id);
-    deps.metrics.shards.with_label_values(&["failed"]).inc();
+    deps.metrics.shards.with(ShardOutcome::Failed).inc();
     if class != ErrorClass::TokenInvalid {
-        return finish(deps, &shard, Some(&Failure::shard(reason)), counters).await;
+        return finish(deps, &shard, Some(&Failure::shard(reason)), counts).await;
     }
-    // Tell the finalizer (which marks the connection invalid and tells people), then stop
-    // every other worker (the marker is read before each call). In that order: a marker whose
-    // event was lost would drop every shard silently, the connection still "valid"; an event
-    // whose marker was lost costs one more refused call on redelivery.
-    let meta = error.meta().cloned().unwrap_or_default();
-    deps.publisher
-        .event(
-            &deps.topology,
-            &Event::ConnectionInvalidated {
-                workspace_id: shard.workspace_id.clone(),
-                export_id: Some(shard.export_id.clone()),
-                token_fingerprint: token.fingerprint.clone(),
-                code: meta.code.unwrap_or(190),
-                subcode: meta.error_subcode,
-                message: meta.message,
-            },
-        )
+    // Tell the finalizer and stop every other worker, then stop this export.
+    let refusal = Refusal::new(
+        &shard.workspace_id,
+        Some(&shard.export_id),
+        token,
+        &error,
+        &shard.ad_account_id,
+    );
+    deps.revocations
+        .refused(&deps.publisher, &deps.topology, &refusal)
         .await?;
-    deps.pauses
-        .revoke_token(&shard.workspace_id, &token.fingerprint, &reason)
-        .await?;
-    finish(deps, &shard, Some(&Failure::export(reason)), counters).await
+    finish(deps, &shard, Some(&Failure::export(reason)), counts).await
 }
 
 /// Sends the shard to the shortest delay queue that outlasts `wait`, with its attempt unchanged:
@@ -335,7 +300,7 @@ async fn failed_call(
 fn defer(deps: &Deps, shard: Shard, wait: Duration, why: &'static str) -> Outcome {
     let delay_ms = deps.topology.shard_delay_at_least(wait.as_millis() as u64);
     info!(message = why, delay_ms);
-    deps.metrics.shards.with_label_values(&["deferred"]).inc();
+    deps.metrics.shards.with(ShardOutcome::Deferred).inc();
     Outcome::Delay {
         queue: Topology::retry(&deps.topology.shards(), delay_ms),
         body: serde_json::to_vec(&shard).expect("a shard always serializes"),
@@ -356,16 +321,10 @@ async fn finish(
     deps: &Deps,
     shard: &Shard,
     failure: Option<&Failure>,
-    counters: Vec<(String, u64)>,
+    counts: &ShardCounts,
 ) -> Result<Outcome, InfraError> {
     deps.progress
-        .record_shard(
-            &shard.export_id,
-            &shard.key(),
-            shard.field,
-            failure,
-            &counters,
-        )
+        .record_shard(&shard.export_id, &shard.key(), shard.field, failure, counts)
         .await?;
     announce(deps, shard, failure.is_some()).await?;
     Ok(Outcome::Ack)

@@ -7,10 +7,11 @@
 
 use audience_export_core::config::Settings;
 use audience_export_core::connection::Connections;
-use audience_export_core::progress::ProgressStore;
+use audience_export_core::contract::PhoneCountry;
+use audience_export_core::progress::{FieldTotals, PlanTotals, ProgressStore};
 use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::{amqp, Field, Shard};
-use audience_export_harness::app::{connect_workspace, eventually};
+use audience_export_harness::app::{account, connect_workspace, eventually, export, ws};
 use audience_export_harness::emulator::{AdAccountSeed, Config, Emulator, Seed, TokenSeed};
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
@@ -258,19 +259,25 @@ async fn worker_rate(shards: u32) -> anyhow::Result<f64> {
     let graph = audience_export_core::graph::GraphClient::from_settings(&settings.graph)?;
     let token = SecretString::from(TOKEN);
     let audience = graph
-        .create_custom_audience(&token, ACCOUNT, "bench", "", "USER_PROVIDED_ONLY")
+        .create_custom_audience(&token, &account(ACCOUNT), "bench", "", "USER_PROVIDED_ONLY")
         .await?;
     let progress = ProgressStore::connect(&settings.redis_url, &namespace).await?;
     let cipher = TokenCipher::from_config(settings.connections.encryption_keys.as_ref())?;
     let connections = Connections::new(progress.connection(), &namespace, cipher);
     connect_workspace(&connections, "ws", TOKEN, ACCOUNT).await;
-    let export_id = "bench-export";
+    let export_id = export("bench-export");
     progress
-        .begin(export_id, "{}", 0, Duration::from_secs(600))
+        .begin(&export_id, "{}", 0, Duration::from_secs(600))
         .await?;
-    progress
-        .seal(export_id, &[("shards_planned".into(), shards as u64)])
-        .await?;
+    let mut plan = PlanTotals::default();
+    plan.fields.insert(
+        Field::Email,
+        FieldTotals {
+            shards: shards as u64,
+            ..FieldTotals::default()
+        },
+    );
+    progress.seal(&export_id, &plan).await?;
 
     let topology = amqp::Topology::from_settings(&settings);
     let connection = amqp::connect(&settings.amqp_url, "ae-bench").await?;
@@ -281,10 +288,10 @@ async fn worker_rate(shards: u32) -> anyhow::Result<f64> {
             .map(|i| format!(" User{index}.{i}@Example.COM "))
             .collect();
         let shard = Shard {
-            export_id: export_id.into(),
-            workspace_id: "ws".into(),
+            export_id: export_id.clone(),
+            workspace_id: ws("ws"),
             audience_id: audience.clone(),
-            ad_account_id: ACCOUNT.into(),
+            ad_account_id: account(ACCOUNT),
             field: Field::Email,
             shard_index: index,
             records,
@@ -298,15 +305,15 @@ async fn worker_rate(shards: u32) -> anyhow::Result<f64> {
     let started = Instant::now();
     let worker = audience_export_worker::start(settings.clone(), shutdown.clone()).await?;
     let done = eventually(Duration::from_secs(300), || async {
-        let s = progress.snapshot(export_id).await.ok()?;
-        (s.count("shards_done") >= shards as u64).then_some(())
+        let s = progress.progress(&export_id).await.ok()?;
+        (s.shards_done >= shards as u64).then_some(())
     })
     .await;
     let elapsed = started.elapsed();
     shutdown.cancel();
     worker.task.await??;
     topology.delete(publisher.channel()).await?;
-    let _ = connection.close(200, "done").await;
+    let _ = connection.close(200, "done".into()).await;
     emulator.stop();
     anyhow::ensure!(done.is_some(), "the worker did not finish in 300 s");
     Ok(shards as f64 * RECORDS as f64 / elapsed.as_secs_f64())
@@ -329,7 +336,7 @@ fn hashing(runs: usize, secs: Duration, only: Option<Field>) {
     use audience_export_worker::normalize::Rules;
     use audience_export_worker::prepare::prepare;
     use sha2::Digest;
-    let rules = Rules::with_country(Some("US")).expect("US");
+    let rules = Rules::new(PhoneCountry::parse("US").ok());
     let shards: Vec<(Field, Vec<String>)> = vec![
         (
             Field::Email,
@@ -410,8 +417,8 @@ async fn ratelimit(
     .await;
     if halve {
         let half = eventually(Duration::from_secs(600), || async {
-            let s = app.progress.snapshot("bench-rate").await.ok()?;
-            (s.count("shards_done") >= shards / 2).then_some(())
+            let s = app.progress_of("bench-rate").await;
+            (s.shards_done >= shards / 2).then_some(())
         })
         .await;
         anyhow::ensure!(half.is_some(), "half the export did not finish");
@@ -551,7 +558,7 @@ async fn sdk(
             }
         }
     }
-    let rules = Rules::with_country(Some("US")).map_err(anyhow::Error::msg)?;
+    let rules = Rules::new(Some(PhoneCountry::parse("US")?));
     println!("\n(a) normalize + hash, one core (records/s)\nfield   SDK format_params   ours (prepare + encode)   ratio");
     for (field, records, seconds) in &sdk_hash {
         let field: Field = field.parse().map_err(anyhow::Error::msg)?;
@@ -614,8 +621,12 @@ async fn sdk(
     Ok(())
 }
 
-const PRODUCER_BIN: &str = "target/release/audience-producer";
-const WORKER_BIN: &str = "target/release/audience-worker";
+/// A binary built beside this one (same target directory and profile), wherever
+/// `CARGO_TARGET_DIR` put them.
+fn sibling(name: &str) -> String {
+    let exe = std::env::current_exe().expect("the path of this benchmark binary");
+    exe.with_file_name(name).to_string_lossy().into_owned()
+}
 
 /// Peak resident set size of a running process, from /proc (Linux).
 fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
@@ -659,8 +670,8 @@ async fn memory(members: u64) -> anyhow::Result<()> {
             .success(),
         "mkfifo failed"
     );
-    let producer = app.spawn_producer_process(PRODUCER_BIN);
-    let worker = app.spawn_worker_process(WORKER_BIN);
+    let producer = app.spawn_producer_process(&sibling("audience-producer"));
+    let worker = app.spawn_worker_process(&sibling("audience-worker"));
     let (producer_pid, worker_pid) = (producer.id().unwrap_or(0), worker.id().unwrap_or(0));
     let path = fifo.clone();
     // Opening a FIFO for writing blocks until the producer opens it to read.
@@ -718,7 +729,7 @@ async fn scaleout(members: u64, latency_ms: u64) -> anyhow::Result<()> {
         let segment = app.dir.join("scaleout.ndjson");
         audience_export_harness::segment::stream(std::fs::File::create(&segment)?, members, 11)?;
         let processes: Vec<_> = (0..workers)
-            .map(|_| app.spawn_worker_process(WORKER_BIN))
+            .map(|_| app.spawn_worker_process(&sibling("audience-worker")))
             .collect();
         let started = Instant::now();
         app.enqueue(

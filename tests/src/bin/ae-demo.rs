@@ -102,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
     let report = tokio::time::timeout(Duration::from_secs(args.timeout_secs), async {
         while let Some(Ok(delivery)) = events.next().await {
             if let Ok(Event::ExportFinished(r)) = serde_json::from_slice::<Event>(&delivery.data) {
-                if r.export_id == export_id {
+                if r.export_id == export_id.as_str() {
                     return Some(r);
                 }
             }
@@ -117,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
         "\nThe notification email is in {}",
         std::fs::canonicalize(&args.mail_dir)?.display()
     );
-    let _ = connection.close(200, "done").await;
+    let _ = connection.close(200, "done".into()).await;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Events on the fleet's topic exchange. Routing keys are the `type` tags. They carry counts and
 //! ids, never identifiers or tokens, so the upstream platform may store them as they are.
 
-use super::Field;
+use super::{AdAccountId, ExportId, Field, WorkspaceId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -11,18 +11,18 @@ pub enum Event {
     /// A worker finished a shard (uploaded, or failed for good). Counts are in Redis already.
     #[serde(rename = "shard.completed")]
     ShardCompleted {
-        export_id: String,
+        export_id: ExportId,
         field: Field,
         shard_index: u32,
         failed: bool,
     },
     /// The producer confirmed every shard and wrote the plan's totals.
     #[serde(rename = "export.sealed")]
-    ExportSealed { export_id: String },
+    ExportSealed { export_id: ExportId },
     /// The producer refused a job; the finalizer records it and tells the requester.
     #[serde(rename = "export.rejected")]
     ExportRejected {
-        export_id: String,
+        export_id: ExportId,
         reason: String,
         notify: Vec<String>,
     },
@@ -30,8 +30,8 @@ pub enum Event {
     /// acts on it). The token is named only by its fingerprint.
     #[serde(rename = "connection.invalidated")]
     ConnectionInvalidated {
-        workspace_id: String,
-        export_id: Option<String>,
+        workspace_id: WorkspaceId,
+        export_id: Option<ExportId>,
         token_fingerprint: String,
         code: i64,
         subcode: Option<i64>,
@@ -42,8 +42,8 @@ pub enum Event {
     /// or `disconnected`.
     #[serde(rename = "connection.changed")]
     ConnectionChanged {
-        workspace_id: String,
-        status: String,
+        workspace_id: WorkspaceId,
+        status: ConnectionStatus,
         #[serde(default)]
         reason: Option<String>,
         #[serde(default)]
@@ -70,6 +70,34 @@ impl Event {
     }
 }
 
+/// A workspace's Facebook connection as the status API and `connection.changed` show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionStatus {
+    /// Meta accepts its token (as far as anyone knows).
+    Valid,
+    /// Meta refused its token: exports are refused until it is reconnected.
+    Invalid,
+    /// Its tokens were deleted (only in `connection.changed`).
+    Disconnected,
+}
+
+impl ConnectionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionStatus::Valid => "valid",
+            ConnectionStatus::Invalid => "invalid",
+            ConnectionStatus::Disconnected => "disconnected",
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectionStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExportStatus {
@@ -84,6 +112,13 @@ pub enum ExportStatus {
 }
 
 impl ExportStatus {
+    pub const ALL: [ExportStatus; 4] = [
+        ExportStatus::Succeeded,
+        ExportStatus::PartiallyFailed,
+        ExportStatus::Failed,
+        ExportStatus::Rejected,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ExportStatus::Succeeded => "succeeded",
@@ -94,16 +129,33 @@ impl ExportStatus {
     }
 }
 
+impl std::fmt::Display for ExportStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ExportStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ExportStatus, String> {
+        ExportStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| format!("unknown export status `{s}`"))
+    }
+}
+
 /// What the marketer's email and the `export.finished` event say.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FinishedReport {
-    pub export_id: String,
+    pub export_id: ExportId,
     pub status: ExportStatus,
     /// Why the export was rejected or failed; empty on success.
     #[serde(default)]
     pub reason: Option<String>,
     pub segment_name: String,
-    pub ad_account_id: String,
+    /// The ad account's digits; null when the job could not be read (a rejected message).
+    pub ad_account_id: Option<AdAccountId>,
     pub members_read: u64,
     /// Lines of the segment file that were not a record at all.
     pub malformed_records: u64,

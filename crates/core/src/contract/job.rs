@@ -1,6 +1,6 @@
 //! The export job the upstream platform enqueues: what to export, where, and whom to tell.
 
-use super::Field;
+use super::{AdAccountId, ExportId, Field, PhoneCountry, WorkspaceId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -14,11 +14,11 @@ pub const CONTRACT_VERSION: u32 = 1;
 pub struct ExportJob {
     #[serde(default = "default_version")]
     pub version: u32,
-    pub export_id: String,
-    pub workspace_id: String,
+    pub export_id: ExportId,
+    pub workspace_id: WorkspaceId,
     pub segment: Segment,
-    /// Meta ad account id, with or without the `act_` prefix.
-    pub ad_account_id: String,
+    /// Meta ad account id, with or without the `act_` prefix on the wire.
+    pub ad_account_id: AdAccountId,
     pub fields: Vec<Field>,
     pub source: Source,
     pub notify: Notify,
@@ -27,7 +27,7 @@ pub struct ExportJob {
     pub audience_name: Option<String>,
     /// ISO 3166-1 alpha-2 country for phone numbers written without their country code.
     #[serde(default)]
-    pub default_phone_country: Option<String>,
+    pub default_phone_country: Option<PhoneCountry>,
     #[serde(default)]
     pub requested_by: Option<String>,
     #[serde(default)]
@@ -99,26 +99,12 @@ impl ExportJob {
                 self.version
             )));
         }
-        if !is_identifier(&self.export_id) {
-            return invalid(
-                "export_id must be 1-128 characters of letters, digits, '-', '_' or '.'",
-            );
-        }
-        if !is_identifier(&self.workspace_id) {
-            return invalid(
-                "workspace_id must be 1-128 characters of letters, digits, '-', '_' or '.'",
-            );
-        }
         if self.fields.is_empty() {
             return invalid("fields is empty: choose at least one of email, phone, madid");
         }
         let distinct: BTreeSet<_> = self.fields.iter().collect();
         if distinct.len() != self.fields.len() {
             return invalid("fields lists the same field twice");
-        }
-        let account = self.ad_account_number();
-        if account.is_empty() || !account.bytes().all(|b| b.is_ascii_digit()) {
-            return invalid("ad_account_id must be digits, optionally prefixed by act_");
         }
         if self.segment.name.trim().is_empty() {
             return invalid("segment.name is empty");
@@ -129,29 +115,14 @@ impl ExportJob {
         if self.source.compression.is_some() {
             return invalid("source.compression is not supported yet");
         }
-        if let Some(c) = &self.default_phone_country {
-            if !crate::workspace::is_phone_country(c) {
-                return invalid("default_phone_country must be an ISO 3166-1 alpha-2 code with a numbering plan, e.g. US");
-            }
-        }
         Ok(())
-    }
-
-    /// The ad account id without its `act_` prefix.
-    pub fn ad_account_number(&self) -> &str {
-        self.ad_account_id
-            .strip_prefix("act_")
-            .unwrap_or(&self.ad_account_id)
     }
 
     /// Best-effort extraction of the export id and recipients from a job that failed to parse,
     /// so a rejection can still be recorded and announced.
-    pub fn salvage(bytes: &[u8]) -> Option<(String, Vec<String>)> {
+    pub fn salvage(bytes: &[u8]) -> Option<(ExportId, Vec<String>)> {
         let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-        let id = value.get("export_id")?.as_str()?;
-        if !is_identifier(id) {
-            return None;
-        }
+        let id = ExportId::parse(value.get("export_id")?.as_str()?).ok()?;
         let emails = value
             .pointer("/notify/emails")
             .and_then(|v| v.as_array())
@@ -161,11 +132,10 @@ impl ExportJob {
                     .collect()
             })
             .unwrap_or_default();
-        Some((id.to_owned(), emails))
+        Some((id, emails))
     }
 }
 
-/// Export ids end up in Redis keys and AMQP headers: keep them to a safe alphabet.
 /// A syntax check of an email address (one `@`, a dotted domain, no spaces); the SMTP server
 /// has the last word.
 pub fn looks_like_email(s: &str) -> bool {
@@ -178,14 +148,6 @@ pub fn looks_like_email(s: &str) -> bool {
         }
         None => false,
     }
-}
-
-/// Ids that are safe inside Redis keys and URLs: 1-128 of letters, digits, `-`, `_`, `.`.
-pub fn is_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 #[cfg(test)]
@@ -212,7 +174,8 @@ mod tests {
     fn a_valid_job_parses() {
         let job = parse(valid()).expect("valid job");
         assert_eq!(job.fields, vec![Field::Email, Field::Phone]);
-        assert_eq!(job.ad_account_number(), "1234");
+        assert_eq!(job.ad_account_id.as_str(), "1234");
+        assert_eq!(job.ad_account_id.act(), "act_1234");
     }
 
     #[test]
@@ -269,7 +232,7 @@ mod tests {
             (
                 "unknown country",
                 Box::new(|v| v["default_phone_country"] = serde_json::json!("XX")),
-                "default_phone_country",
+                "phone country `XX`",
             ),
         ];
         for (name, mutate, expected) in cases {
@@ -293,7 +256,7 @@ mod tests {
         let mut v = valid();
         v.as_object_mut().unwrap().remove("fields");
         let (id, emails) = ExportJob::salvage(v.to_string().as_bytes()).expect("salvaged");
-        assert_eq!(id, "exp-1");
+        assert_eq!(id.as_str(), "exp-1");
         assert_eq!(emails, vec!["a@example.com".to_owned()]);
         assert!(ExportJob::salvage(b"not json").is_none());
     }

@@ -4,13 +4,14 @@
 
 mod event;
 mod field;
+mod ids;
 mod job;
 mod shard;
 
-pub use event::{AudienceReport, Event, ExportStatus, FinishedReport};
+pub use event::{AudienceReport, ConnectionStatus, Event, ExportStatus, FinishedReport};
 pub use field::Field;
+pub use ids::{AdAccountId, ExportId, IdError, PhoneCountry, WorkspaceId};
 pub use job::{
-    is_identifier, looks_like_email, ExportJob, JobError, Notify, Segment, Source, SourceFormat,
-    CONTRACT_VERSION,
+    looks_like_email, ExportJob, JobError, Notify, Segment, Source, SourceFormat, CONTRACT_VERSION,
 };
 pub use shard::Shard;

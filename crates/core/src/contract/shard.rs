@@ -1,16 +1,16 @@
 //! A shard: up to 10,000 raw values of one field for one audience, the unit of upload and of
 //! idempotency. Raw values are PII: a shard is never logged and lives only on the broker.
 
-use super::Field;
+use super::{AdAccountId, ExportId, Field, PhoneCountry, WorkspaceId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Shard {
-    pub export_id: String,
-    pub workspace_id: String,
+    pub export_id: ExportId,
+    pub workspace_id: WorkspaceId,
     pub audience_id: String,
-    pub ad_account_id: String,
+    pub ad_account_id: AdAccountId,
     pub field: Field,
     /// 0-based, per field. With `export_id` and `field` it is the shard's idempotency key.
     pub shard_index: u32,
@@ -18,9 +18,11 @@ pub struct Shard {
     /// 1 on first delivery; incremented each time the shard is scheduled for a retry.
     pub attempt: u32,
     /// Country of phone numbers written without their country code (ISO 3166-1 alpha-2), from
-    /// the job. Absent: such numbers are invalid.
+    /// the job or the workspace. Absent: such numbers are invalid. A shard naming a country
+    /// without a numbering plan does not parse, so it is dead-lettered, never silently sent
+    /// without its national numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_phone_country: Option<String>,
+    pub default_phone_country: Option<PhoneCountry>,
 }
 
 impl Shard {

@@ -46,6 +46,46 @@ impl ErrorClass {
     }
 }
 
+impl ErrorClass {
+    pub const ALL: [ErrorClass; 8] = [
+        ErrorClass::Transient,
+        ErrorClass::Throttled,
+        ErrorClass::Blocked,
+        ErrorClass::TokenInvalid,
+        ErrorClass::PermissionLost,
+        ErrorClass::TermsNotAccepted,
+        ErrorClass::AudienceGone,
+        ErrorClass::BadRequest,
+    ];
+}
+
+/// What one Graph call came to, for metrics: `ok`, or the class of its error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    Ok,
+    Failed(ErrorClass),
+}
+
+impl crate::telemetry::Label for CallOutcome {
+    const ALL: &'static [CallOutcome] = &[
+        CallOutcome::Ok,
+        CallOutcome::Failed(ErrorClass::Transient),
+        CallOutcome::Failed(ErrorClass::Throttled),
+        CallOutcome::Failed(ErrorClass::Blocked),
+        CallOutcome::Failed(ErrorClass::TokenInvalid),
+        CallOutcome::Failed(ErrorClass::PermissionLost),
+        CallOutcome::Failed(ErrorClass::TermsNotAccepted),
+        CallOutcome::Failed(ErrorClass::AudienceGone),
+        CallOutcome::Failed(ErrorClass::BadRequest),
+    ];
+    fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::Failed(class) => class.as_str(),
+        }
+    }
+}
+
 /// Classifies a Graph error envelope. `http_status` matters only when Meta's code says nothing
 /// more specific: throttling arrives as HTTP 400, so status alone is never trusted.
 pub fn classify(
@@ -114,6 +154,18 @@ mod tests {
                 expected,
                 "status {status} code {code:?} subcode {subcode:?}"
             );
+        }
+    }
+
+    #[test]
+    fn every_class_is_a_call_outcome_once() {
+        use crate::telemetry::Label;
+        for class in ErrorClass::ALL {
+            let n = CallOutcome::ALL
+                .iter()
+                .filter(|o| **o == CallOutcome::Failed(class))
+                .count();
+            assert_eq!(n, 1, "{class:?}");
         }
     }
 

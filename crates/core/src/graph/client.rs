@@ -5,6 +5,7 @@
 
 use super::classify::{classify, ErrorClass};
 use super::usage::Usage;
+use crate::contract::AdAccountId;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -71,12 +72,13 @@ impl GraphError {
     /// The sentence for the marketer's report: what failed, and the fix when there is one
     /// (reconnect, regain access, accept the terms). Starts with the class for token, permission,
     /// terms and audience failures so reports and events can be read by people and by code.
-    pub fn explain(&self, ad_account: &str) -> String {
+    pub fn explain(&self, ad_account: &AdAccountId) -> String {
         let said = self.user_message();
+        let act = ad_account.act();
         match self.class() {
             ErrorClass::TokenInvalid => format!("token invalid: Meta refused the Facebook connection ({said}). Reconnect Facebook for this workspace."),
-            ErrorClass::PermissionLost => format!("permission lost: the connected user can no longer manage ad account act_{ad_account} ({said}). Ask an admin of the ad account to grant access again."),
-            ErrorClass::TermsNotAccepted => format!("terms not accepted: accept the Custom Audience terms for act_{ad_account} at https://business.facebook.com/ads/manage/customaudiences/tos/?act={ad_account}"),
+            ErrorClass::PermissionLost => format!("permission lost: the connected user can no longer manage ad account {act} ({said}). Ask an admin of the ad account to grant access again."),
+            ErrorClass::TermsNotAccepted => format!("terms not accepted: accept the Custom Audience terms for {act} at {}", ad_account.terms_url()),
             ErrorClass::AudienceGone => format!("audience gone: the audience was deleted or is no longer shared with this account ({said})."),
             _ => said,
         }
@@ -242,12 +244,12 @@ impl GraphClient {
     pub async fn create_custom_audience(
         &self,
         token: &SecretString,
-        ad_account: &str,
+        ad_account: &AdAccountId,
         name: &str,
         description: &str,
         customer_file_source: &str,
     ) -> Result<String, GraphError> {
-        let url = format!("{}/act_{}/customaudiences", self.base, ad_account);
+        let url = format!("{}/{}/customaudiences", self.base, ad_account.act());
         let form = vec![
             ("name", name.to_owned()),
             ("description", description.to_owned()),
@@ -339,8 +341,8 @@ impl GraphClient {
         Ok(envelope.data)
     }
 
-    /// The ad account numbers (without `act_`) `token` may use, every page of them.
-    pub async fn ad_accounts(&self, token: &SecretString) -> Result<Vec<String>, GraphError> {
+    /// The ad accounts `token` may use, every page of them.
+    pub async fn ad_accounts(&self, token: &SecretString) -> Result<Vec<AdAccountId>, GraphError> {
         let url = format!("{}/me/adaccounts", self.base);
         let mut accounts = Vec::new();
         let mut after: Option<String> = None;
@@ -352,10 +354,12 @@ impl GraphClient {
             }
             let body = self.get(&url, token, &query).await?;
             let page: AdAccountList = decode(200, &body)?;
-            accounts.extend(page.data.into_iter().map(|a| {
-                a.account_id
-                    .unwrap_or_else(|| a.id.trim_start_matches("act_").to_owned())
-            }));
+            // An id Meta spells in a way we cannot read is not one a job could name either.
+            accounts.extend(
+                page.data.into_iter().filter_map(|a| {
+                    AdAccountId::parse(a.account_id.as_deref().unwrap_or(&a.id)).ok()
+                }),
+            );
             after = page
                 .paging
                 .filter(|p| p.next.is_some())
@@ -374,9 +378,9 @@ impl GraphClient {
     pub async fn tos_accepted(
         &self,
         token: &SecretString,
-        ad_account: &str,
+        ad_account: &AdAccountId,
     ) -> Result<bool, GraphError> {
-        let url = format!("{}/act_{}", self.base, ad_account);
+        let url = format!("{}/{}", self.base, ad_account.act());
         let body = self.get(&url, token, &[("fields", "tos_accepted")]).await?;
         let answer: TosAnswer = decode(200, &body)?;
         Ok(answer

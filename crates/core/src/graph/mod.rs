@@ -6,6 +6,6 @@ mod classify;
 mod client;
 mod usage;
 
-pub use classify::{classify, ErrorClass};
+pub use classify::{classify, CallOutcome, ErrorClass};
 pub use client::{users_form, AddUsersResponse, GraphClient, GraphError, MetaError};
 pub use usage::Usage;

@@ -1,38 +1,21 @@
 //! Per-export progress in Redis. Every key of one export carries the hash tag `{export_id}` so
 //! multi-key scripts work on Redis Cluster. Counters change only through `RECORD_SHARD`, which
 //! first adds the shard to the export's done-set: a redelivered shard can never be counted twice.
-//! Nothing here stores a raw identifier or a token: only counts, ids and Meta's messages.
+//! The progress hash's entries are named in `schema` and nowhere else. Nothing here stores a raw
+//! identifier or a token: only counts, ids and Meta's messages.
 
-use crate::contract::Field;
+mod schema;
+
+pub use schema::{
+    CorruptEntry, ExportProgress, FieldProgress, FieldTotals, PlanTotals, ProgressStatus,
+    ShardCounts,
+};
+
+use crate::contract::{ExportId, Field};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
-use std::collections::HashMap;
+use schema::{FieldKey, Key};
 use std::time::Duration;
-
-/// Adds the shard to the done-set; if it was not there, applies its counters. Returns 1 when the
-/// shard was counted now, 0 when it had been counted before. ARGV[2]: '0' uploaded, '1' failed,
-/// '2' failed in a way that stops the whole export (its reason becomes `stop_reason`).
-const RECORD_SHARD: &str = r#"
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
-if ARGV[2] == '2' then redis.call('HSETNX', KEYS[1], 'stop_reason', ARGV[4]) end
-if ARGV[2] ~= '0' then
-  redis.call('HINCRBY', KEYS[1], 'shards_failed', 1)
-  redis.call('HINCRBY', KEYS[1], ARGV[3] .. ':shards_failed', 1)
-  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[3] .. ':last_error', ARGV[4]) end
-else
-  redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
-end
-for i = 5, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1
-"#;
-
-/// Marks an export finished and sets every key's retention, atomically.
-const COMPLETE: &str = r#"
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'reason', ARGV[2], 'finished_at_ms', ARGV[3])
-redis.call('SET', KEYS[4], 'done')
-for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
-return 1
-"#;
 
 /// Gives up a finalization claim, but only if this owner still holds it.
 const RELEASE: &str = r#"
@@ -66,16 +49,18 @@ impl Failure {
 }
 
 /// Why a progress operation failed. Redis errors are retryable: the connection manager
-/// reconnects, and every operation here is idempotent.
+/// reconnects, and every operation here is idempotent. A corrupt entry will not mend itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ProgressError {
     #[error("Redis failed: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Corrupt(#[from] CorruptEntry),
 }
 
 impl ProgressError {
     pub fn is_retryable(&self) -> bool {
-        true
+        matches!(self, ProgressError::Redis(_))
     }
 }
 
@@ -99,7 +84,7 @@ pub enum Begin {
     /// Seen before; `sealed` says whether its plan was completed.
     Existing {
         sealed: bool,
-        status: String,
+        status: Option<ProgressStatus>,
     },
 }
 
@@ -111,54 +96,14 @@ pub struct ProgressStore {
     complete: redis::Script,
 }
 
-/// An export's progress hash, read at once.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot(pub HashMap<String, String>);
-
-impl Snapshot {
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
-    }
-    pub fn count(&self, key: &str) -> u64 {
-        self.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
-    }
-    pub fn field_count(&self, field: Field, what: &str) -> u64 {
-        self.count(&format!("{field}:{what}"))
-    }
-    pub fn is_sealed(&self) -> bool {
-        self.get("sealed") == Some("1")
-    }
-    /// Every planned shard is done or failed, and the plan is sealed.
-    pub fn is_complete(&self) -> bool {
-        self.is_sealed()
-            && self.count("shards_done") + self.count("shards_failed")
-                >= self.count("shards_planned")
-    }
-    /// Invalid counts of one field, by reason.
-    pub fn invalid_by_reason(&self, field: Field) -> Vec<(String, u64)> {
-        let prefix = format!("{field}:invalid:");
-        let mut out: Vec<_> = self
-            .0
-            .iter()
-            .filter_map(|(k, v)| {
-                k.strip_prefix(&prefix)
-                    .map(|r| (r.to_owned(), v.parse().unwrap_or(0)))
-            })
-            .collect();
-        out.sort();
-        out
-    }
-}
-
 impl ProgressStore {
     pub async fn connect(url: &str, namespace: &str) -> Result<ProgressStore> {
-        let client = redis::Client::open(url)?;
-        let redis = ConnectionManager::new(client).await?;
+        let redis = connect_redis(url).await?;
         Ok(ProgressStore {
             redis,
             ns: namespace.to_owned(),
-            record_shard: redis::Script::new(RECORD_SHARD),
-            complete: redis::Script::new(COMPLETE),
+            record_shard: redis::Script::new(schema::RECORD_SHARD),
+            complete: redis::Script::new(schema::COMPLETE),
         })
     }
 
@@ -168,13 +113,8 @@ impl ProgressStore {
         self.redis.clone()
     }
 
-    fn key(&self, export_id: &str, what: &str) -> String {
+    fn key(&self, export_id: &ExportId, what: &str) -> String {
         format!("{}:export:{{{export_id}}}:{what}", self.ns)
-    }
-
-    /// Keys of one export, for tests and operators.
-    pub fn progress_key(&self, export_id: &str) -> String {
-        self.key(export_id, "progress")
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -187,7 +127,7 @@ impl ProgressStore {
     /// its keys.
     pub async fn begin(
         &self,
-        export_id: &str,
+        export_id: &ExportId,
         job_json: &str,
         now_ms: u64,
         ttl: Duration,
@@ -210,8 +150,8 @@ impl ProgressStore {
                 .hset_multiple(
                     &progress,
                     &[
-                        ("status", "planning".to_owned()),
-                        ("started_at_ms", now_ms.to_string()),
+                        (Key::Status.name(), ProgressStatus::Planning.to_string()),
+                        (Key::StartedAtMs.name(), now_ms.to_string()),
                     ],
                 )
                 .pexpire(&progress, ttl.as_millis() as i64)
@@ -219,32 +159,32 @@ impl ProgressStore {
                 .await?;
             return Ok(Begin::New);
         }
-        let snap = self.snapshot(export_id).await?;
+        let progress = self.progress(export_id).await?;
         Ok(Begin::Existing {
-            sealed: snap.is_sealed(),
-            status: snap.get("status").unwrap_or("unknown").to_owned(),
+            sealed: progress.sealed,
+            status: progress.status,
         })
     }
 
     /// The job as the producer accepted it.
-    pub async fn job(&self, export_id: &str) -> Result<Option<String>> {
+    pub async fn job(&self, export_id: &ExportId) -> Result<Option<String>> {
         let mut c = self.redis.clone();
         Ok(c.get(self.key(export_id, "job")).await?)
     }
 
     /// The audience created for a field, if the producer got that far before.
-    pub async fn audience(&self, export_id: &str, field: Field) -> Result<Option<String>> {
+    pub async fn audience(&self, export_id: &ExportId, field: Field) -> Result<Option<String>> {
         let mut c = self.redis.clone();
         Ok(c.hget(
             self.key(export_id, "progress"),
-            format!("{field}:audience_id"),
+            FieldKey::AudienceId.of(field),
         )
         .await?)
     }
 
     pub async fn set_audience(
         &self,
-        export_id: &str,
+        export_id: &ExportId,
         field: Field,
         id: &str,
         name: &str,
@@ -254,8 +194,8 @@ impl ProgressStore {
             .hset_multiple(
                 self.key(export_id, "progress"),
                 &[
-                    (format!("{field}:audience_id"), id),
-                    (format!("{field}:audience_name"), name),
+                    (FieldKey::AudienceId.of(field), id),
+                    (FieldKey::AudienceName.of(field), name),
                 ],
             )
             .await?;
@@ -263,38 +203,34 @@ impl ProgressStore {
     }
 
     /// Writes the plan's totals and marks it sealed, in one command.
-    pub async fn seal(&self, export_id: &str, totals: &[(String, u64)]) -> Result<()> {
+    pub async fn seal(&self, export_id: &ExportId, totals: &PlanTotals) -> Result<()> {
         let mut c = self.redis.clone();
-        let mut fields: Vec<(String, String)> = totals
-            .iter()
-            .map(|(k, v)| (k.clone(), v.to_string()))
-            .collect();
-        fields.push(("sealed".into(), "1".into()));
-        fields.push(("status".into(), "running".into()));
         let _: () = c
-            .hset_multiple(self.key(export_id, "progress"), &fields)
+            .hset_multiple(self.key(export_id, "progress"), &totals.entries())
             .await?;
         Ok(())
     }
 
     /// Why the export was stopped (its connection's token refused), if it was.
-    pub async fn stop_reason(&self, export_id: &str) -> Result<Option<String>> {
+    pub async fn stop_reason(&self, export_id: &ExportId) -> Result<Option<String>> {
         let mut c = self.redis.clone();
-        Ok(c.hget(self.key(export_id, "progress"), "stop_reason")
-            .await?)
+        Ok(
+            c.hget(self.key(export_id, "progress"), Key::StopReason.name())
+                .await?,
+        )
     }
 
     /// Whether the shard was counted already, and why its export was stopped, if it was: what
     /// a worker checks before doing anything with a shard.
     pub async fn shard_gate(
         &self,
-        export_id: &str,
+        export_id: &ExportId,
         shard_key: &str,
     ) -> Result<(bool, Option<String>)> {
         let mut c = self.redis.clone();
         Ok(redis::pipe()
             .sismember(self.key(export_id, "done"), shard_key)
-            .hget(self.key(export_id, "progress"), "stop_reason")
+            .hget(self.key(export_id, "progress"), Key::StopReason.name())
             .query_async(&mut c)
             .await?)
     }
@@ -302,11 +238,11 @@ impl ProgressStore {
     /// Counts a shard once. Returns false when it had been counted already (a redelivery).
     pub async fn record_shard(
         &self,
-        export_id: &str,
+        export_id: &ExportId,
         shard_key: &str,
         field: Field,
         failure: Option<&Failure>,
-        increments: &[(String, u64)],
+        counts: &ShardCounts,
     ) -> Result<bool> {
         let mut c = self.redis.clone();
         let mut invocation = self.record_shard.prepare_invoke();
@@ -321,23 +257,25 @@ impl ProgressStore {
             })
             .arg(field.as_str())
             .arg(failure.map(|f| f.reason.as_str()).unwrap_or(""));
-        for (name, value) in increments {
-            invocation.arg(name).arg(*value);
+        for (name, value) in counts.increments(field) {
+            invocation.arg(name).arg(value);
         }
         let counted: i64 = invocation.invoke_async(&mut c).await?;
         Ok(counted == 1)
     }
 
-    pub async fn snapshot(&self, export_id: &str) -> Result<Snapshot> {
+    /// The export's progress hash, decoded.
+    pub async fn progress(&self, export_id: &ExportId) -> Result<ExportProgress> {
         let mut c = self.redis.clone();
-        Ok(Snapshot(c.hgetall(self.key(export_id, "progress")).await?))
+        let hash = c.hgetall(self.key(export_id, "progress")).await?;
+        Ok(ExportProgress::decode(hash)?)
     }
 
     /// Claims the right to finalize, with a lease so a finalizer that dies mid-way does not
     /// block the export forever.
     pub async fn claim_finalization(
         &self,
-        export_id: &str,
+        export_id: &ExportId,
         owner: &str,
         lease: Duration,
     ) -> Result<Claim> {
@@ -347,7 +285,7 @@ impl ProgressStore {
 
     /// Releases a claim after a failed attempt, so the next event retries at once rather than
     /// after the lease.
-    pub async fn release_finalization(&self, export_id: &str, owner: &str) -> Result<()> {
+    pub async fn release_finalization(&self, export_id: &ExportId, owner: &str) -> Result<()> {
         let mut c = self.redis.clone();
         Ok(release(&mut c, &self.key(export_id, "final"), owner).await?)
     }
@@ -355,8 +293,8 @@ impl ProgressStore {
     /// Records the terminal status and starts the retention clock on every key of the export.
     pub async fn complete(
         &self,
-        export_id: &str,
-        status: &str,
+        export_id: &ExportId,
+        status: crate::contract::ExportStatus,
         reason: &str,
         now_ms: u64,
         retention: Duration,
@@ -368,7 +306,7 @@ impl ProgressStore {
             .key(self.key(export_id, "job"))
             .key(self.key(export_id, "done"))
             .key(self.key(export_id, "final"))
-            .arg(status)
+            .arg(ProgressStatus::Finished(status).as_str())
             .arg(reason)
             .arg(now_ms)
             .arg(retention.as_millis() as u64)
@@ -376,6 +314,23 @@ impl ProgressStore {
             .await?;
         Ok(())
     }
+}
+
+/// How long one Redis command may take before it counts as failed. redis-rs 1.x defaults to
+/// 500 ms, which a loaded CI machine (or a Lua script over a large done-set) can exceed; a timeout
+/// leaves the outcome unknown (the command may have run), which every caller treats as
+/// "retry", and every write here is idempotent.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The one way a process connects to Redis: a connection manager that reconnects in the
+/// background (delays from 100 ms, doubling, capped at 2 s) so that work resumes within seconds
+/// of Redis coming back, with explicit timeouts.
+pub async fn connect_redis(url: &str) -> redis::RedisResult<ConnectionManager> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_max_delay(Duration::from_secs(2));
+    ConnectionManager::new_with_config(redis::Client::open(url)?, config).await
 }
 
 /// Claims `key` for `owner` with a lease (`SET NX PX`): something done once by whichever process
