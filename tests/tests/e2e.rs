@@ -144,11 +144,18 @@ async fn a_shard_delivered_twice_is_counted_once() {
     let job = app.job("exp-twice", &["email"], &app.dir.join("unused"));
     let id = export("exp-twice");
     app.progress
-        .begin(&id, &job.to_string(), 1, Duration::from_secs(600))
+        .begin(
+            &id,
+            &job.to_string(),
+            1,
+            Duration::from_secs(600),
+            "the-test",
+            Duration::from_secs(600),
+        )
         .await
         .expect("begin");
     app.progress
-        .set_audience(&id, Field::Email, &audience, "Twice")
+        .set_audience(&id, Field::Email, &audience)
         .await
         .expect("audience");
     let records: Vec<String> = (0..50).map(|i| format!("person{i}@example.com")).collect();
@@ -159,6 +166,7 @@ async fn a_shard_delivered_twice_is_counted_once() {
         ad_account_id: account(AD_ACCOUNT),
         field: Field::Email,
         shard_index: 0,
+        plan: "p1".into(),
         records,
         attempt: 1,
         default_phone_country: None,

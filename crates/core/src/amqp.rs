@@ -12,6 +12,45 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use lapin::{Confirmation, PublisherConfirm};
 use serde::Serialize;
 
+/// The three work queues, as a metric label (`queue="shards"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkQueue {
+    Jobs,
+    Shards,
+    Finalizer,
+}
+
+impl WorkQueue {
+    pub const ALL: [WorkQueue; 3] = [WorkQueue::Jobs, WorkQueue::Shards, WorkQueue::Finalizer];
+
+    /// Its name in `topology`'s namespace.
+    pub fn name(self, topology: &Topology) -> String {
+        match self {
+            WorkQueue::Jobs => topology.jobs(),
+            WorkQueue::Shards => topology.shards(),
+            WorkQueue::Finalizer => topology.finalizer(),
+        }
+    }
+
+    /// Which work queue `name` is, in `topology`'s namespace.
+    pub fn of(name: &str, topology: &Topology) -> Option<WorkQueue> {
+        WorkQueue::ALL
+            .into_iter()
+            .find(|q| q.name(topology) == name)
+    }
+}
+
+impl crate::telemetry::Label for WorkQueue {
+    const ALL: &'static [WorkQueue] = &WorkQueue::ALL;
+    fn as_str(self) -> &'static str {
+        match self {
+            WorkQueue::Jobs => "jobs",
+            WorkQueue::Shards => "shards",
+            WorkQueue::Finalizer => "finalizer",
+        }
+    }
+}
+
 /// Queue and exchange names of one namespace.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -29,11 +68,16 @@ pub const FINALIZER_EVENTS: [&str; 4] = [
 ];
 
 /// Redeliveries of one message before the broker dead-letters it: a message that crashes its
-/// consumer this often is poison, not unlucky.
-const DELIVERY_LIMIT: i64 = 10;
+/// consumer this often is poison, not unlucky. (`consumer` dead-letters it itself, with a
+/// reason, at half this.)
+pub const DELIVERY_LIMIT: i64 = 10;
 
-/// Delay of the finalizer's own retry queue.
+/// Delay of the finalizer's own retry queue (a claim held by another finalizer).
 pub const FINALIZER_RETRY_MS: u64 = 5_000;
+
+/// How long a message waits after an infrastructure failure (Redis or the broker) before it is
+/// tried again: every work queue has a delay queue of this length.
+pub const INFRA_RETRY_MS: u64 = 1_000;
 
 impl Topology {
     pub fn new(namespace: &str, shard_retry_delays_ms: Vec<u64>) -> Topology {
@@ -109,12 +153,9 @@ impl Topology {
         for queue in [self.jobs(), self.shards(), self.finalizer()] {
             self.declare_work_queue(channel, &queue).await?;
         }
-        for delay in self.shard_retry_delays_ms.clone() {
-            self.declare_retry_queue(channel, &self.shards(), delay)
-                .await?;
+        for (queue, delay) in self.retry_queues() {
+            self.declare_retry_queue(channel, &queue, delay).await?;
         }
-        self.declare_retry_queue(channel, &self.finalizer(), FINALIZER_RETRY_MS)
-            .await?;
         for key in FINALIZER_EVENTS {
             channel
                 .queue_bind(
@@ -129,6 +170,23 @@ impl Topology {
         Ok(())
     }
 
+    /// Every delay queue, as (work queue, delay): the shards' configured delays, the
+    /// finalizer's, and one of `INFRA_RETRY_MS` for every work queue.
+    fn retry_queues(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .shard_retry_delays_ms
+            .iter()
+            .map(|d| (self.shards(), *d))
+            .collect();
+        out.push((self.finalizer(), FINALIZER_RETRY_MS));
+        for queue in [self.jobs(), self.shards(), self.finalizer()] {
+            out.push((queue, INFRA_RETRY_MS));
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Every queue of the namespace.
     pub fn queues(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -136,10 +194,9 @@ impl Topology {
             out.push(Topology::dead(&queue));
             out.push(queue);
         }
-        for delay in &self.shard_retry_delays_ms {
-            out.push(Topology::retry(&self.shards(), *delay));
+        for (queue, delay) in self.retry_queues() {
+            out.push(Topology::retry(&queue, delay));
         }
-        out.push(Topology::retry(&self.finalizer(), FINALIZER_RETRY_MS));
         out
     }
 
@@ -381,6 +438,23 @@ impl Publisher {
             }
             other => other,
         }
+    }
+
+    /// How many messages `queue` holds (ready, not the ones delivered and unacked), by a passive
+    /// declare: the queue must exist (every role declares the topology first).
+    pub async fn depth(&self, queue: &str) -> Result<u32, PublishError> {
+        let declared = self
+            .channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(declared.message_count())
     }
 
     /// Parks a message in `queue`'s dead-letter queue with the reason in the

@@ -91,6 +91,18 @@ pub struct FinalizerSettings {
     pub mail_from: String,
     /// How long an export's Redis keys are kept after it finishes, in seconds.
     pub retention_secs: u64,
+    /// An export not finished this long after it began is finished by the sweep (failed or
+    /// partially failed, naming the shards that never arrived), whatever it waits for
+    /// (throttling deferrals included), in seconds.
+    pub export_deadline_secs: u64,
+    /// An export with no progress (no shard recorded, no planning checkpoint) for this long is
+    /// finished by the sweep, in seconds.
+    pub stall_after_secs: u64,
+    /// How often the finalizer sweeps for stalled exports and reads the dead-letter queues'
+    /// depths, in seconds.
+    pub sweep_interval_secs: u64,
+    /// The SMTP server's answer may take this long, in seconds; the finalization lease is longer.
+    pub smtp_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,6 +208,10 @@ impl Default for FinalizerSettings {
             smtp_port: 2525,
             mail_from: "Audience export <audience-export@localhost>".into(),
             retention_secs: 14 * 24 * 3600,
+            export_deadline_secs: 24 * 3600,
+            stall_after_secs: 30 * 60,
+            sweep_interval_secs: 60,
+            smtp_timeout_secs: 30,
         }
     }
 }

@@ -1,12 +1,20 @@
 //! The consumer loop every role runs, written once: a prefetch-bounded set of deliveries handled
 //! concurrently, each ending in exactly one `Outcome` that only `settle` turns into an ack, a
-//! delayed retry, a dead letter or a requeue; a drain on shutdown; and the reconnect loop around
-//! a broker session. Handlers never ack.
+//! delayed retry or a dead letter; a drain on shutdown; and the reconnect loop around a broker
+//! session. Handlers never ack.
+//!
+//! Three rules keep a message from being lost or spinning: a failure of our own infrastructure
+//! (`Outcome::Retry`) goes through a delay queue, so an outage does not spend the queue's
+//! delivery limit; a handler that panics has its delivery dead-lettered with the reason instead
+//! of left unsettled (which would stop the consumer once `prefetch` of them piled up); and a
+//! delivery the broker has handed out `POISON_AFTER` times without an outcome (its handler
+//! crashed the process each time) is dead-lettered by us, with a reason and the role's
+//! `dead_lettering` hook, before the broker would do it silently.
 
-use crate::amqp::{self, PublishError, Publisher, Topology};
+use crate::amqp::{self, PublishError, Publisher, Topology, DELIVERY_LIMIT, INFRA_RETRY_MS};
 use crate::config::Settings;
-use crate::telemetry::{backoff, Health, Role};
-use futures::StreamExt;
+use crate::telemetry::{backoff, Counters, Health, Label, Role};
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -39,13 +47,101 @@ pub enum Outcome {
     },
     /// Unusable: dead-letter the original with the reason in a header, then ack.
     Reject { reason: String },
-    /// Our own infrastructure failed before the effect was recorded: give it back to the broker.
-    Requeue,
+    /// Our own infrastructure (Redis, the broker) failed before the effect was recorded: the
+    /// same message again after `INFRA_RETRY_MS`, through the queue's delay queue, so an outage
+    /// is waited out without counting toward the delivery limit.
+    Retry,
 }
 
-/// The only place a delivery is acked, delayed, rejected or requeued. Whatever is published on
-/// the way is confirmed before the ack, so a crash in between duplicates, never loses.
-pub async fn settle(publisher: &Publisher, queue: &str, delivery: &Delivery, outcome: Outcome) {
+/// Deliveries without an outcome after which we dead-letter a message ourselves: half the
+/// broker's limit, so the role's hook runs before the broker would dead-letter it silently.
+pub const POISON_AFTER: i64 = DELIVERY_LIMIT / 2;
+
+/// A role's message handling, as `serve` drives it.
+pub trait Handler: Send + Sync + 'static {
+    /// One delivery's outcome. Never acks: `settle` does.
+    fn handle(self: Arc<Self>, delivery: Arc<Delivery>) -> impl Future<Output = Outcome> + Send;
+
+    /// Runs before a delivery is dead-lettered (rejected, its handler panicked, or delivered too
+    /// often), so the role can record it where people will look: the worker fails the shard in
+    /// its export's report. Best effort: what it cannot record, the stalled-export sweep finds.
+    fn dead_lettering(
+        self: Arc<Self>,
+        _delivery: Arc<Delivery>,
+        _reason: String,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// What became of a delivery, for `audience_export_deliveries_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Acked,
+    Delayed,
+    /// An infrastructure failure, tried again after `INFRA_RETRY_MS`.
+    Retried,
+    DeadLettered,
+    /// Its handler panicked (and it was dead-lettered).
+    Panicked,
+    /// Handed out `POISON_AFTER` times without an outcome (and dead-lettered).
+    Poisoned,
+    /// Not settled: given back to the broker (the delay or dead-letter publish failed, or the
+    /// channel closed).
+    Returned,
+}
+
+impl Label for Settled {
+    const ALL: &'static [Settled] = &[
+        Settled::Acked,
+        Settled::Delayed,
+        Settled::Retried,
+        Settled::DeadLettered,
+        Settled::Panicked,
+        Settled::Poisoned,
+        Settled::Returned,
+    ];
+    fn as_str(self) -> &'static str {
+        match self {
+            Settled::Acked => "acked",
+            Settled::Delayed => "delayed",
+            Settled::Retried => "retried",
+            Settled::DeadLettered => "dead_lettered",
+            Settled::Panicked => "panicked",
+            Settled::Poisoned => "poisoned",
+            Settled::Returned => "returned",
+        }
+    }
+}
+
+/// How many times the broker has handed this delivery out before (quorum queues count returns in
+/// `x-delivery-count`; absent on a first delivery).
+pub fn delivery_count(delivery: &Delivery) -> i64 {
+    use lapin::types::AMQPValue;
+    let Some(headers) = delivery.properties.headers().as_ref() else {
+        return 0;
+    };
+    match headers.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortShortUInt(n)) => i64::from(*n),
+        _ => 0,
+    }
+}
+
+/// The only place a delivery is acked, delayed, rejected or given back. Whatever is published on
+/// the way is confirmed before the ack, so a crash in between duplicates, never loses. Returns
+/// what became of it.
+pub async fn settle(
+    publisher: &Publisher,
+    queue: &str,
+    delivery: &Delivery,
+    outcome: Outcome,
+) -> Settled {
     let handed_on: Result<(), PublishError> = match &outcome {
         Outcome::Ack => Ok(()),
         Outcome::Delay {
@@ -65,35 +161,93 @@ pub async fn settle(publisher: &Publisher, queue: &str, delivery: &Delivery, out
             warn!(message = "Message rejected to the dead-letter queue.", %queue, %reason);
             publisher.dead_letter(queue, &delivery.data, reason).await
         }
-        Outcome::Requeue => Err(PublishError::Nacked),
-    };
-    let settled = match handed_on {
-        Ok(()) => delivery.ack(BasicAckOptions::default()).await,
-        Err(e) => {
-            if !matches!(outcome, Outcome::Requeue) {
-                warn!(message = "Could not hand the message on; requeueing it.", error = %e);
+        Outcome::Retry => {
+            let retry = Topology::retry(queue, INFRA_RETRY_MS);
+            match publisher
+                .send("", &retry, &delivery.data, FieldTable::default())
+                .await
+            {
+                Ok(pending) => pending.wait().await,
+                Err(e) => Err(e),
             }
-            // A pause so an outage of Redis or the broker is not a hot redelivery loop; the
-            // queue's delivery limit bounds the repeats.
+        }
+    };
+    let (settled, result) = match handed_on {
+        Ok(()) => {
+            let result = delivery.ack(BasicAckOptions::default()).await;
+            let settled = match outcome {
+                Outcome::Ack => Settled::Acked,
+                Outcome::Delay { .. } => Settled::Delayed,
+                Outcome::Reject { .. } => Settled::DeadLettered,
+                Outcome::Retry => Settled::Retried,
+            };
+            (settled, result)
+        }
+        Err(e) => {
+            warn!(message = "Could not hand the message on; giving it back to the broker.", error = %e);
+            // A pause so a broker in trouble is not a hot redelivery loop. Only here does a
+            // message spend its delivery limit on our account: the broker itself is failing.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            delivery
+            let result = delivery
                 .nack(BasicNackOptions {
                     requeue: true,
                     ..Default::default()
                 })
-                .await
+                .await;
+            (Settled::Returned, result)
         }
     };
     // lapin answers Ok(false) when nothing was sent: the channel closed under the delivery.
-    match settled {
-        Ok(true) => {}
+    match result {
+        Ok(true) => settled,
         Ok(false) => {
             warn!(
                 message = "Ack or nack not sent: the channel is closed; the broker will redeliver."
-            )
+            );
+            Settled::Returned
         }
-        Err(e) => warn!(message = "Ack or nack failed; the broker will redeliver.", error = %e),
+        Err(e) => {
+            warn!(message = "Ack or nack failed; the broker will redeliver.", error = %e);
+            Settled::Returned
+        }
     }
+}
+
+/// Runs the handler, turning a panic into a dead letter and a too-often-delivered message into
+/// one, with the role's `dead_lettering` hook before either.
+async fn outcome_of<D: Handler>(
+    deps: Arc<D>,
+    delivery: Arc<Delivery>,
+    role: Role,
+) -> (Outcome, Option<Settled>) {
+    let count = delivery_count(&delivery);
+    let (outcome, cause) = if count >= POISON_AFTER {
+        let reason = format!(
+            "handed out {count} times without an outcome: the {role} handling it stopped each time (crash or lost connection)"
+        );
+        (Outcome::Reject { reason }, Some(Settled::Poisoned))
+    } else {
+        match std::panic::AssertUnwindSafe(deps.clone().handle(delivery.clone()))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => (outcome, None),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                error!(message = "The handler panicked; dead-lettering its message.", %role, panic = %what);
+                let reason = format!("the {role} handler panicked: {what}");
+                (Outcome::Reject { reason }, Some(Settled::Panicked))
+            }
+        }
+    };
+    if let Outcome::Reject { reason } = &outcome {
+        deps.dead_lettering(delivery, reason.clone()).await;
+    }
+    (outcome, cause)
 }
 
 /// Consumes `queue` with `prefetch` deliveries in flight, each handled by its own task, until
@@ -180,27 +334,45 @@ where
     }
 }
 
+/// Where a role's deliveries are counted.
+#[derive(Clone)]
+pub struct ConsumerMetrics {
+    pub deliveries: Counters<Settled>,
+}
+
+impl ConsumerMetrics {
+    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<ConsumerMetrics> {
+        Ok(ConsumerMetrics {
+            deliveries: Counters::register(
+                registry,
+                "audience_export_deliveries_total",
+                "Deliveries settled by this process, by what became of them.",
+                &["outcome"],
+            )?,
+        })
+    }
+}
+
 /// A role's whole broker life, written once for the three roles: connect, declare the topology,
 /// build the role's per-session state with a confirming publisher, consume `queue_of(topology)`
-/// with `prefetch` deliveries in flight, hand each to `handle`, settle its outcome; reconnect with
-/// backoff when the session fails; return once `shutdown` is cancelled and in-flight work drained.
+/// with `prefetch` deliveries in flight, hand each to the role's `Handler`, settle its outcome;
+/// reconnect with backoff when the session fails; return once `shutdown` is cancelled and
+/// in-flight work drained.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve<D, B, Q, H, Fut>(
+pub async fn serve<D, B, Q>(
     role: Role,
     settings: &Settings,
     health: &Health,
+    metrics: &ConsumerMetrics,
     shutdown: &CancellationToken,
     queue_of: Q,
     prefetch: u16,
     build: B,
-    handle: H,
 ) -> anyhow::Result<()>
 where
-    D: Send + Sync + 'static,
+    D: Handler,
     B: Fn(Publisher, Topology) -> anyhow::Result<D>,
     Q: Fn(&Topology) -> String,
-    H: Fn(Arc<D>, Arc<Delivery>) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
 {
     reconnecting(role, health, shutdown, || async {
         let connection = amqp::connect(&settings.amqp_url, &format!("audience-{role}")).await?;
@@ -213,16 +385,20 @@ where
         health.set_broker(true);
         info!(message = "Consuming.", %role, %queue, prefetch);
         let ended = consume(&channel, &queue, prefetch, shutdown, |delivery| {
-            let (deps, publisher, queue, handle) = (
+            let (deps, publisher, queue, metrics) = (
                 deps.clone(),
                 publisher.clone(),
                 queue.clone(),
-                handle.clone(),
+                metrics.clone(),
             );
             async move {
                 let delivery = Arc::new(delivery);
-                let outcome = handle(deps, delivery.clone()).await;
-                settle(&publisher, &queue, &delivery, outcome).await;
+                let (outcome, cause) = outcome_of(deps, delivery.clone(), role).await;
+                let settled = match (settle(&publisher, &queue, &delivery, outcome).await, cause) {
+                    (Settled::DeadLettered, Some(cause)) => cause,
+                    (settled, _) => settled,
+                };
+                metrics.deliveries.with(settled).inc();
             }
         })
         .await;

@@ -21,6 +21,24 @@ pub mod token_cipher;
 pub mod workspace;
 
 pub use contract::{ExportJob, Field, Shard};
+/// A place where the fault suite can make the process die, as a SIGKILL would (abort: no
+/// destructor runs, nothing is flushed), to prove that nothing is lost or done twice from there:
+/// `FAILPOINTS=<name>=return` in the process's environment (`failpoints_from_env`). Compiled
+/// out without the `failpoints` feature.
+pub fn crash_point(name: &str) {
+    let _ = name; // unused when the fail points are compiled out
+    fail::fail_point!(name, |_| {
+        std::process::abort();
+    });
+}
+
+/// Reads fail points from the `FAILPOINTS` environment variable (e.g.
+/// `FAILPOINTS=producer::audience-created=return`), for the fault suite's child processes.
+/// Without the `failpoints` feature, fail points are compiled out and this does nothing.
+pub fn failpoints_from_env() {
+    // The scenario holds the configuration for as long as it lives: the whole process.
+    std::mem::forget(fail::FailScenario::setup());
+}
 
 /// A started role: where its ops endpoints (and, for the producer, its HTTP API) listen, and its
 /// main loop, which returns once shutdown is requested and in-flight work is drained.

@@ -258,6 +258,38 @@ impl<L: Labels> Counters<L> {
     }
 }
 
+/// A gauge family whose label values are typed.
+#[derive(Clone)]
+pub struct Gauges<L> {
+    vec: prometheus::IntGaugeVec,
+    labels: std::marker::PhantomData<L>,
+}
+
+impl<L: Labels> Gauges<L> {
+    /// Declares `name`, registers it and creates every series at zero.
+    pub fn register(
+        registry: &Registry,
+        name: &str,
+        help: &str,
+        label_names: &[&str],
+    ) -> prometheus::Result<Gauges<L>> {
+        let vec = prometheus::IntGaugeVec::new(prometheus::Opts::new(name, help), label_names)?;
+        registry.register(Box::new(vec.clone()))?;
+        let gauges = Gauges {
+            vec,
+            labels: std::marker::PhantomData,
+        };
+        for labels in L::every() {
+            gauges.with(labels);
+        }
+        Ok(gauges)
+    }
+
+    pub fn with(&self, labels: L) -> prometheus::IntGauge {
+        self.vec.with_label_values(&labels.values())
+    }
+}
+
 /// A histogram family whose label values are typed.
 #[derive(Clone)]
 pub struct Histograms<L> {

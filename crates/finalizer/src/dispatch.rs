@@ -5,12 +5,19 @@
 
 use crate::{finalize, invalidation, Deps, Handled};
 use audience_export_core::amqp::{Topology, FINALIZER_RETRY_MS};
-use audience_export_core::consumer::Outcome;
+use audience_export_core::consumer::{Handler, Outcome};
 use audience_export_core::contract::Event;
+use lapin::message::Delivery;
 use std::sync::Arc;
 use tracing::{warn, Instrument};
 
-pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
+impl Handler for Deps {
+    async fn handle(self: Arc<Self>, delivery: Arc<Delivery>) -> Outcome {
+        handle(&self, &delivery.data).await
+    }
+}
+
+pub async fn handle(deps: &Deps, body: &[u8]) -> Outcome {
     let event: Event = match serde_json::from_slice(body) {
         Ok(e) => e,
         Err(e) => {
@@ -22,7 +29,7 @@ pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
     let result = match event {
         Event::ShardCompleted { export_id, .. } | Event::ExportSealed { export_id } => {
             let span = tracing::info_span!("export", %export_id);
-            finalize::if_complete(&deps, &export_id)
+            finalize::if_complete(deps, &export_id)
                 .instrument(span)
                 .await
         }
@@ -32,7 +39,7 @@ pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
             notify,
         } => {
             let span = tracing::info_span!("export", %export_id);
-            finalize::rejected(&deps, &export_id, reason, notify)
+            finalize::rejected(deps, &export_id, reason, notify)
                 .instrument(span)
                 .await
         }
@@ -51,16 +58,16 @@ pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
                 subcode,
                 message: &message,
             };
-            invalidation::handle(&deps, &refusal).await
+            invalidation::handle(deps, &refusal).await
         }
         Event::ExportFinished(_) | Event::ConnectionChanged { .. } => Ok(Handled::Done),
     };
     match result {
         Ok(Handled::Done) => Outcome::Ack,
-        Ok(Handled::Held) => later(&deps, body),
+        Ok(Handled::Held) => later(deps, body),
         Err(error) if error.is_retryable() => {
             warn!(message = "Finalization failed; retrying later.", %error);
-            later(&deps, body)
+            later(deps, body)
         }
         Err(error) => Outcome::Reject {
             reason: format!("cannot be finalized: {error}"),

@@ -35,9 +35,17 @@ pub struct Mailer {
 }
 
 impl Mailer {
-    pub fn new(host: &str, port: u16, from: &str) -> Result<Mailer, EmailError> {
+    /// A mailer for the relay at `host:port`; an SMTP exchange taking longer than `timeout`
+    /// fails (and is retried later), always inside the finalization lease.
+    pub fn new(
+        host: &str,
+        port: u16,
+        from: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Mailer, EmailError> {
         let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
             .port(port)
+            .timeout(Some(timeout))
             .build();
         Ok(Mailer {
             transport,

@@ -6,16 +6,26 @@
 use crate::metrics::EmailKind;
 use crate::{email, report, Deps, FinalizeError, Handled, LEASE};
 use audience_export_core::contract::{Event, ExportId, ExportStatus};
-use audience_export_core::progress::{now_ms, Claim};
+use audience_export_core::progress::{now_ms, Claim, ExportProgress};
 use audience_export_core::ExportJob;
 use tracing::info;
+
+/// Why an export is being finished, beyond its counters.
+pub enum Ending {
+    /// Every planned shard arrived (or the plan says why it could not be completed).
+    Complete,
+    /// The producer refused the job: `rejected` with the reason, telling `notify` too.
+    Rejected { reason: String, notify: Vec<String> },
+    /// The sweep gave up on it (stalled, or past its deadline): why, naming what never arrived.
+    Abandoned { reason: String },
+}
 
 /// A progress event: finishes the export if every planned shard arrived and the plan is sealed.
 pub async fn if_complete(deps: &Deps, export_id: &ExportId) -> Result<Handled, FinalizeError> {
     if !deps.progress.progress(export_id).await?.is_complete() {
         return Ok(Handled::Done);
     }
-    finish(deps, export_id, None).await
+    finish(deps, export_id, Ending::Complete).await
 }
 
 /// The producer refused the job: finishes it `rejected` with the reason, telling `notify` too.
@@ -25,14 +35,14 @@ pub async fn rejected(
     reason: String,
     notify: Vec<String>,
 ) -> Result<Handled, FinalizeError> {
-    finish(deps, export_id, Some((reason, notify))).await
+    finish(deps, export_id, Ending::Rejected { reason, notify }).await
 }
 
-/// Finishes an export once. `rejection` carries the reason and recipients of a refused job.
-async fn finish(
+/// Finishes an export once.
+pub async fn finish(
     deps: &Deps,
     export_id: &ExportId,
-    rejection: Option<(String, Vec<String>)>,
+    ending: Ending,
 ) -> Result<Handled, FinalizeError> {
     match deps
         .progress
@@ -43,7 +53,7 @@ async fn finish(
         Claim::Held { .. } => return Ok(Handled::Held),
         Claim::Won => {}
     }
-    let outcome = finish_claimed(deps, export_id, rejection).await;
+    let outcome = finish_claimed(deps, export_id, ending).await;
     if outcome.is_err() {
         deps.progress
             .release_finalization(export_id, &deps.owner)
@@ -52,10 +62,34 @@ async fn finish(
     outcome
 }
 
+/// The terminal status, its reason and extra recipients. In order: a refusal; a stop (its
+/// connection's token refused: failed, whatever arrived before); the sweep's verdict; a plan
+/// that could not be completed; the counters.
+fn verdict(
+    ending: Ending,
+    progress: &ExportProgress,
+) -> (ExportStatus, Option<String>, Vec<String>) {
+    let some_arrived = progress.shards_done > 0;
+    let partial = if some_arrived {
+        ExportStatus::PartiallyFailed
+    } else {
+        ExportStatus::Failed
+    };
+    match (ending, &progress.stop_reason, &progress.plan_error) {
+        (Ending::Rejected { reason, notify }, _, _) => {
+            (ExportStatus::Rejected, Some(reason), notify)
+        }
+        (_, Some(stop), _) => (ExportStatus::Failed, Some(stop.clone()), Vec::new()),
+        (Ending::Abandoned { reason }, _, _) => (partial, Some(reason), Vec::new()),
+        (Ending::Complete, None, Some(error)) => (partial, Some(error.clone()), Vec::new()),
+        (Ending::Complete, None, None) => (report::status_of(progress), None, Vec::new()),
+    }
+}
+
 async fn finish_claimed(
     deps: &Deps,
     export_id: &ExportId,
-    rejection: Option<(String, Vec<String>)>,
+    ending: Ending,
 ) -> Result<Handled, FinalizeError> {
     let progress = deps.progress.progress(export_id).await?;
     let job: Option<ExportJob> = deps
@@ -63,12 +97,7 @@ async fn finish_claimed(
         .job(export_id)
         .await?
         .and_then(|json| serde_json::from_str(&json).ok());
-    let (status, reason, mut recipients) = match (rejection, &progress.stop_reason) {
-        (Some((reason, notify)), _) => (ExportStatus::Rejected, Some(reason), notify),
-        // Stopped (its connection's token refused): failed, whatever arrived before.
-        (None, Some(stop)) => (ExportStatus::Failed, Some(stop.clone()), Vec::new()),
-        (None, None) => (report::status_of(&progress), None, Vec::new()),
-    };
+    let (status, reason, mut recipients) = verdict(ending, &progress);
     if let Some(job) = &job {
         recipients.extend(job.notify.emails.iter().cloned());
     }
@@ -77,14 +106,20 @@ async fn finish_claimed(
     let now = now_ms();
     let report = report::build(export_id, job.as_ref(), &progress, status, reason, now);
 
-    deps.notifier
-        .send(
-            EmailKind::Report,
-            &recipients,
-            email::subject(&report),
-            email::body(&report),
-        )
-        .await?;
+    // Once per export, even when a later step fails and the finish is tried again. (A crash
+    // between the send and the mark can still send it twice: SMTP has no idempotency key.)
+    if progress.emailed_at_ms.is_none() {
+        deps.notifier
+            .send(
+                EmailKind::Report,
+                &recipients,
+                email::subject(&report),
+                email::body(&report),
+            )
+            .await?;
+        deps.progress.mark_emailed(export_id, now).await?;
+    }
+    audience_export_core::crash_point("finalizer::emailed");
     deps.publisher
         .event(&deps.topology, &Event::ExportFinished(report.clone()))
         .await?;
@@ -104,4 +139,66 @@ async fn finish_claimed(
         duration_ms = report.duration_ms
     );
     Ok(Handled::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(done: u64, failed: u64) -> ExportProgress {
+        ExportProgress {
+            shards_done: done,
+            shards_failed: failed,
+            shards_planned: done + failed,
+            sealed: true,
+            ..ExportProgress::default()
+        }
+    }
+
+    #[test]
+    fn the_verdict_puts_refusals_first_then_stops_then_the_sweep_then_the_plan() {
+        let p = progress(3, 0);
+        assert_eq!(verdict(Ending::Complete, &p).0, ExportStatus::Succeeded);
+        let rejected = Ending::Rejected {
+            reason: "no".into(),
+            notify: vec!["a@x.io".into()],
+        };
+        let (status, reason, notify) = verdict(rejected, &p);
+        assert_eq!(
+            (status, reason.as_deref()),
+            (ExportStatus::Rejected, Some("no"))
+        );
+        assert_eq!(notify, vec!["a@x.io".to_owned()]);
+
+        let mut stopped = progress(3, 1);
+        stopped.stop_reason = Some("token invalid".into());
+        let abandoned = Ending::Abandoned {
+            reason: "stalled".into(),
+        };
+        assert_eq!(
+            verdict(abandoned, &stopped).0,
+            ExportStatus::Failed,
+            "a stop wins over the sweep"
+        );
+
+        let mut broken = progress(2, 0);
+        broken.plan_error = Some("the segment could not be read".into());
+        let (status, reason, _) = verdict(Ending::Complete, &broken);
+        assert_eq!(status, ExportStatus::PartiallyFailed, "never succeeded");
+        assert_eq!(reason.as_deref(), Some("the segment could not be read"));
+        assert_eq!(
+            verdict(Ending::Complete, &{
+                let mut p = progress(0, 0);
+                p.plan_error = Some("x".into());
+                p
+            })
+            .0,
+            ExportStatus::Failed
+        );
+
+        let abandoned = Ending::Abandoned {
+            reason: "stalled".into(),
+        };
+        assert_eq!(verdict(abandoned, &progress(0, 0)).0, ExportStatus::Failed);
+    }
 }

@@ -13,6 +13,7 @@ pub mod invalidation;
 pub mod metrics;
 pub mod notify;
 pub mod report;
+pub mod sweep;
 
 use audience_export_core::amqp::{PublishError, Publisher, Topology};
 use audience_export_core::config::Settings;
@@ -22,17 +23,17 @@ use audience_export_core::progress::{ProgressError, ProgressStore};
 use audience_export_core::telemetry::{self, Role};
 use audience_export_core::Running;
 use email::EmailError;
-use lapin::message::Delivery;
 use notify::Notifier;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Events handled at once; finalization is short and mostly waits on Redis and SMTP.
 const EVENTS_IN_FLIGHT: u16 = 16;
 
-/// How long a finalizer may hold an export (or a notice) before another may take over.
-pub const LEASE: Duration = Duration::from_secs(60);
+/// How long a finalizer may hold an export (or a notice) before another may take over: longer
+/// than anything a finish waits for (an SMTP exchange is cut at half of it), so a slow finish is
+/// never taken over and done twice.
+pub const LEASE: Duration = Duration::from_secs(120);
 
 /// What the event handlers share.
 pub struct Deps {
@@ -45,6 +46,8 @@ pub struct Deps {
     /// This process's claim owner id.
     pub owner: String,
     pub connections: Connections,
+    /// Stops this broker session's sweep when the session's state is dropped.
+    pub sweeping: Option<tokio_util::sync::DropGuard>,
 }
 
 /// How a handler left an event.
@@ -90,6 +93,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     )
     .await?;
     let metrics = metrics::Metrics::register(&ops.registry)?;
+    let deliveries = consumer::ConsumerMetrics::register(&ops.registry)?;
     let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let owner = format!(
         "finalizer-{}-{:08x}",
@@ -100,10 +104,16 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     // so it is not given the key that opens them.
     let connections = Connections::without_tokens(progress.connection(), &settings.namespace);
     let f = &settings.finalizer;
+    let smtp_timeout = Duration::from_secs(f.smtp_timeout_secs).min(LEASE / 2);
     let notifier = Notifier::new(
-        email::Mailer::new(&f.smtp_host, f.smtp_port, &f.mail_from)?,
+        email::Mailer::new(&f.smtp_host, f.smtp_port, &f.mail_from, smtp_timeout)?,
         metrics.clone(),
     );
+    let limits = sweep::Limits {
+        deadline: Duration::from_secs(f.export_deadline_secs),
+        stall: Duration::from_secs(f.stall_after_secs),
+    };
+    let sweep_every = Duration::from_secs(f.sweep_interval_secs.max(1));
     let sweeper = expiry::Sweeper {
         connections: connections.clone(),
         notifier: notifier.clone(),
@@ -117,30 +127,31 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     ));
     let task = tokio::spawn(async move {
         let f = &settings.finalizer;
-        let build = |publisher, topology| {
-            Ok(Deps {
+        let build = |publisher: Publisher, topology: Topology| {
+            let deps = |sweeping| Deps {
                 progress: progress.clone(),
-                publisher,
-                topology,
+                publisher: publisher.clone(),
+                topology: topology.clone(),
                 notifier: notifier.clone(),
                 metrics: metrics.clone(),
                 retention: Duration::from_secs(f.retention_secs),
                 owner: owner.clone(),
                 connections: connections.clone(),
-            })
-        };
-        let handle = |deps, delivery: Arc<Delivery>| async move {
-            dispatch::handle(deps, &delivery.data).await
+                sweeping,
+            };
+            let stop = CancellationToken::new();
+            tokio::spawn(sweep::run(deps(None), limits, sweep_every, stop.clone()));
+            Ok(deps(Some(stop.drop_guard())))
         };
         consumer::serve(
             Role::Finalizer,
             &settings,
             &health,
+            &deliveries,
             &shutdown,
             Topology::finalizer,
             EVENTS_IN_FLIGHT,
             build,
-            handle,
         )
         .await
     });

@@ -1,7 +1,8 @@
 //! The finalizer's metrics, declared in one place, with bounded, typed labels only.
 
+use audience_export_core::amqp::WorkQueue;
 use audience_export_core::contract::ExportStatus;
-use audience_export_core::telemetry::{Counters, Label};
+use audience_export_core::telemetry::{Counters, Gauges, Label};
 use prometheus::{IntCounter, IntGauge, Registry};
 
 /// Which email.
@@ -65,6 +66,31 @@ pub struct Metrics {
     pub invalidations: IntCounter,
     /// Connections whose user token expires within the warning window, at the last sweep.
     pub expiring: IntGauge,
+    /// Messages in each work queue's dead-letter queue, at the last sweep.
+    pub dead_letters: Gauges<WorkQueue>,
+    /// Exports the sweep finished, by why: stalled or past their deadline.
+    pub abandoned: Counters<Abandoned>,
+    /// Exports begun and not finished, at the last sweep.
+    pub unfinished: IntGauge,
+}
+
+/// Why the sweep finished an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abandoned {
+    /// No progress for `stall_after_secs`.
+    Stalled,
+    /// Not finished `export_deadline_secs` after it began.
+    PastDeadline,
+}
+
+impl Label for Abandoned {
+    const ALL: &'static [Abandoned] = &[Abandoned::Stalled, Abandoned::PastDeadline];
+    fn as_str(self) -> &'static str {
+        match self {
+            Abandoned::Stalled => "stalled",
+            Abandoned::PastDeadline => "past_deadline",
+        }
+    }
 }
 
 impl Metrics {
@@ -77,8 +103,13 @@ impl Metrics {
             "audience_export_connections_expiring",
             "Connections whose user token expires within the warning window.",
         )?;
+        let unfinished = IntGauge::new(
+            "audience_export_exports_unfinished",
+            "Exports begun and not finished, at the last sweep.",
+        )?;
         registry.register(Box::new(invalidations.clone()))?;
         registry.register(Box::new(expiring.clone()))?;
+        registry.register(Box::new(unfinished.clone()))?;
         Ok(Metrics {
             exports: Counters::register(
                 registry,
@@ -94,6 +125,19 @@ impl Metrics {
             )?,
             invalidations,
             expiring,
+            dead_letters: Gauges::register(
+                registry,
+                "audience_export_dead_letters",
+                "Messages in each work queue's dead-letter queue.",
+                &["queue"],
+            )?,
+            abandoned: Counters::register(
+                registry,
+                "audience_export_exports_abandoned_total",
+                "Exports the sweep finished because they stalled or passed their deadline.",
+                &["why"],
+            )?,
+            unfinished,
         })
     }
 }

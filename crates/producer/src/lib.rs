@@ -3,10 +3,13 @@
 //! broker confirmed every shard. A job is acked only when its plan is sealed or its refusal
 //! announced. It also serves the HTTP API that connects workspaces to Facebook.
 
+pub mod admission;
 pub mod api;
+pub mod audiences;
 pub mod connect;
 pub mod metrics;
 pub mod plan;
+pub mod sharder;
 pub mod source;
 
 use audience_export_core::amqp::Topology;
@@ -19,7 +22,6 @@ use audience_export_core::telemetry::{self, Role};
 use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::workspace::Workspaces;
 use audience_export_core::Running;
-use lapin::message::Delivery;
 use plan::Deps;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +41,12 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     )
     .await?;
     let metrics = metrics::Metrics::register(&ops.registry)?;
+    let owner = format!(
+        "producer-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let deliveries = consumer::ConsumerMetrics::register(&ops.registry)?;
     let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let graph = GraphClient::from_settings(&settings.graph)?;
     let workspaces = Workspaces::new(progress.connection(), &settings.namespace);
@@ -77,19 +85,18 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 customer_file_source: settings.producer.customer_file_source.clone(),
                 workspaces: workspaces.clone(),
                 job_ttl: Duration::from_secs(settings.finalizer.retention_secs),
+                owner: owner.clone(),
             })
         };
-        let handle =
-            |deps, delivery: Arc<Delivery>| async move { plan::handle(deps, &delivery.data).await };
         consumer::serve(
             Role::Producer,
             &settings,
             &health,
+            &deliveries,
             &shutdown,
             Topology::jobs,
             JOBS_IN_FLIGHT,
             build,
-            handle,
         )
         .await
     });

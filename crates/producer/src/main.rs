@@ -75,6 +75,7 @@ enum ConnectionAction {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load()?;
+    audience_export_core::failpoints_from_env();
     match Cli::parse().command {
         None => {
             telemetry::init_logging(&settings.log);

@@ -13,8 +13,13 @@ pub enum JobOutcome {
     Duplicate,
     /// Refused with a reason (invalid, or its connection cannot run it).
     Rejected,
-    /// Our infrastructure failed mid-way: back to the queue.
-    Requeued,
+    /// Our infrastructure failed mid-way: tried again shortly (planning resumes).
+    Retried,
+    /// Another planner holds the export: this copy waits in the delay queue.
+    Held,
+    /// Could not be planned to its end after audiences were created: sealed with what was
+    /// published; the export finishes failed or partially failed.
+    Failed,
 }
 
 impl Label for JobOutcome {
@@ -22,14 +27,18 @@ impl Label for JobOutcome {
         JobOutcome::Planned,
         JobOutcome::Duplicate,
         JobOutcome::Rejected,
-        JobOutcome::Requeued,
+        JobOutcome::Retried,
+        JobOutcome::Held,
+        JobOutcome::Failed,
     ];
     fn as_str(self) -> &'static str {
         match self {
             JobOutcome::Planned => "planned",
             JobOutcome::Duplicate => "duplicate",
             JobOutcome::Rejected => "rejected",
-            JobOutcome::Requeued => "requeued",
+            JobOutcome::Retried => "retried",
+            JobOutcome::Held => "held",
+            JobOutcome::Failed => "failed",
         }
     }
 }

@@ -1,33 +1,43 @@
 //! Turns an export job into a sealed plan: one new audience per field, the segment streamed into
 //! shards of at most `shard_size` values, every shard confirmed by the broker, then the totals
-//! written and the plan sealed. The producer is the only writer of a plan. A job seen before is
-//! resumed (audiences already created are reused; shards already counted are skipped by the
-//! workers), never planned twice.
+//! written and the plan sealed. The producer is the only writer of a plan, and one producer at a
+//! time plans an export: `begin` (one script) records the job and takes a planning lease, renewed
+//! while the segment streams; a copy of the job that finds the lease held waits in the jobs'
+//! delay queue, and once the plan is sealed it only re-announces it.
+//!
+//! A job seen before is resumed from its checkpoints (`sharder`), never planned twice. Once an
+//! audience exists at Meta, nothing ends as `rejected`: a refusal or a segment that cannot be
+//! read to its end seals what was published with a `plan_error`, and the export finishes failed
+//! or partially failed with that reason.
 
+use crate::admission::{refused, resolve};
+use crate::audiences::audience_for;
 use crate::metrics::{JobOutcome, Metrics};
+use crate::sharder::Sharder;
 use crate::source::{Line, SegmentReader};
-use audience_export_core::amqp::{PendingConfirm, PublishError, Publisher, Topology};
-use audience_export_core::connection::{
-    ActiveToken, AdAccountStatus, ConnectionError, Connections,
-};
-use audience_export_core::consumer::Outcome;
-use audience_export_core::contract::{Event, ExportJob, PhoneCountry};
-use audience_export_core::graph::{ErrorClass, GraphClient, GraphError};
+use audience_export_core::amqp::{PublishError, Publisher, Topology, INFRA_RETRY_MS};
+use audience_export_core::connection::{ConnectionError, Connections};
+use audience_export_core::consumer::{Handler, Outcome};
+use audience_export_core::contract::{Event, ExportJob};
+use audience_export_core::graph::{GraphClient, GraphError};
 use audience_export_core::progress::{
-    now_ms, Begin, FieldTotals, PlanTotals, ProgressError, ProgressStatus, ProgressStore,
+    now_ms, Begin, FieldTotals, PlanTotals, ProgressError, ProgressStore, Unreadable,
 };
-use audience_export_core::revocation::{Refusal, RevocationError, Revocations, Unusable};
-use audience_export_core::telemetry::backoff;
+use audience_export_core::revocation::{Refusal, RevocationError, Revocations};
 use audience_export_core::workspace::Workspaces;
-use audience_export_core::{Field, Shard};
-use lapin::types::FieldTable;
-use std::collections::{BTreeMap, VecDeque};
+use audience_export_core::Field;
+use lapin::message::Delivery;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-/// Attempts at creating one audience when Meta answers with a retryable error.
-const CREATE_ATTEMPTS: u32 = 5;
+/// How long a planner's claim on an export lasts without renewal: a planner that dies is
+/// replaced within this. Renewed every third of it while planning.
+pub const PLAN_LEASE: Duration = Duration::from_secs(10);
 
 pub struct Deps {
     pub graph: GraphClient,
@@ -39,6 +49,7 @@ pub struct Deps {
     /// Whether a workspace's token may be used, and what to do when Meta refuses it.
     pub revocations: Revocations,
     pub metrics: Metrics,
+    /// Records per shard for new plans (a resumed plan keeps its own).
     pub shard_size: usize,
     pub confirm_window: usize,
     pub customer_file_source: String,
@@ -46,11 +57,13 @@ pub struct Deps {
     pub workspaces: Workspaces,
     /// How long an export's keys may live if it never finishes.
     pub job_ttl: Duration,
+    /// This process's planner id; each planning attempt adds a nonce to it.
+    pub owner: String,
 }
 
 #[derive(Debug, thiserror::Error)]
-enum PlanError {
-    /// Our infrastructure failed: the job goes back to the queue.
+pub enum PlanError {
+    /// Our infrastructure failed: the job is tried again shortly and planning resumes.
     #[error(transparent)]
     Progress(#[from] ProgressError),
     #[error(transparent)]
@@ -59,6 +72,14 @@ enum PlanError {
     Connection(ConnectionError),
     #[error("the workspace's settings cannot be read: {0}")]
     Settings(anyhow::Error),
+    /// Listing the ad account's audiences failed in a way worth retrying.
+    #[error("looking for the export's audience at Meta failed: {0}")]
+    Lookup(GraphError),
+    #[error(transparent)]
+    Revocation(#[from] RevocationError),
+    /// Another planner took the export over (this one outlived its lease).
+    #[error("another planner took the export over")]
+    LeaseLost,
     /// The job cannot run; the reason goes to the requester.
     #[error("{reason}")]
     Refused {
@@ -68,68 +89,111 @@ enum PlanError {
     },
 }
 
-pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
+impl Handler for Deps {
+    async fn handle(self: Arc<Self>, delivery: Arc<Delivery>) -> Outcome {
+        handle(&self, &delivery.data).await
+    }
+}
+
+pub async fn handle(deps: &Deps, body: &[u8]) -> Outcome {
     let job = match ExportJob::parse(body) {
         Ok(job) => job,
-        Err(error) => {
-            deps.metrics.jobs.with(JobOutcome::Rejected).inc();
-            let reason = error.to_string();
-            if let Some((export_id, notify)) = ExportJob::salvage(body) {
+        Err(error) => return unreadable(deps, body, error.to_string()).await,
+    };
+    let span =
+        tracing::info_span!("export", export_id = %job.export_id, workspace_id = %job.workspace_id);
+    let outcome = async {
+        match plan(deps, &job, body).await {
+            Ok(outcome) => Ok(outcome),
+            Err(PlanError::Refused { reason, token }) => refuse(deps, &job, reason, token).await,
+            Err(error) => Err(error),
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    outcome.unwrap_or_else(|error| {
+        span.in_scope(
+            || warn!(message = "Planning interrupted; retrying the job shortly.", %error),
+        );
+        deps.metrics.jobs.with(JobOutcome::Retried).inc();
+        Outcome::Retry
+    })
+}
+
+/// A job that does not parse: dead-lettered with the reason, and its rejection announced under
+/// the id it names, unless a job holds that id (a malformed copy must never finish a running
+/// export, nor email its own recipients about it).
+async fn unreadable(deps: &Deps, body: &[u8], reason: String) -> Outcome {
+    deps.metrics.jobs.with(JobOutcome::Rejected).inc();
+    if let Some((export_id, notify)) = ExportJob::salvage(body) {
+        let tombstone = format!("unreadable:{}", hex::encode(Sha256::digest(body)));
+        let recorded = deps
+            .progress
+            .reject_unreadable(&export_id, &tombstone, deps.job_ttl)
+            .await;
+        match recorded {
+            Ok(Unreadable::New | Unreadable::Same) => {
                 let event = Event::ExportRejected {
                     export_id,
                     reason: reason.clone(),
                     notify,
                 };
                 if let Err(e) = deps.publisher.event(&deps.topology, &event).await {
-                    warn!(message = "Could not announce a rejected job; requeueing.", error = %e);
-                    return Outcome::Requeue;
+                    warn!(message = "Could not announce a rejected job; retrying shortly.", error = %e);
+                    return Outcome::Retry;
                 }
             }
-            return Outcome::Reject { reason };
-        }
-    };
-    let span =
-        tracing::info_span!("export", export_id = %job.export_id, workspace_id = %job.workspace_id);
-    async {
-        match plan(&deps, &job).await {
-            Ok(outcome) => outcome,
-            Err(PlanError::Refused { reason, token }) => {
-                warn!(message = "Export refused.", %reason);
-                match refuse(&deps, &job, reason, token.as_ref()).await {
-                    Ok(()) => {
-                        deps.metrics.jobs.with(JobOutcome::Rejected).inc();
-                        Outcome::Ack
-                    }
-                    Err(e) => {
-                        warn!(message = "Could not announce a refused export; requeueing.", error = %e);
-                        deps.metrics.jobs.with(JobOutcome::Requeued).inc();
-                        Outcome::Requeue
-                    }
-                }
+            Ok(Unreadable::Taken) => {
+                warn!(message = "An unreadable message names an export id a job holds; dead-lettering it without touching that export.", %export_id);
             }
-            Err(error) => {
-                warn!(message = "Planning interrupted; requeueing the job.", %error);
-                deps.metrics.jobs.with(JobOutcome::Requeued).inc();
-                Outcome::Requeue
+            Err(e) => {
+                warn!(message = "Could not record a rejected job; retrying shortly.", error = %e);
+                return Outcome::Retry;
             }
         }
     }
-    .instrument(span)
-    .await
+    Outcome::Reject { reason }
 }
 
-/// Announces a refused job (after the token refusal that caused it, if one did), for the
-/// finalizer to record and tell the requester.
+/// A job that cannot run. Nothing created yet: `rejected`, announced for the finalizer to
+/// record and tell the requester. An audience created already (a resume): the plan is sealed
+/// with what was published and the reason, and the export finishes failed or partially failed.
+/// A refused token is announced and recorded for the whole fleet first.
 async fn refuse(
     deps: &Deps,
     job: &ExportJob,
     reason: String,
-    token: Option<&Refusal>,
-) -> Result<(), RevocationError> {
-    if let Some(refusal) = token {
+    token: Option<Refusal>,
+) -> Result<Outcome, PlanError> {
+    warn!(message = "Export refused.", %reason);
+    if let Some(refusal) = &token {
         deps.revocations
             .refused(&deps.publisher, &deps.topology, refusal)
             .await?;
+    }
+    let progress = deps.progress.progress(&job.export_id).await?;
+    if progress.has_audiences() {
+        let totals = PlanTotals {
+            members_read: progress.members_read,
+            malformed_records: progress.malformed_records,
+            fields: job
+                .fields
+                .iter()
+                .map(|&f| {
+                    let p = progress.field(f);
+                    let totals = FieldTotals {
+                        with_value: p.with_value,
+                        missing: p.missing,
+                        shards: p.shards,
+                    };
+                    (f, totals)
+                })
+                .collect(),
+            error: Some(reason),
+        };
+        seal(deps, job, &totals).await?;
+        deps.metrics.jobs.with(JobOutcome::Failed).inc();
+        return Ok(Outcome::Ack);
     }
     let rejected = Event::ExportRejected {
         export_id: job.export_id.clone(),
@@ -137,20 +201,38 @@ async fn refuse(
         notify: job.notify.emails.clone(),
     };
     deps.publisher.event(&deps.topology, &rejected).await?;
-    Ok(())
+    deps.metrics.jobs.with(JobOutcome::Rejected).inc();
+    Ok(Outcome::Ack)
 }
 
-async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
+/// The same job message again after the jobs' delay: another planner holds the export (or
+/// held it until it died; its lease expires within `PLAN_LEASE`).
+fn later(deps: &Deps, body: &[u8]) -> Outcome {
+    Outcome::Delay {
+        queue: Topology::retry(&deps.topology.jobs(), INFRA_RETRY_MS),
+        body: body.to_vec(),
+        expiration_ms: None,
+    }
+}
+
+async fn plan(deps: &Deps, job: &ExportJob, body: &[u8]) -> Result<Outcome, PlanError> {
     let job_json = serde_json::to_string(job).expect("a parsed job serializes");
-    match deps
+    let owner = format!("{}-{:08x}", deps.owner, rand::random::<u32>());
+    let begin = deps
         .progress
-        .begin(&job.export_id, &job_json, now_ms(), deps.job_ttl)
-        .await?
-    {
+        .begin(
+            &job.export_id,
+            &job_json,
+            now_ms(),
+            deps.job_ttl,
+            &owner,
+            PLAN_LEASE,
+        )
+        .await?;
+    match begin {
         Begin::New => info!(message = "Export accepted.", fields = ?job.fields),
-        Begin::Existing { .. }
-            if deps.progress.job(&job.export_id).await?.as_deref() != Some(job_json.as_str()) =>
-        {
+        Begin::Resumed => info!(message = "Resuming an export whose planning was interrupted."),
+        Begin::Conflict => {
             // The id names another job: running this one would write into that export (its
             // audiences, its report, its workspace's ad account). Never retried, never announced
             // under that id.
@@ -163,45 +245,125 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
                 ),
             });
         }
-        Begin::Existing { sealed: true, .. } => {
-            info!(message = "Export already planned; ignoring the repeated job.");
+        Begin::Sealed => {
+            // Planned already; the announcement may be what was lost (a crash or a broker blip
+            // between seal and event): announcing it again is harmless.
+            info!(
+                message =
+                    "Export already planned; announcing it again and ignoring the repeated job."
+            );
+            announce_sealed(deps, job).await?;
             deps.metrics.jobs.with(JobOutcome::Duplicate).inc();
             return Ok(Outcome::Ack);
         }
-        Begin::Existing {
-            sealed: false,
-            status,
-        } if status != Some(ProgressStatus::Planning) => {
-            info!(message = "Export already ended; ignoring the repeated job.", status = ?status);
+        Begin::Finished(status) => {
+            info!(message = "Export already finished; ignoring the repeated job.", %status);
             deps.metrics.jobs.with(JobOutcome::Duplicate).inc();
             return Ok(Outcome::Ack);
         }
-        Begin::Existing { .. } => {
-            info!(message = "Resuming an export whose planning was interrupted.")
+        Begin::Held { remaining } => {
+            info!(
+                message = "Another planner holds this export; looking again shortly.",
+                remaining_ms = remaining.as_millis() as u64
+            );
+            deps.metrics.jobs.with(JobOutcome::Held).inc();
+            return Ok(later(deps, body));
         }
     }
 
+    // The lease is renewed while this attempt lives; losing it stops the publishing.
+    let lease_lost = AtomicBool::new(false);
+    let stop_renewing = CancellationToken::new();
+    let renewing = renew_lease(deps, job, &owner, &lease_lost, &stop_renewing);
+    let planned = async {
+        let outcome = planned(deps, job, &lease_lost).await;
+        stop_renewing.cancel();
+        outcome
+    };
+    let ((), outcome) = tokio::join!(renewing, planned);
+    // Sealed, refused or failing: the next attempt (a retry, a copy) needs no wait. If this
+    // does not reach Redis, the lease expires by itself.
+    if let Err(e) = deps.progress.release_lease(&job.export_id, &owner).await {
+        warn!(message = "Could not release the planning lease; it expires by itself.", error = %e);
+    }
+    match outcome {
+        Err(PlanError::LeaseLost) => {
+            warn!(message = "Another planner took this export over; this attempt stops.");
+            deps.metrics.jobs.with(JobOutcome::Held).inc();
+            Ok(later(deps, body))
+        }
+        other => other,
+    }
+}
+
+/// Renews the planning lease every third of its length until `stop`; sets `lost` when another
+/// planner holds it. A Redis failure is retried at the next tick (the lease outlives two).
+async fn renew_lease(
+    deps: &Deps,
+    job: &ExportJob,
+    owner: &str,
+    lost: &AtomicBool,
+    stop: &CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PLAN_LEASE / 3) => {}
+        }
+        match deps
+            .progress
+            .renew_lease(&job.export_id, owner, PLAN_LEASE)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(error) => {
+                warn!(message = "Could not renew the planning lease; trying again.", %error)
+            }
+        }
+    }
+}
+
+/// Plans the export under the lease: audiences, the segment into shards, the seal.
+async fn planned(
+    deps: &Deps,
+    job: &ExportJob,
+    lease_lost: &AtomicBool,
+) -> Result<Outcome, PlanError> {
     let token = resolve(deps, job).await?;
     let mut audiences = BTreeMap::new();
     for &field in &job.fields {
-        let id = match deps.progress.audience(&job.export_id, field).await? {
-            Some(id) => id,
-            None => {
-                let name = audience_name(job, field);
-                let id = create_audience(deps, job, &token, field, &name).await?;
-                deps.progress
-                    .set_audience(&job.export_id, field, &id, &name)
-                    .await?;
-                info!(message = "Audience created.", %field, audience_id = %id);
-                id
-            }
-        };
-        audiences.insert(field, id);
+        audiences.insert(field, audience_for(deps, job, &token, field).await?);
     }
 
-    let mut reader = SegmentReader::open(&job.source.url, job.source.format)
-        .await
-        .map_err(|e| refused(e.to_string()))?;
+    let mut reader = match SegmentReader::open(&job.source.url, job.source.format).await {
+        Ok(reader) => reader,
+        Err(e) => return Err(refused(e.to_string())),
+    };
+    let first = identity(job, reader.identity(), deps.shard_size as u64);
+    let (plan, shard_size) = deps
+        .progress
+        .plan_identity(&job.export_id, &first, deps.shard_size as u64)
+        .await?;
+    // A resume keeps the first plan's shard size; with it, the source must be the same too.
+    let now = identity(job, reader.identity(), shard_size);
+    let progress = deps.progress.progress(&job.export_id).await?;
+    let plan = if now == plan {
+        plan
+    } else if progress.has_shards() {
+        return Err(refused(
+            "the segment changed while this export was being planned (its file was replaced): export it again".into(),
+        ));
+    } else {
+        // Nothing was sent from the old content: plan the new one.
+        deps.progress
+            .replace_plan_fingerprint(&job.export_id, &now)
+            .await?;
+        now
+    };
     // The job's country wins over the workspace's default.
     let phone_country = match job.default_phone_country {
         Some(country) => Some(country),
@@ -211,300 +373,92 @@ async fn plan(deps: &Deps, job: &ExportJob) -> Result<Outcome, PlanError> {
             .await
             .map_err(PlanError::Settings)?,
     };
-    let mut sharder = Sharder::new(deps, job, audiences, phone_country);
-    let (mut members, mut malformed) = (0u64, 0u64);
-    while let Some(line) = reader.next().await.map_err(|e| refused(e.to_string()))? {
-        match line {
-            Line::Malformed => malformed += 1,
+    let mut sharder = Sharder::new(
+        deps,
+        job,
+        plan,
+        shard_size as usize,
+        audiences,
+        &progress,
+        phone_country,
+        lease_lost,
+    );
+    if sharder.resumed() {
+        info!(message = "Resuming from the checkpoints: the segment is read again, what was published is not.");
+    }
+    let (mut members, mut malformed, mut line) = (0u64, 0u64, 0u64);
+    let read_error = loop {
+        let next = match reader.next().await {
+            Ok(Some(next)) => next,
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        };
+        match next {
+            Line::Malformed(_) => malformed += 1,
             Line::Record(record) => {
                 members += 1;
                 for &field in &job.fields {
-                    sharder.push(field, record.value(field)).await?;
+                    sharder.push(field, line, record.value(field)).await?;
                 }
             }
         }
+        line += 1;
         if let Some(reason) = &sharder.stopped {
             // Workers would drop every further shard: stop reading, seal what was published.
             warn!(message = "Export stopped while planning; sealing what was published.", %reason, members);
-            break;
+            break None;
         }
-    }
+    };
+    // A segment that cannot be read to its end: what was published stays, nothing more is.
+    let error = read_error.map(|e| {
+        warn!(message = "The segment could not be read to its end; sealing what was published.", error = %e, line);
+        format!("the segment could not be read past line {line}: {e}. Export it again once the file is complete.")
+    });
     let totals = PlanTotals {
         members_read: members,
         malformed_records: malformed,
-        fields: sharder.finish().await?,
+        fields: sharder.finish(error.is_none()).await?,
+        error,
     };
     deps.metrics.members.inc_by(members);
-    let shards = totals.shards();
-    deps.progress.seal(&job.export_id, &totals).await?;
-    deps.publisher
-        .event(
-            &deps.topology,
-            &Event::ExportSealed {
-                export_id: job.export_id.clone(),
-            },
-        )
-        .await?;
+    seal(deps, job, &totals).await?;
     deps.metrics.jobs.with(JobOutcome::Planned).inc();
     info!(
         message = "Export planned and sealed.",
-        members, malformed, shards
+        members,
+        malformed,
+        shards = totals.shards()
     );
     Ok(Outcome::Ack)
 }
 
-/// The workspace's token for this job, once the job passes the connection's checks: connected,
-/// valid, the ad account selected by this workspace, its terms accepted, the token usable. Only
-/// the job's own workspace is ever looked at, so a job cannot reach another workspace's
-/// connection.
-async fn resolve(deps: &Deps, job: &ExportJob) -> Result<ActiveToken, PlanError> {
-    let ws = &job.workspace_id;
-    let account = &job.ad_account_id;
-    let act = account.act();
-    let stored = |e: ConnectionError| {
-        if e.is_retryable() {
-            PlanError::Connection(e)
-        } else {
-            warn!(message = "The workspace's connection cannot be read.", error = %e);
-            refused(Unusable::Unreadable(e).reason(ws))
-        }
-    };
-    let Some(view) = deps.connections.view(ws).await.map_err(stored)? else {
-        return Err(refused(format!(
-            "no Facebook connection: workspace {ws} has not connected Facebook. Connect it and select ad account {act}, then export again."
-        )));
-    };
-    if let Some(invalid) = &view.invalid {
-        let when = time::OffsetDateTime::from_unix_timestamp((invalid.at_ms / 1000) as i64)
-            .map(|t| t.date().to_string())
-            .unwrap_or_default();
-        return Err(refused(format!(
-            "connection invalid: Meta refused the Facebook connection of workspace {ws} on {when} (code {}{}). Reconnect Facebook, then export again.",
-            invalid.code,
-            invalid.subcode.map(|s| format!(", subcode {s}")).unwrap_or_default()
-        )));
-    }
-    let Some(selected) = view.selected(account) else {
-        return Err(refused(format!(
-            "ad account {act} is not selected for workspace {ws}: select it in the workspace's Facebook connection, then export again."
-        )));
-    };
-    // Refused by Meta moments ago (before the finalizer marked the connection invalid), or
-    // changed since the view was read: the one usability check the workers make too.
-    let token = match deps
-        .revocations
-        .usable_token(ws)
-        .await
-        .map_err(PlanError::Connection)?
-    {
-        Ok(token) => token,
-        Err(unusable) => return Err(refused(unusable.reason(ws))),
-    };
-    if !selected.tos_accepted {
-        // Accepted since the last check? Ask Meta rather than refuse on stale news.
-        let accepted = deps.graph.tos_accepted(&token.token, account).await;
-        match accepted {
-            Ok(true) => {
-                let status = AdAccountStatus::new(account, true, now_ms());
-                deps.connections
-                    .update_terms(ws, status)
-                    .await
-                    .map_err(stored)?;
-            }
-            Ok(false) => {
-                return Err(refused(format!(
-                    "terms not accepted: accept the Custom Audience terms for {act} at {}, then export again.",
-                    account.terms_url()
-                )))
-            }
-            Err(e) => return Err(refusal(job, &token, "check the Custom Audience terms", &e)),
-        }
-    }
-    Ok(token)
-}
-
-fn refused(reason: String) -> PlanError {
-    PlanError::Refused {
-        reason,
-        token: None,
-    }
-}
-
-/// "<segment> - Email - 2026-11-29", or the job's own name with the field appended.
-pub fn audience_name(job: &ExportJob, field: Field) -> String {
-    let date = time::OffsetDateTime::now_utc().date();
-    match &job.audience_name {
-        Some(name) => format!("{name} - {}", field.label()),
-        None => format!("{} - {} - {date}", job.segment.name, field.label()),
-    }
-}
-
-async fn create_audience(
-    deps: &Deps,
-    job: &ExportJob,
-    token: &ActiveToken,
-    field: Field,
-    name: &str,
-) -> Result<String, PlanError> {
-    let description = format!(
-        "Exported from segment {} ({})",
-        job.segment.name, job.segment.id
-    );
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let result = deps
-            .graph
-            .create_custom_audience(
-                &token.token,
-                &job.ad_account_id,
-                name,
-                &description,
-                &deps.customer_file_source,
-            )
-            .await;
-        match result {
-            Ok(id) => return Ok(id),
-            Err(e) if e.is_retryable() && attempt < CREATE_ATTEMPTS => {
-                let wait = backoff(attempt, Duration::from_millis(500), Duration::from_secs(15));
-                warn!(message = "Creating the audience failed; retrying.", %field, class = e.class().as_str(), wait_ms = wait.as_millis() as u64, error = %e);
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => {
-                let what = format!("create the {} audience", field.label());
-                return Err(refusal(job, token, &what, &e));
-            }
-        }
-    }
-}
-
-/// The reason a marketer reads when Meta refuses a call (`what`), naming the fix where there is
-/// one; a refused token is also reported for the whole fleet (`revocation`).
-fn refusal(job: &ExportJob, token: &ActiveToken, what: &str, e: &GraphError) -> PlanError {
-    let class = e.class();
-    let reason = match class {
-        ErrorClass::TokenInvalid | ErrorClass::PermissionLost | ErrorClass::TermsNotAccepted => {
-            e.explain(&job.ad_account_id)
-        }
-        _ => format!("Meta refused to {what}: {}", e.user_message()),
-    };
-    let token = (class == ErrorClass::TokenInvalid).then(|| {
-        Refusal::new(
-            &job.workspace_id,
-            Some(&job.export_id),
-            token,
-            e,
-            &job.ad_account_id,
+/// What identifies a plan: the source (its URL, format and content's identity), the shard size
+/// and the fields. Shard keys carry it.
+fn identity(job: &ExportJob, source_identity: &str, shard_size: u64) -> String {
+    let fields: Vec<&str> = job.fields.iter().map(|f: &Field| f.as_str()).collect();
+    let digest = Sha256::digest(
+        format!(
+            "{}\n{:?}\n{source_identity}\n{shard_size}\n{}",
+            job.source.url,
+            job.source.format,
+            fields.join(",")
         )
-    });
-    PlanError::Refused { reason, token }
+        .as_bytes(),
+    );
+    hex::encode(&digest[..8])
 }
 
-/// Per-field buffers that become shard messages, with a bounded window of unconfirmed publishes.
-struct Sharder<'a> {
-    deps: &'a Deps,
-    job: &'a ExportJob,
-    audiences: BTreeMap<Field, String>,
-    buffers: BTreeMap<Field, Vec<String>>,
-    totals: BTreeMap<Field, FieldTotals>,
-    pending: VecDeque<PendingConfirm>,
-    /// Country of national phone numbers: the job's, else the workspace's default.
-    phone_country: Option<PhoneCountry>,
-    /// Why the export was stopped (checked after each shard), if it was.
-    stopped: Option<String>,
+/// Writes the plan's totals (sealed), then announces it.
+async fn seal(deps: &Deps, job: &ExportJob, totals: &PlanTotals) -> Result<(), PlanError> {
+    deps.progress.seal(&job.export_id, totals).await?;
+    audience_export_core::crash_point("producer::sealed");
+    announce_sealed(deps, job).await
 }
 
-impl<'a> Sharder<'a> {
-    fn new(
-        deps: &'a Deps,
-        job: &'a ExportJob,
-        audiences: BTreeMap<Field, String>,
-        phone_country: Option<PhoneCountry>,
-    ) -> Self {
-        let fields = audiences.keys().copied();
-        Sharder {
-            deps,
-            job,
-            buffers: fields
-                .clone()
-                .map(|f| (f, Vec::with_capacity(deps.shard_size)))
-                .collect(),
-            totals: fields.map(|f| (f, FieldTotals::default())).collect(),
-            audiences,
-            pending: VecDeque::new(),
-            phone_country,
-            stopped: None,
-        }
-    }
-
-    async fn push(&mut self, field: Field, value: Option<String>) -> Result<(), PlanError> {
-        let totals = self.totals.entry(field).or_default();
-        let Some(value) = value else {
-            totals.missing += 1;
-            return Ok(());
-        };
-        totals.with_value += 1;
-        let buffer = self.buffers.entry(field).or_default();
-        buffer.push(value);
-        if buffer.len() >= self.deps.shard_size {
-            self.flush(field).await?;
-        }
-        Ok(())
-    }
-
-    async fn flush(&mut self, field: Field) -> Result<(), PlanError> {
-        let records = std::mem::take(self.buffers.entry(field).or_default());
-        if records.is_empty() {
-            return Ok(());
-        }
-        let totals = self.totals.entry(field).or_default();
-        let shard = Shard {
-            export_id: self.job.export_id.clone(),
-            workspace_id: self.job.workspace_id.clone(),
-            audience_id: self.audiences[&field].clone(),
-            ad_account_id: self.job.ad_account_id.clone(),
-            field,
-            shard_index: totals.shards as u32,
-            records,
-            attempt: 1,
-            default_phone_country: self.phone_country,
-        };
-        totals.shards += 1;
-        let body = serde_json::to_vec(&shard).expect("a shard always serializes");
-        let pending = self
-            .deps
-            .publisher
-            .send(
-                "",
-                &self.deps.topology.shards(),
-                &body,
-                FieldTable::default(),
-            )
-            .await?;
-        self.pending.push_back(pending);
-        self.deps.metrics.shards.with(field).inc();
-        while self.pending.len() >= self.deps.confirm_window.max(1) {
-            if let Some(oldest) = self.pending.pop_front() {
-                oldest.wait().await?;
-            }
-        }
-        // One read per shard (10,000 records): cheap next to streaming a segment for nothing.
-        self.stopped = self.deps.progress.stop_reason(&self.job.export_id).await?;
-        Ok(())
-    }
-
-    /// Flushes the partial shards (unless the export was stopped) and waits until the broker
-    /// confirmed every one.
-    async fn finish(mut self) -> Result<BTreeMap<Field, FieldTotals>, PlanError> {
-        let fields: Vec<Field> = self.buffers.keys().copied().collect();
-        for field in fields {
-            if self.stopped.is_none() {
-                self.flush(field).await?;
-            }
-        }
-        while let Some(pending) = self.pending.pop_front() {
-            pending.wait().await?;
-        }
-        Ok(self.totals)
-    }
+async fn announce_sealed(deps: &Deps, job: &ExportJob) -> Result<(), PlanError> {
+    let sealed = Event::ExportSealed {
+        export_id: job.export_id.clone(),
+    };
+    deps.publisher.event(&deps.topology, &sealed).await?;
+    Ok(())
 }

@@ -5,7 +5,7 @@
 use audience_export_core::contract::SourceFormat;
 use audience_export_core::Field;
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Why a source cannot be read. A missing or unreadable file is permanent for this job.
 #[derive(Debug, thiserror::Error)]
@@ -51,15 +51,32 @@ impl SegmentRecord {
     }
 }
 
+/// The longest line read as a record. A member is a few hundred bytes; a line past this is not
+/// one (a binary file, a missing newline): it is counted malformed and skipped without being
+/// held in memory.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
 /// A segment being read.
 pub struct SegmentReader {
-    lines: Lines<BufReader<tokio::fs::File>>,
+    reader: BufReader<tokio::fs::File>,
+    line: Vec<u8>,
+    /// What identifies this very content (`SourceIdentity`).
+    identity: String,
+}
+
+/// Why a line is not a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Malformed {
+    /// Not a JSON object of the record's shape (invalid UTF-8 included).
+    NotARecord,
+    /// Longer than `MAX_LINE_BYTES`.
+    TooLong,
 }
 
 /// One line's worth: a record, or a line that is not one.
 pub enum Line {
     Record(SegmentRecord),
-    Malformed,
+    Malformed(Malformed),
 }
 
 impl SegmentReader {
@@ -77,29 +94,137 @@ impl SegmentReader {
             .to_file_path()
             .map_err(|()| SourceError::Url(format!("`{url}` names no local file")))?;
         let file = tokio::fs::File::open(path).await?;
+        let meta = file.metadata().await?;
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
         Ok(SegmentReader {
-            lines: BufReader::with_capacity(256 * 1024, file).lines(),
+            reader: BufReader::with_capacity(256 * 1024, file),
+            line: Vec::with_capacity(1024),
+            identity: format!("file:{}:{modified}", meta.len()),
         })
     }
 
-    /// The next non-blank line, or None at the end.
+    /// What identifies the content being read (a file's size and modification time): a resumed
+    /// plan compares it with the first plan's, so a segment replaced meanwhile is noticed.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// The next non-blank line, or None at the end. Bytes, not text: a line that is not UTF-8
+    /// or is too long is a malformed line, counted, never an error that stops the export.
     pub async fn next(&mut self) -> Result<Option<Line>, SourceError> {
-        while let Some(line) = self.lines.next_line().await? {
-            if line.trim().is_empty() {
+        loop {
+            self.line.clear();
+            let (read, too_long) = read_line(&mut self.reader, &mut self.line).await?;
+            if read == 0 {
+                return Ok(None);
+            }
+            if too_long {
+                return Ok(Some(Line::Malformed(Malformed::TooLong)));
+            }
+            if self.line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            return Ok(Some(match serde_json::from_str::<SegmentRecord>(&line) {
-                Ok(record) => Line::Record(record),
-                Err(_) => Line::Malformed,
-            }));
+            return Ok(Some(
+                match serde_json::from_slice::<SegmentRecord>(&self.line) {
+                    Ok(record) => Line::Record(record),
+                    Err(_) => Line::Malformed(Malformed::NotARecord),
+                },
+            ));
         }
-        Ok(None)
+    }
+}
+
+/// Reads one line (without its newline) into `line`, keeping at most `MAX_LINE_BYTES`: returns
+/// the bytes consumed (0 at the end) and whether the line was longer than that (its rest is
+/// consumed and dropped).
+async fn read_line(
+    reader: &mut BufReader<tokio::fs::File>,
+    line: &mut Vec<u8>,
+) -> std::io::Result<(usize, bool)> {
+    let (mut consumed, mut too_long) = (0, false);
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok((consumed, too_long));
+        }
+        let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..i], Some(i + 1)),
+            None => (available, None),
+        };
+        if !too_long && line.len() + chunk.len() <= MAX_LINE_BYTES {
+            line.extend_from_slice(chunk);
+        } else {
+            too_long = true;
+            line.clear();
+        }
+        let used = done.unwrap_or(available.len());
+        reader.consume(used);
+        consumed += used;
+        if done.is_some() {
+            return Ok((consumed, too_long));
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn lines_of(bytes: &[u8]) -> Vec<Result<Option<String>, Malformed>> {
+        let path = std::env::temp_dir().join(format!("ae-source-{}.ndjson", rand::random::<u64>()));
+        std::fs::write(&path, bytes).unwrap();
+        let url = url::Url::from_file_path(&path).unwrap().to_string();
+        let mut reader = SegmentReader::open(&url, SourceFormat::Ndjson)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        while let Some(line) = reader.next().await.unwrap() {
+            out.push(match line {
+                Line::Record(r) => Ok(r.value(Field::Email)),
+                Line::Malformed(m) => Err(m),
+            });
+        }
+        std::fs::remove_file(&path).unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn bad_bytes_and_huge_lines_are_malformed_lines_and_reading_goes_on() {
+        let mut bytes = b"{\"email\":\"a@x.io\"}\n".to_vec();
+        bytes.extend_from_slice(b"{\"email\":\"\xff\xfe@x.io\"}\n");
+        bytes.extend_from_slice(b"\n   \n");
+        bytes.extend_from_slice(b"{\"email\":\"");
+        bytes.extend(std::iter::repeat_n(b'z', MAX_LINE_BYTES + 10));
+        bytes.extend_from_slice(b"@x.io\"}\n");
+        bytes.extend_from_slice(b"not json\n");
+        bytes.extend_from_slice(b"{\"email\":\"b@x.io\"}");
+        let got = lines_of(&bytes).await;
+        assert_eq!(
+            got,
+            vec![
+                Ok(Some("a@x.io".to_owned())),
+                Err(Malformed::NotARecord),
+                Err(Malformed::TooLong),
+                Err(Malformed::NotARecord),
+                Ok(Some("b@x.io".to_owned())),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_line_of_exactly_the_limit_is_read() {
+        let mut bytes = b"{\"email\":\"".to_vec();
+        let filler = MAX_LINE_BYTES - bytes.len() - "@x.io\"}".len();
+        bytes.extend(std::iter::repeat_n(b'z', filler));
+        bytes.extend_from_slice(b"@x.io\"}\n");
+        assert_eq!(bytes.len(), MAX_LINE_BYTES + 1, "the line and its newline");
+        let got = lines_of(&bytes).await;
+        assert!(matches!(got.as_slice(), [Ok(Some(_))]), "{:?}", got.len());
+    }
 
     #[test]
     fn values_are_read_from_strings_and_numbers() {

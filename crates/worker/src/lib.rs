@@ -5,6 +5,7 @@
 pub mod metrics;
 pub mod normalize;
 pub mod prepare;
+pub mod ramp;
 pub mod upload;
 
 use audience_export_core::amqp::Topology;
@@ -17,8 +18,6 @@ use audience_export_core::revocation::Revocations;
 use audience_export_core::telemetry::{self, Role};
 use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::Running;
-use lapin::message::Delivery;
-use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use upload::Deps;
 
@@ -27,6 +26,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let ops =
         telemetry::start_ops(Role::Worker, settings.worker.ops_addr, &settings, &shutdown).await?;
     let metrics = metrics::Metrics::register(&ops.registry)?;
+    let deliveries = consumer::ConsumerMetrics::register(&ops.registry)?;
     let (progress, health, ops_addr) = (ops.progress, ops.health, ops.addr);
     let graph = GraphClient::from_settings(&settings.graph)?;
     let pauses = AccountPauses::new(progress.connection(), &settings.namespace);
@@ -45,21 +45,18 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 max_attempts: settings.worker.max_attempts,
                 pauses: pauses.clone(),
                 pacing: upload::Pacing::from_settings(&settings.worker),
+                ramp: ramp::Ramp::new(settings.worker.calls_per_second_per_account),
             })
         };
-        let handle = |deps, delivery: Arc<Delivery>| async move {
-            upload::handle(deps, &delivery.data).await
-        };
-        let prefetch = settings.worker.concurrency;
         consumer::serve(
             Role::Worker,
             &settings,
             &health,
+            &deliveries,
             &shutdown,
             Topology::shards,
-            prefetch,
+            settings.worker.concurrency,
             build,
-            handle,
         )
         .await
     });

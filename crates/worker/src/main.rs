@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         }) => normalize_stdin(field, &Rules::new(default_country)),
         None => {
             let settings = Settings::load()?;
+            audience_export_core::failpoints_from_env();
             telemetry::init_logging(&settings.log);
             let running = audience_export_worker::start(settings, shutdown::on_signal()).await?;
             running.task.await?

@@ -7,14 +7,17 @@ use crate::normalize::Rules;
 use crate::prepare::{prepare, Prepared};
 use audience_export_core::amqp::{PublishError, Publisher, Topology};
 use audience_export_core::connection::{ActiveToken, ConnectionError};
-use audience_export_core::consumer::Outcome;
+use audience_export_core::consumer::{Handler, Outcome};
 use audience_export_core::contract::{AdAccountId, Event};
 use audience_export_core::graph::{CallOutcome, ErrorClass, GraphClient, GraphError};
 use audience_export_core::pause::AccountPauses;
-use audience_export_core::progress::{Failure, ProgressError, ProgressStore, ShardCounts};
+use audience_export_core::progress::{
+    Failure, ProgressError, ProgressStore, Recorded, ShardCounts,
+};
 use audience_export_core::revocation::{Refusal, RevocationError, Revocations, Unusable};
 use audience_export_core::Shard;
 use governor::{DefaultKeyedRateLimiter, Quota};
+use lapin::message::Delivery;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +37,8 @@ pub struct Deps {
     pub max_attempts: u32,
     /// Fleet-wide pauses per ad account.
     pub pauses: AccountPauses,
+    /// This process's slow start after a pause.
+    pub ramp: crate::ramp::Ramp,
     pub pacing: Pacing,
 }
 
@@ -78,7 +83,26 @@ enum InfraError {
     Revocation(#[from] RevocationError),
 }
 
-pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
+impl Handler for Deps {
+    async fn handle(self: Arc<Self>, delivery: Arc<Delivery>) -> Outcome {
+        handle(&self, &delivery.data).await
+    }
+
+    /// A shard about to be dead-lettered (its handler panicked, or it was handed out too often)
+    /// is recorded failed in its export with the reason, so the export finishes and its report
+    /// says so, instead of waiting for a shard that will never be counted.
+    async fn dead_lettering(self: Arc<Self>, delivery: Arc<Delivery>, reason: String) {
+        let Ok(shard) = serde_json::from_slice::<Shard>(&delivery.data) else {
+            return;
+        };
+        let failure = Failure::shard(format!("dead-lettered: {reason}"));
+        if let Err(error) = finish(&self, &shard, Some(&failure), &ShardCounts::default()).await {
+            warn!(message = "A dead-lettered shard could not be recorded in its export.", %error);
+        }
+    }
+}
+
+pub async fn handle(deps: &Deps, body: &[u8]) -> Outcome {
     let shard: Shard = match serde_json::from_slice(body) {
         Ok(shard) => shard,
         Err(e) => {
@@ -95,11 +119,13 @@ pub async fn handle(deps: Arc<Deps>, body: &[u8]) -> Outcome {
         shard_index = shard.shard_index,
         attempt = shard.attempt
     );
-    match process(&deps, shard).instrument(span.clone()).await {
+    match process(deps, shard).instrument(span.clone()).await {
         Ok(outcome) => outcome,
         Err(error) => {
-            span.in_scope(|| warn!(message = "Shard effect not recorded; requeueing.", %error));
-            Outcome::Requeue
+            span.in_scope(
+                || warn!(message = "Shard effect not recorded; retrying shortly.", %error),
+            );
+            Outcome::Retry
         }
     }
 }
@@ -125,6 +151,17 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
         return Ok(Outcome::Ack);
     }
 
+    // A paused account's shards wait without being prepared: hashing a shard only to defer it
+    // would redo the work every cycle of the pause.
+    if let Some(remaining) = deps.pauses.remaining(&shard.ad_account_id).await? {
+        return Ok(defer(
+            deps,
+            shard,
+            remaining,
+            "Ad account paused; shard deferred.",
+        ));
+    }
+
     let started = Instant::now();
     let field = shard.field;
     // Hashing 10,000 values takes milliseconds: off the async threads, so other uploads' I/O
@@ -148,9 +185,10 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
         return finish(deps, &shard, None, &counts).await;
     }
 
-    // The permit is taken on every attempt; then the fleet-wide pause is checked last, so a
+    // The permit is taken on every attempt; then the fleet-wide pause is checked again, so a
     // pause set while this upload waited is honoured.
     deps.limiter.until_key_ready(&shard.ad_account_id).await;
+    deps.ramp.until_ready(&shard.ad_account_id).await;
     if let Some(remaining) = deps.pauses.remaining(&shard.ad_account_id).await? {
         return Ok(defer(
             deps,
@@ -189,11 +227,14 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
 
     match result {
         Ok(answer) => {
+            audience_export_core::crash_point("worker::uploaded");
             deps.metrics.graph_requests.with(CallOutcome::Ok).inc();
             if let Some(usage) = answer
                 .usage
                 .filter(|u| u.percent >= deps.pacing.usage_threshold_pct)
             {
+                deps.ramp
+                    .paused(&shard.ad_account_id, deps.pacing.usage_pause);
                 if deps
                     .pauses
                     .pause(&shard.ad_account_id, deps.pacing.usage_pause)
@@ -298,15 +339,32 @@ async fn failed_call(
 /// Sends the shard to the shortest delay queue that outlasts `wait`, with its attempt unchanged:
 /// no call was spent.
 fn defer(deps: &Deps, shard: Shard, wait: Duration, why: &'static str) -> Outcome {
-    let delay_ms = deps.topology.shard_delay_at_least(wait.as_millis() as u64);
-    info!(message = why, delay_ms);
+    deps.ramp.paused(&shard.ad_account_id, wait);
+    let wait_ms = wait.as_millis() as u64;
+    let delay_ms = deps.topology.shard_delay_at_least(wait_ms);
+    let expiration_ms = Some(after_pause(wait_ms, delay_ms));
+    info!(message = why, delay_ms, expiration_ms);
     deps.metrics.shards.with(ShardOutcome::Deferred).inc();
     Outcome::Delay {
         queue: Topology::retry(&deps.topology.shards(), delay_ms),
         body: serde_json::to_vec(&shard).expect("a shard always serializes"),
-        // No jitter below the pause: the shard must not come back while the account is paused.
-        expiration_ms: None,
+        expiration_ms,
     }
+}
+
+/// When a deferred shard comes back (a per-message expiration, at most the delay queue's TTL):
+/// at a random moment between the end of the pause and the queue's TTL, so the shards (and
+/// workers) a pause held back resume spread out, a ramp rather than all at once, and never
+/// before the pause ends. When even the longest queue is shorter than the pause, the shard will
+/// be deferred again anyway: it comes back in the second half of the queue's TTL, spread too.
+fn after_pause(pause_ms: u64, queue_ms: u64) -> u64 {
+    use rand::Rng;
+    let earliest = if queue_ms > pause_ms {
+        pause_ms
+    } else {
+        queue_ms / 2
+    };
+    rand::thread_rng().gen_range(earliest..=queue_ms.max(1))
 }
 
 /// A retry delay drawn from `[delay/2, delay]`, so shards that failed together do not come back
@@ -323,10 +381,17 @@ async fn finish(
     failure: Option<&Failure>,
     counts: &ShardCounts,
 ) -> Result<Outcome, InfraError> {
-    deps.progress
+    let recorded = deps
+        .progress
         .record_shard(&shard.export_id, &shard.key(), shard.field, failure, counts)
         .await?;
+    if recorded == Recorded::Unknown {
+        // Its export's keys expired (or it never began): nobody waits for this shard.
+        warn!(message = "A shard of an export that has no progress any more; dropped.");
+        return Ok(Outcome::Ack);
+    }
     announce(deps, shard, failure.is_some()).await?;
+    audience_export_core::crash_point("worker::recorded");
     Ok(Outcome::Ack)
 }
 
@@ -346,6 +411,19 @@ async fn announce(deps: &Deps, shard: &Shard, failed: bool) -> Result<(), Publis
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn deferred_shards_come_back_spread_after_the_pause_never_inside_it() {
+        let draws: Vec<u64> = (0..200)
+            .map(|_| super::after_pause(10_000, 30_000))
+            .collect();
+        assert!(draws.iter().all(|d| (10_000..=30_000).contains(d)));
+        assert!(draws.iter().any(|d| *d != draws[0]), "not a constant");
+        // A queue shorter than the pause: back early (deferred again), spread as well.
+        let draws: Vec<u64> = (0..200).map(|_| super::after_pause(500, 400)).collect();
+        assert!(draws.iter().all(|d| (200..=400).contains(d)));
+        assert!(draws.iter().any(|d| *d != draws[0]), "not a constant");
+    }
+
     #[test]
     fn retry_delays_are_jittered_within_the_queue_ttl() {
         let draws: Vec<u64> = (0..200).map(|_| super::jittered(1_000)).collect();

@@ -267,7 +267,14 @@ async fn worker_rate(shards: u32) -> anyhow::Result<f64> {
     connect_workspace(&connections, "ws", TOKEN, ACCOUNT).await;
     let export_id = export("bench-export");
     progress
-        .begin(&export_id, "{}", 0, Duration::from_secs(600))
+        .begin(
+            &export_id,
+            "{}",
+            0,
+            Duration::from_secs(600),
+            "ae-bench",
+            Duration::from_secs(600),
+        )
         .await?;
     let mut plan = PlanTotals::default();
     plan.fields.insert(
@@ -294,6 +301,7 @@ async fn worker_rate(shards: u32) -> anyhow::Result<f64> {
             ad_account_id: account(ACCOUNT),
             field: Field::Email,
             shard_index: index,
+            plan: String::new(),
             records,
             attempt: 1,
             default_phone_country: None,

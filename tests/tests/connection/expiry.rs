@@ -37,8 +37,13 @@ async fn connect_expiring(app: &TestApp, workspace: &str) {
 fn sweeper(app: &TestApp) -> (Sweeper, Metrics) {
     let registry = prometheus::Registry::new();
     let metrics = Metrics::register(&registry).expect("metrics");
-    let mailer =
-        Mailer::new("127.0.0.1", app.smtp.addr.port(), "fleet@example.com").expect("mailer");
+    let mailer = Mailer::new(
+        "127.0.0.1",
+        app.smtp.addr.port(),
+        "fleet@example.com",
+        std::time::Duration::from_secs(10),
+    )
+    .expect("mailer");
     let sweeper = Sweeper {
         connections: app.connections.clone(),
         notifier: Notifier::new(mailer, metrics.clone()),

@@ -14,4 +14,4 @@ pub use ids::{AdAccountId, ExportId, IdError, PhoneCountry, WorkspaceId};
 pub use job::{
     looks_like_email, ExportJob, JobError, Notify, Segment, Source, SourceFormat, CONTRACT_VERSION,
 };
-pub use shard::Shard;
+pub use shard::{shard_key, Shard};

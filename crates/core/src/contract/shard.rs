@@ -12,8 +12,13 @@ pub struct Shard {
     pub audience_id: String,
     pub ad_account_id: AdAccountId,
     pub field: Field,
-    /// 0-based, per field. With `export_id` and `field` it is the shard's idempotency key.
+    /// 0-based, per field. With `export_id`, `plan` and `field` it is the shard's idempotency
+    /// key.
     pub shard_index: u32,
+    /// The plan's fingerprint (shard size and source identity): a shard of another plan of the
+    /// same export can never be taken for this one's. Empty in shards of builds before it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub plan: String,
     pub records: Vec<String>,
     /// 1 on first delivery; incremented each time the shard is scheduled for a retry.
     pub attempt: u32,
@@ -28,10 +33,15 @@ pub struct Shard {
 impl Shard {
     /// The idempotency key recorded in the export's done-set.
     pub fn key(&self) -> String {
-        shard_key(self.field, self.shard_index)
+        shard_key(&self.plan, self.field, self.shard_index)
     }
 }
 
-pub fn shard_key(field: Field, index: u32) -> String {
-    format!("{field}:{index}")
+/// `<plan>:<field>:<index>` (`<field>:<index>` for a shard without a plan fingerprint).
+pub fn shard_key(plan: &str, field: Field, index: u32) -> String {
+    if plan.is_empty() {
+        format!("{field}:{index}")
+    } else {
+        format!("{plan}:{field}:{index}")
+    }
 }

@@ -199,6 +199,21 @@ struct Cursors {
 }
 
 #[derive(Deserialize)]
+struct AudienceList {
+    #[serde(default)]
+    data: Vec<AudienceEntry>,
+    #[serde(default)]
+    paging: Option<Paging>,
+}
+
+#[derive(Deserialize)]
+struct AudienceEntry {
+    id: String,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+#[derive(Deserialize)]
 struct TosAnswer {
     #[serde(default)]
     tos_accepted: serde_json::Value,
@@ -259,6 +274,45 @@ impl GraphClient {
         let body = self.post(&url, token, form).await?;
         let created: IdResponse = decode(200, &body)?;
         Ok(created.id)
+    }
+
+    /// The id of the ad account's custom audience whose description is `description`, if there
+    /// is one: how an export finds the audience it created when the answer to the create call
+    /// was lost (a timeout, a 5xx after Meta applied it, a crash before the id was recorded).
+    /// Meta lists newest first, so ours is on the first page unless the account is very busy;
+    /// the walk is bounded (10 pages of 100, beyond the ~500 audiences an account may hold).
+    pub async fn find_audience(
+        &self,
+        token: &SecretString,
+        ad_account: &AdAccountId,
+        description: &str,
+    ) -> Result<Option<String>, GraphError> {
+        let url = format!("{}/{}/customaudiences", self.base, ad_account.act());
+        let mut after: Option<String> = None;
+        for _ in 0..10 {
+            let mut query = vec![("fields", "id,description"), ("limit", "100")];
+            if let Some(cursor) = &after {
+                query.push(("after", cursor));
+            }
+            let body = self.get(&url, token, &query).await?;
+            let page: AudienceList = decode(200, &body)?;
+            if let Some(found) = page
+                .data
+                .into_iter()
+                .find(|a| a.description.as_deref() == Some(description))
+            {
+                return Ok(Some(found.id));
+            }
+            after = page
+                .paging
+                .filter(|p| p.next.is_some())
+                .and_then(|p| p.cursors)
+                .and_then(|c| c.after);
+            if after.is_none() {
+                break;
+            }
+        }
+        Ok(None)
     }
 
     /// Adds one batch of single-key entries (at most 10,000) to an audience.

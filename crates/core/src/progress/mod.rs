@@ -77,15 +77,34 @@ pub enum Claim {
     Done,
 }
 
-/// A job's first sighting or a repeat of it (idempotency by `export_id`).
+/// What `begin` found, and whether this caller now plans the export.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Begin {
+    /// First sighting: this caller holds the planning lease.
     New,
-    /// Seen before; `sealed` says whether its plan was completed.
-    Existing {
-        sealed: bool,
-        status: Option<ProgressStatus>,
-    },
+    /// Planning was interrupted before (a crash, an outage): this caller holds the lease now and
+    /// resumes it.
+    Resumed,
+    /// Another planner holds the lease (a copy of the job published twice, or one being
+    /// planned right now): try again after `remaining`, in case it dies.
+    Held { remaining: Duration },
+    /// Planned already: its `export.sealed` may be announced again, nothing else.
+    Sealed,
+    /// Finished already.
+    Finished(ProgressStatus),
+    /// The id holds another job (or an unreadable message under it).
+    Conflict,
+}
+
+/// What `reject_unreadable` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreadable {
+    /// First sighting of the id: announce the rejection.
+    New,
+    /// The same unreadable message again (a redelivery): announce it again, idempotently.
+    Same,
+    /// A job holds the id: announce nothing; never touch its export.
+    Taken,
 }
 
 #[derive(Clone)]
@@ -94,6 +113,10 @@ pub struct ProgressStore {
     ns: String,
     record_shard: redis::Script,
     complete: redis::Script,
+    begin: redis::Script,
+    renew: redis::Script,
+    set_once: redis::Script,
+    reject_unreadable: redis::Script,
 }
 
 impl ProgressStore {
@@ -104,6 +127,10 @@ impl ProgressStore {
             ns: namespace.to_owned(),
             record_shard: redis::Script::new(schema::RECORD_SHARD),
             complete: redis::Script::new(schema::COMPLETE),
+            begin: redis::Script::new(schema::BEGIN),
+            renew: redis::Script::new(schema::RENEW),
+            set_once: redis::Script::new(schema::SET_ONCE),
+            reject_unreadable: redis::Script::new(schema::REJECT_UNREADABLE),
         })
     }
 
@@ -117,52 +144,109 @@ impl ProgressStore {
         format!("{}:export:{{{export_id}}}:{what}", self.ns)
     }
 
+    /// The exports not finished yet, by start time: what the stalled-export sweep walks. One
+    /// key for the namespace (never part of a multi-key script, so Redis Cluster is fine).
+    fn index(&self) -> String {
+        format!("{}:exports", self.ns)
+    }
+
     pub async fn ping(&self) -> Result<()> {
         let mut c = self.redis.clone();
         let _: String = redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
     }
 
-    /// Records a job's arrival once. `ttl` bounds how long an export that never finishes keeps
-    /// its keys.
+    /// Records a job's arrival (once: `export_id` is its idempotency key) and takes the planning
+    /// lease for `owner`, in one script. `ttl` bounds how long an export that never finishes
+    /// keeps its keys; every key gets it when created.
     pub async fn begin(
         &self,
         export_id: &ExportId,
         job_json: &str,
         now_ms: u64,
         ttl: Duration,
+        owner: &str,
+        lease: Duration,
     ) -> Result<Begin> {
         let mut c = self.redis.clone();
-        let job_key = self.key(export_id, "job");
-        let created: bool = redis::cmd("SET")
-            .arg(&job_key)
+        let answer: Vec<String> = self
+            .begin
+            .key(self.key(export_id, "job"))
+            .key(self.key(export_id, "progress"))
+            .key(self.key(export_id, "planner"))
             .arg(job_json)
-            .arg("NX")
-            .arg("PX")
+            .arg(now_ms)
             .arg(ttl.as_millis() as u64)
-            .query_async::<Option<String>>(&mut c)
-            .await?
-            .is_some();
-        let progress = self.key(export_id, "progress");
-        if created {
-            let _: () = redis::pipe()
-                .atomic()
-                .hset_multiple(
-                    &progress,
-                    &[
-                        (Key::Status.name(), ProgressStatus::Planning.to_string()),
-                        (Key::StartedAtMs.name(), now_ms.to_string()),
-                    ],
-                )
-                .pexpire(&progress, ttl.as_millis() as i64)
-                .query_async(&mut c)
-                .await?;
-            return Ok(Begin::New);
+            .arg(owner)
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await?;
+        let begin = match answer.first().map(String::as_str) {
+            Some("new") => Begin::New,
+            Some("resumed") => Begin::Resumed,
+            Some("sealed") => Begin::Sealed,
+            Some("conflict") => Begin::Conflict,
+            Some("held") => Begin::Held {
+                remaining: Duration::from_millis(
+                    answer.get(1).and_then(|v| v.parse().ok()).unwrap_or(1_000),
+                ),
+            },
+            Some("finished") => {
+                let status = answer.get(1).map(String::as_str).unwrap_or_default();
+                Begin::Finished(status.parse().map_err(|_| CorruptEntry::status(status))?)
+            }
+            other => return Err(CorruptEntry::answer("BEGIN", other.unwrap_or("")).into()),
+        };
+        if matches!(begin, Begin::New | Begin::Resumed) {
+            let _: () = c.zadd(self.index(), export_id.as_str(), now_ms).await?;
         }
-        let progress = self.progress(export_id).await?;
-        Ok(Begin::Existing {
-            sealed: progress.sealed,
-            status: progress.status,
+        Ok(begin)
+    }
+
+    /// Extends the planning lease if `owner` still holds it; false when it was lost (expired and
+    /// taken by another planner): the caller must stop publishing.
+    pub async fn renew_lease(
+        &self,
+        export_id: &ExportId,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool> {
+        let mut c = self.redis.clone();
+        let renewed: i64 = self
+            .renew
+            .key(self.key(export_id, "planner"))
+            .arg(owner)
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// Gives the planning lease up (planning sealed, or stopped to be tried again).
+    pub async fn release_lease(&self, export_id: &ExportId, owner: &str) -> Result<()> {
+        let mut c = self.redis.clone();
+        Ok(release(&mut c, &self.key(export_id, "planner"), owner).await?)
+    }
+
+    /// Records an unreadable job under the id it names unless a job holds it (`Unreadable`).
+    pub async fn reject_unreadable(
+        &self,
+        export_id: &ExportId,
+        tombstone: &str,
+        ttl: Duration,
+    ) -> Result<Unreadable> {
+        let mut c = self.redis.clone();
+        let answer: String = self
+            .reject_unreadable
+            .key(self.key(export_id, "job"))
+            .arg(tombstone)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match answer.as_str() {
+            "new" => Unreadable::New,
+            "same" => Unreadable::Same,
+            _ => Unreadable::Taken,
         })
     }
 
@@ -172,7 +256,7 @@ impl ProgressStore {
         Ok(c.get(self.key(export_id, "job")).await?)
     }
 
-    /// The audience created for a field, if the producer got that far before.
+    /// The audience recorded for a field, if the producer got that far before.
     pub async fn audience(&self, export_id: &ExportId, field: Field) -> Result<Option<String>> {
         let mut c = self.redis.clone();
         Ok(c.hget(
@@ -182,20 +266,107 @@ impl ProgressStore {
         .await?)
     }
 
+    async fn set_once(
+        &self,
+        export_id: &ExportId,
+        entry: String,
+        value: &str,
+    ) -> Result<(String, bool)> {
+        let mut c = self.redis.clone();
+        let (held, set): (String, i64) = self
+            .set_once
+            .key(self.key(export_id, "progress"))
+            .arg(entry)
+            .arg(value)
+            .invoke_async(&mut c)
+            .await?;
+        Ok((held, set == 1))
+    }
+
+    /// Records the name an audience is to be created with, before it is created (the intent):
+    /// the first plan's name wins, so a resume on another day creates (or finds) the same
+    /// audience. Returns the name to use and whether this call recorded it.
+    pub async fn intend_audience(
+        &self,
+        export_id: &ExportId,
+        field: Field,
+        name: &str,
+    ) -> Result<(String, bool)> {
+        self.set_once(export_id, FieldKey::AudienceName.of(field), name)
+            .await
+    }
+
+    /// Records the audience of a field unless one is recorded: returns the one that counts (a
+    /// second planner adopts the first's).
     pub async fn set_audience(
         &self,
         export_id: &ExportId,
         field: Field,
         id: &str,
-        name: &str,
+    ) -> Result<String> {
+        Ok(self
+            .set_once(export_id, FieldKey::AudienceId.of(field), id)
+            .await?
+            .0)
+    }
+
+    /// Records the plan's identity unless one is recorded; returns the recorded fingerprint and
+    /// shard size (the first plan's: a resume keeps them).
+    pub async fn plan_identity(
+        &self,
+        export_id: &ExportId,
+        fingerprint: &str,
+        shard_size: u64,
+    ) -> Result<(String, u64)> {
+        let mut c = self.redis.clone();
+        let key = self.key(export_id, "progress");
+        let (_, _, fp, size): (i64, i64, String, u64) = redis::pipe()
+            .atomic()
+            .hset_nx(&key, Key::PlanFingerprint.name(), fingerprint)
+            .hset_nx(&key, Key::PlanShardSize.name(), shard_size)
+            .hget(&key, Key::PlanFingerprint.name())
+            .hget(&key, Key::PlanShardSize.name())
+            .query_async(&mut c)
+            .await?;
+        Ok((fp, size))
+    }
+
+    /// Replaces the plan's fingerprint: only before any shard was published (a source that
+    /// changed before anything was sent from it).
+    pub async fn replace_plan_fingerprint(
+        &self,
+        export_id: &ExportId,
+        fingerprint: &str,
+    ) -> Result<()> {
+        let mut c = self.redis.clone();
+        let _: () = c
+            .hset(
+                self.key(export_id, "progress"),
+                Key::PlanFingerprint.name(),
+                fingerprint,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records that the broker confirmed `shards` shards of `field`, which hold every value of
+    /// it from the first `line` lines of the segment: where a resumed plan takes up.
+    pub async fn checkpoint(
+        &self,
+        export_id: &ExportId,
+        field: Field,
+        shards: u64,
+        line: u64,
+        now_ms: u64,
     ) -> Result<()> {
         let mut c = self.redis.clone();
         let _: () = c
             .hset_multiple(
                 self.key(export_id, "progress"),
                 &[
-                    (FieldKey::AudienceId.of(field), id),
-                    (FieldKey::AudienceName.of(field), name),
+                    (FieldKey::Shards.of(field), shards.to_string()),
+                    (FieldKey::CheckpointLine.of(field), line.to_string()),
+                    (Key::UpdatedAtMs.name().to_owned(), now_ms.to_string()),
                 ],
             )
             .await?;
@@ -211,7 +382,7 @@ impl ProgressStore {
         Ok(())
     }
 
-    /// Why the export was stopped (its connection's token refused), if it was.
+    /// Why the export was stopped (its connection's token refused, or a forced finish), if it was.
     pub async fn stop_reason(&self, export_id: &ExportId) -> Result<Option<String>> {
         let mut c = self.redis.clone();
         Ok(
@@ -235,7 +406,8 @@ impl ProgressStore {
             .await?)
     }
 
-    /// Counts a shard once. Returns false when it had been counted already (a redelivery).
+    /// Counts a shard once. `Recorded::Before` when it had been counted already (a
+    /// redelivery); `Recorded::Unknown` when the export has no progress any more (expired).
     pub async fn record_shard(
         &self,
         export_id: &ExportId,
@@ -243,7 +415,7 @@ impl ProgressStore {
         field: Field,
         failure: Option<&Failure>,
         counts: &ShardCounts,
-    ) -> Result<bool> {
+    ) -> Result<Recorded> {
         let mut c = self.redis.clone();
         let mut invocation = self.record_shard.prepare_invoke();
         invocation
@@ -256,12 +428,26 @@ impl ProgressStore {
                 Some(_) => "1",
             })
             .arg(field.as_str())
-            .arg(failure.map(|f| f.reason.as_str()).unwrap_or(""));
+            .arg(failure.map(|f| f.reason.as_str()).unwrap_or(""))
+            .arg(now_ms());
         for (name, value) in counts.increments(field) {
             invocation.arg(name).arg(value);
         }
         let counted: i64 = invocation.invoke_async(&mut c).await?;
-        Ok(counted == 1)
+        Ok(match counted {
+            1 => Recorded::Now,
+            0 => Recorded::Before,
+            _ => Recorded::Unknown,
+        })
+    }
+
+    /// The shard keys counted so far.
+    pub async fn done_shards(
+        &self,
+        export_id: &ExportId,
+    ) -> Result<std::collections::HashSet<String>> {
+        let mut c = self.redis.clone();
+        Ok(c.smembers(self.key(export_id, "done")).await?)
     }
 
     /// The export's progress hash, decoded.
@@ -269,6 +455,53 @@ impl ProgressStore {
         let mut c = self.redis.clone();
         let hash = c.hgetall(self.key(export_id, "progress")).await?;
         Ok(ExportProgress::decode(hash)?)
+    }
+
+    /// Sets why the export must stop, unless a reason is set: workers drop its shards and its
+    /// planner stops reading.
+    pub async fn stop(&self, export_id: &ExportId, reason: &str) -> Result<()> {
+        let mut c = self.redis.clone();
+        let _: () = redis::pipe()
+            .hset_nx(
+                self.key(export_id, "progress"),
+                Key::StopReason.name(),
+                reason,
+            )
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Records that the report email went out.
+    pub async fn mark_emailed(&self, export_id: &ExportId, now_ms: u64) -> Result<()> {
+        let mut c = self.redis.clone();
+        let _: () = c
+            .hset(
+                self.key(export_id, "progress"),
+                Key::EmailedAtMs.name(),
+                now_ms,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Exports begun and not finished, oldest first (the sweep's list; may hold finished ones
+    /// whose removal failed, which the sweep removes).
+    pub async fn unfinished(&self) -> Result<Vec<ExportId>> {
+        let mut c = self.redis.clone();
+        let ids: Vec<String> = c.zrange(self.index(), 0, -1).await?;
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| ExportId::parse(id).ok())
+            .collect())
+    }
+
+    /// Takes an export off the sweep's list.
+    pub async fn forget(&self, export_id: &ExportId) -> Result<()> {
+        let mut c = self.redis.clone();
+        let _: () = c.zrem(self.index(), export_id.as_str()).await?;
+        Ok(())
     }
 
     /// Claims the right to finalize, with a lease so a finalizer that dies mid-way does not
@@ -290,7 +523,8 @@ impl ProgressStore {
         Ok(release(&mut c, &self.key(export_id, "final"), owner).await?)
     }
 
-    /// Records the terminal status and starts the retention clock on every key of the export.
+    /// Records the terminal status, starts the retention clock on every key of the export, and
+    /// takes it off the sweep's list.
     pub async fn complete(
         &self,
         export_id: &ExportId,
@@ -305,6 +539,7 @@ impl ProgressStore {
             .key(self.key(export_id, "progress"))
             .key(self.key(export_id, "job"))
             .key(self.key(export_id, "done"))
+            .key(self.key(export_id, "planner"))
             .key(self.key(export_id, "final"))
             .arg(ProgressStatus::Finished(status).as_str())
             .arg(reason)
@@ -312,8 +547,18 @@ impl ProgressStore {
             .arg(retention.as_millis() as u64)
             .invoke_async(&mut c)
             .await?;
-        Ok(())
+        self.forget(export_id).await
     }
+}
+
+/// What `record_shard` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Now,
+    /// Counted before: a redelivery.
+    Before,
+    /// The export has no progress (expired or never begun): nothing was written.
+    Unknown,
 }
 
 /// How long one Redis command may take before it counts as failed. redis-rs 1.x defaults to

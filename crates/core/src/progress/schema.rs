@@ -27,10 +27,23 @@ pub(super) enum Key {
     ShardsFailed,
     MembersRead,
     MalformedRecords,
+    /// The plan's identity (`PlanIdentity::fingerprint`): what every shard key carries.
+    PlanFingerprint,
+    /// The shard size the plan was started with: a resume keeps it, whatever the setting says now.
+    PlanShardSize,
+    /// Planning could not finish after audiences were created (the segment unreadable or
+    /// changed, the connection refused on a resume): the plan was sealed with what was
+    /// published, and the export finishes failed or partially failed with this reason.
+    PlanError,
+    /// The last time anything recorded progress (a shard, a checkpoint): what the stalled-export
+    /// sweep measures.
+    UpdatedAtMs,
+    /// When the report email went out: a retried finish never sends it again.
+    EmailedAtMs,
 }
 
 impl Key {
-    const ALL: [Key; 11] = [
+    const ALL: [Key; 16] = [
         Key::Status,
         Key::Reason,
         Key::StopReason,
@@ -42,6 +55,11 @@ impl Key {
         Key::ShardsFailed,
         Key::MembersRead,
         Key::MalformedRecords,
+        Key::PlanFingerprint,
+        Key::PlanShardSize,
+        Key::PlanError,
+        Key::UpdatedAtMs,
+        Key::EmailedAtMs,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -57,6 +75,11 @@ impl Key {
             Key::ShardsFailed => "shards_failed",
             Key::MembersRead => "members_read",
             Key::MalformedRecords => "malformed_records",
+            Key::PlanFingerprint => "plan_fp",
+            Key::PlanShardSize => "plan_shard_size",
+            Key::PlanError => "plan_error",
+            Key::UpdatedAtMs => "updated_at_ms",
+            Key::EmailedAtMs => "emailed_at_ms",
         }
     }
 }
@@ -76,13 +99,17 @@ pub(super) enum FieldKey {
     MetaInvalid,
     ShardsFailed,
     LastError,
+    /// Source lines (records and malformed lines) whose values of this field are all in shards
+    /// the broker confirmed: a resumed plan re-reads the segment and publishes only this field's
+    /// values from later lines. With `Shards` (the shards confirmed so far), the checkpoint.
+    CheckpointLine,
 }
 
 /// Invalid values of a field are counted per reason, as `<field>:invalid:<reason>`.
 const INVALID: &str = "invalid:";
 
 impl FieldKey {
-    const ALL: [FieldKey; 12] = [
+    const ALL: [FieldKey; 13] = [
         FieldKey::AudienceId,
         FieldKey::AudienceName,
         FieldKey::WithValue,
@@ -95,6 +122,7 @@ impl FieldKey {
         FieldKey::MetaInvalid,
         FieldKey::ShardsFailed,
         FieldKey::LastError,
+        FieldKey::CheckpointLine,
     ];
 
     fn suffix(self) -> &'static str {
@@ -111,6 +139,7 @@ impl FieldKey {
             FieldKey::MetaInvalid => "meta_invalid",
             FieldKey::ShardsFailed => "shards_failed",
             FieldKey::LastError => "last_error",
+            FieldKey::CheckpointLine => "ckpt_line",
         }
     }
 
@@ -172,6 +201,8 @@ pub struct PlanTotals {
     /// Lines of the segment that were not a record.
     pub malformed_records: u64,
     pub fields: BTreeMap<Field, FieldTotals>,
+    /// Why planning stopped before the end of the segment, when it did (`Key::PlanError`).
+    pub error: Option<String>,
 }
 
 /// One field's part of the plan.
@@ -202,6 +233,9 @@ impl PlanTotals {
         .into_iter()
         .map(|(k, v)| (k.name().to_owned(), v))
         .collect::<Vec<_>>();
+        if let Some(error) = &self.error {
+            out.push((Key::PlanError.name().to_owned(), error.clone()));
+        }
         for (&field, t) in &self.fields {
             out.push((FieldKey::WithValue.of(field), t.with_value.to_string()));
             out.push((FieldKey::Missing.of(field), t.missing.to_string()));
@@ -265,6 +299,11 @@ pub struct ExportProgress {
     pub shards_failed: u64,
     pub members_read: u64,
     pub malformed_records: u64,
+    pub plan_fingerprint: Option<String>,
+    pub plan_shard_size: Option<u64>,
+    pub plan_error: Option<String>,
+    pub updated_at_ms: Option<u64>,
+    pub emailed_at_ms: Option<u64>,
     pub fields: BTreeMap<Field, FieldProgress>,
     /// Entries this build does not know: written by a newer build during a rolling upgrade.
     /// Kept out of reports, never an error.
@@ -288,6 +327,8 @@ pub struct FieldProgress {
     pub last_error: Option<String>,
     /// Invalid values by reason.
     pub invalid: BTreeMap<String, u64>,
+    /// The planning checkpoint's line (see `FieldKey::CheckpointLine`).
+    pub checkpoint_line: u64,
 }
 
 /// The progress hash holds something this build cannot read as its schema says.
@@ -297,6 +338,24 @@ pub struct CorruptEntry {
     name: String,
     value: String,
     expected: &'static str,
+}
+
+impl CorruptEntry {
+    pub(super) fn status(value: &str) -> CorruptEntry {
+        CorruptEntry {
+            name: Key::Status.name().to_owned(),
+            value: value.to_owned(),
+            expected: "a status",
+        }
+    }
+
+    pub(super) fn answer(script: &str, value: &str) -> CorruptEntry {
+        CorruptEntry {
+            name: format!("{script} answer"),
+            value: value.to_owned(),
+            expected: "one the script gives",
+        }
+    }
 }
 
 impl ExportProgress {
@@ -322,6 +381,11 @@ impl ExportProgress {
                     Key::ShardsFailed => p.shards_failed = count()?,
                     Key::MembersRead => p.members_read = count()?,
                     Key::MalformedRecords => p.malformed_records = count()?,
+                    Key::PlanFingerprint => p.plan_fingerprint = Some(value.clone()),
+                    Key::PlanShardSize => p.plan_shard_size = Some(count()?),
+                    Key::PlanError => p.plan_error = Some(value.clone()),
+                    Key::UpdatedAtMs => p.updated_at_ms = Some(count()?),
+                    Key::EmailedAtMs => p.emailed_at_ms = Some(count()?),
                 }
                 continue;
             }
@@ -354,6 +418,7 @@ impl ExportProgress {
                 FieldKey::MetaInvalid => f.meta_invalid = count()?,
                 FieldKey::ShardsFailed => f.shards_failed = count()?,
                 FieldKey::LastError => f.last_error = Some(value.clone()),
+                FieldKey::CheckpointLine => f.checkpoint_line = count()?,
             }
         }
         p.unknown.sort();
@@ -369,15 +434,41 @@ impl ExportProgress {
     pub fn is_complete(&self) -> bool {
         self.sealed && self.shards_done + self.shards_failed >= self.shards_planned
     }
+
+    /// Whether an audience was created for any field: from then on a refusal cannot be a
+    /// clean `rejected`, something exists at Meta.
+    pub fn has_audiences(&self) -> bool {
+        self.fields.values().any(|f| f.audience_id.is_some())
+    }
+
+    /// Whether any shard was published and confirmed (a checkpoint).
+    pub fn has_shards(&self) -> bool {
+        self.fields.values().any(|f| f.shards > 0)
+    }
+
+    /// When anything last happened to the export.
+    pub fn last_activity_ms(&self) -> u64 {
+        self.updated_at_ms
+            .unwrap_or(0)
+            .max(self.started_at_ms.unwrap_or(0))
+    }
 }
 
 /// Records a shard once. KEYS[1] progress hash, KEYS[2] done-set. ARGV[1] shard key; ARGV[2]
 /// '0' uploaded, '1' failed, '2' failed in a way that stops the whole export (its reason becomes
-/// `stop_reason`); ARGV[3] the field; ARGV[4] the failure's reason ('' when none); then
-/// `(entry, increment)` pairs. Adds the shard to the done-set first and applies its counters
-/// only if it was not there: returns 1 when counted now, 0 when counted before.
+/// `stop_reason`); ARGV[3] the field; ARGV[4] the failure's reason ('' when none); ARGV[5] now
+/// (ms); then `(entry, increment)` pairs. Adds the shard to the done-set first and applies its
+/// counters only if it was not there: returns 1 when counted now, 0 when counted before, -1
+/// when the export has no progress hash (expired, or never begun): nothing is created then, so
+/// no key ever lives without a TTL. The done-set takes the progress hash's TTL when created.
 pub(super) const RECORD_SHARD: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+if redis.call('PTTL', KEYS[2]) < 0 then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
+redis.call('HSET', KEYS[1], 'updated_at_ms', ARGV[5])
 if ARGV[2] == '2' then redis.call('HSETNX', KEYS[1], 'stop_reason', ARGV[4]) end
 if ARGV[2] ~= '0' then
   redis.call('HINCRBY', KEYS[1], 'shards_failed', 1)
@@ -386,14 +477,67 @@ if ARGV[2] ~= '0' then
 else
   redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
 end
-for i = 5, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 "#;
 
+/// A job's arrival, and who plans it, in one step (a process dying between two steps must not
+/// leave a job that looks finished). KEYS[1] job, KEYS[2] progress, KEYS[3] planning lease.
+/// ARGV[1] the job's JSON, ARGV[2] now (ms), ARGV[3] retention (ms), ARGV[4] this planner's
+/// owner id, ARGV[5] the lease (ms). Answers `{'conflict'}` (the id holds another job),
+/// `{'finished', status}`, `{'sealed'}`, `{'held', remaining_ms}` (another planner holds the
+/// lease), or `{'new'}` / `{'resumed'}` with the lease taken by this owner.
+pub(super) const BEGIN: &str = r#"
+local job = redis.call('GET', KEYS[1])
+if job and job ~= ARGV[1] then return {'conflict'} end
+if not job then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[2], 'status', 'planning', 'started_at_ms', ARGV[2], 'updated_at_ms', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+local status = redis.call('HGET', KEYS[2], 'status')
+if status ~= 'planning' and status ~= 'running' then return {'finished', status} end
+if redis.call('HGET', KEYS[2], 'sealed') == '1' then return {'sealed'} end
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[4] then return {'held', tostring(redis.call('PTTL', KEYS[3]))} end
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+if job then return {'resumed'} end
+return {'new'}
+"#;
+
+/// Extends a lease if `ARGV[1]` still holds it. KEYS[1] lease; ARGV[2] its length (ms).
+pub(super) const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Sets a hash entry unless it is set, and answers the value it holds then: the first writer's
+/// audience id, or the first plan's name for an audience. KEYS[1] progress; ARGV entry, value.
+/// The second element says whether this call set it.
+pub(super) const SET_ONCE: &str = r#"
+local set = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+return {redis.call('HGET', KEYS[1], ARGV[1]), set}
+"#;
+
+/// Records an unreadable job under the id it names, unless a job holds that id: a malformed
+/// copy must never finish a running export. KEYS[1] job; ARGV[1] the tombstone (a digest of the
+/// bytes), ARGV[2] retention (ms). Answers 'new', 'same' (this very message, again) or 'taken'.
+pub(super) const REJECT_UNREADABLE: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'new' end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 'same' end
+return 'taken'
+"#;
+
 /// Marks an export finished and sets every key's retention, atomically. KEYS[1] progress, the
-/// last KEYS the finalization claim; ARGV status, reason, finished_at_ms, retention ms.
+/// last KEYS the finalization claim; ARGV status, reason, finished_at_ms, retention ms. Also sets
+/// `stop_reason` (the reason, or `finished`) if none is set, so a shard still in flight after a
+/// forced finish (the sweep) is dropped rather than uploaded into a finished export.
 pub(super) const COMPLETE: &str = r#"
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'reason', ARGV[2], 'finished_at_ms', ARGV[3])
+if ARGV[2] ~= '' then redis.call('HSETNX', KEYS[1], 'stop_reason', ARGV[2]) end
 redis.call('SET', KEYS[#KEYS], 'done')
 for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
 return 1
@@ -514,15 +658,27 @@ mod tests {
 
     #[test]
     fn the_scripts_use_the_schemas_names() {
-        for name in ["stop_reason", "shards_failed", "shards_done"] {
+        for name in [
+            "stop_reason",
+            "shards_failed",
+            "shards_done",
+            "updated_at_ms",
+        ] {
             assert!(Key::ALL.iter().any(|k| k.name() == name));
             assert!(RECORD_SHARD.contains(&format!("'{name}'")));
+        }
+        for name in ["status", "started_at_ms", "updated_at_ms", "sealed"] {
+            assert!(Key::ALL.iter().any(|k| k.name() == name));
+            assert!(BEGIN.contains(&format!("'{name}'")));
+        }
+        for status in [ProgressStatus::Planning, ProgressStatus::Running] {
+            assert!(BEGIN.contains(&format!("'{status}'")));
         }
         for suffix in ["shards_failed", "last_error"] {
             assert!(FieldKey::ALL.iter().any(|k| k.suffix() == suffix));
             assert!(RECORD_SHARD.contains(&format!("':{suffix}'")));
         }
-        for name in ["status", "reason", "finished_at_ms"] {
+        for name in ["status", "reason", "finished_at_ms", "stop_reason"] {
             assert!(Key::ALL.iter().any(|k| k.name() == name));
             assert!(COMPLETE.contains(&format!("'{name}'")));
         }
