@@ -129,10 +129,13 @@ pub async fn spawn_app_with(roles: Roles, tune: impl FnOnce(&mut Settings)) -> T
     ] {
         *addr = ([127, 0, 0, 1], 0).into();
     }
+    // The harness itself talks to the broker directly, even when the fleet goes through a
+    // proxy the test cuts: it must keep hearing the fleet's events.
+    let harness_amqp = settings.amqp_url.clone();
     tune(&mut settings);
 
     let topology = Topology::from_settings(&settings);
-    let connection = amqp::connect(&settings.amqp_url, "test-harness")
+    let connection = amqp::connect(&harness_amqp, "test-harness")
         .await
         .expect("RabbitMQ at 127.0.0.1:5672");
     let publisher = Publisher::new(&connection).await.expect("a channel");
@@ -234,6 +237,35 @@ pub fn export(id: &str) -> ExportId {
 /// An ad account id the test knows is valid.
 pub fn account(id: &str) -> AdAccountId {
     AdAccountId::parse(id).expect("a valid ad account id in a test")
+}
+
+/// Every (serializable, so non-secret) setting as the `AE_*` variable that sets it: nested
+/// sections joined by `__`, lists as JSON (figment reads them back).
+fn settings_env(settings: &Settings) -> Vec<(String, String)> {
+    fn walk(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let name = if prefix.is_empty() {
+                        k.to_ascii_uppercase()
+                    } else {
+                        format!("{prefix}__{}", k.to_ascii_uppercase())
+                    };
+                    walk(&name, v, out);
+                }
+            }
+            Value::Null => {}
+            Value::String(s) => out.push((format!("AE_{prefix}"), s.clone())),
+            other => out.push((format!("AE_{prefix}"), other.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        "",
+        &serde_json::to_value(settings).expect("settings serialize"),
+        &mut out,
+    );
+    out
 }
 
 /// A secret setting's value for a child process's environment ("" when unset).
@@ -352,58 +384,22 @@ impl TestApp {
     /// Starts a worker as a real process (the binary built from the worker's main.rs), configured
     /// through `AE_*` variables from this app's settings: what a deployment does.
     pub fn spawn_worker_process(&self, binary: &str) -> tokio::process::Child {
-        let w = &self.settings.worker;
-        let delays = format!(
-            "[{}]",
-            w.retry_delays_ms
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        self.spawn_process(
-            binary,
-            &[
-                ("AE_WORKER__OPS_ADDR", "127.0.0.1:0".into()),
-                ("AE_WORKER__CONCURRENCY", w.concurrency.to_string()),
-                ("AE_WORKER__MAX_ATTEMPTS", w.max_attempts.to_string()),
-                ("AE_WORKER__RETRY_DELAYS_MS", delays),
-                (
-                    "AE_WORKER__CALLS_PER_SECOND_PER_ACCOUNT",
-                    w.calls_per_second_per_account.to_string(),
-                ),
-                (
-                    "AE_WORKER__USAGE_PAUSE_THRESHOLD_PCT",
-                    w.usage_pause_threshold_pct.to_string(),
-                ),
-                ("AE_WORKER__USAGE_PAUSE_MS", w.usage_pause_ms.to_string()),
-                (
-                    "AE_WORKER__THROTTLE_PAUSE_MS",
-                    w.throttle_pause_ms.to_string(),
-                ),
-            ],
-        )
+        self.spawn_process(binary, &[])
     }
 
     /// Starts the producer as a real process, like `spawn_worker_process`.
     pub fn spawn_producer_process(&self, binary: &str) -> tokio::process::Child {
-        let p = &self.settings.producer;
-        self.spawn_process(
-            binary,
-            &[
-                ("AE_PRODUCER__OPS_ADDR", "127.0.0.1:0".into()),
-                ("AE_PRODUCER__SHARD_SIZE", p.shard_size.to_string()),
-                ("AE_PRODUCER__CONFIRM_WINDOW", p.confirm_window.to_string()),
-                ("AE_API__ADDR", "127.0.0.1:0".into()),
-            ],
-        )
+        self.spawn_process(binary, &[])
     }
 
-    fn spawn_process(&self, binary: &str, role: &[(&str, String)]) -> tokio::process::Child {
+    /// Starts a role's binary with every setting of this app as an `AE_*` variable (secrets
+    /// included), then `extra` (e.g. `FAILPOINTS`, a fixed ops address).
+    pub fn spawn_process(&self, binary: &str, extra: &[(&str, String)]) -> tokio::process::Child {
         let mut command = tokio::process::Command::new(binary);
         command
-            .env("AE_NAMESPACE", self.namespace())
-            .env("AE_GRAPH__BASE_URL", &self.settings.graph.base_url)
+            .envs(settings_env(&self.settings))
+            .kill_on_drop(true);
+        command
             .env("AE_API__KEY", secret(&self.settings.api.key))
             .env(
                 "AE_GRAPH__APP_SECRET",
@@ -413,9 +409,8 @@ impl TestApp {
                 "AE_CONNECTIONS__ENCRYPTION_KEYS",
                 secret(&self.settings.connections.encryption_keys),
             )
-            .env("AE_LOG", "warn")
-            .kill_on_drop(true);
-        for (key, value) in role {
+            .env("AE_LOG", "warn");
+        for (key, value) in extra {
             command.env(key, value);
         }
         command

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod app;
 pub mod emulator;
+pub mod fault;
 pub mod logs;
 pub mod segment;
 pub mod smtp;

@@ -45,6 +45,8 @@ pub struct SmtpSink {
     mails: Arc<Mutex<Vec<Mail>>>,
     arrived: Arc<Notify>,
     stop: CancellationToken,
+    /// While set, every connection is closed at once, as a relay that is down.
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SmtpSink {
@@ -56,6 +58,7 @@ impl SmtpSink {
             mails: Arc::default(),
             arrived: Arc::default(),
             stop: CancellationToken::new(),
+            down: Arc::default(),
         };
         let accepting = sink.clone();
         tokio::spawn(async move {
@@ -67,6 +70,10 @@ impl SmtpSink {
                         Err(_) => continue,
                     },
                 };
+                if accepting.down.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(stream);
+                    continue;
+                }
                 let session = accepting.clone();
                 let folder = folder.clone();
                 tokio::spawn(async move {
@@ -122,6 +129,11 @@ impl SmtpSink {
 
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Takes the relay down (every connection is closed at once) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -17,6 +17,7 @@ pub const ENV_PREFIX: &str = "AE_";
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Prefix of every queue, exchange and Redis key, so several fleets (or tests) share a broker.
+    #[serde(deserialize_with = "text")]
     pub namespace: String,
     /// AMQP URI of the RabbitMQ broker.
     pub amqp_url: String,
@@ -101,7 +102,11 @@ pub struct FinalizerSettings {
     /// How often the finalizer sweeps for stalled exports and reads the dead-letter queues'
     /// depths, in seconds.
     pub sweep_interval_secs: u64,
-    /// The SMTP server's answer may take this long, in seconds; the finalization lease is longer.
+    /// How long a finalizer may hold an export's (or a notice's) claim before another takes
+    /// over, in seconds. The SMTP timeout is held under half of it, so a slow finish is never
+    /// taken over and done twice.
+    pub claim_lease_secs: u64,
+    /// The SMTP server's answer may take this long, in seconds (at most half the claim lease).
     pub smtp_timeout_secs: u64,
 }
 
@@ -135,6 +140,7 @@ pub struct ApiSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct OAuthSettings {
     /// The Meta app's id (`client_id`); its secret is `graph.app_secret`.
+    #[serde(deserialize_with = "text")]
     pub app_id: String,
     /// Where Meta sends the browser back with `code` and `state`: the upstream platform's page,
     /// which passes both to `POST /v1/oauth/callback`. Registered in the Meta app.
@@ -211,6 +217,7 @@ impl Default for FinalizerSettings {
             export_deadline_secs: 24 * 3600,
             stall_after_secs: 30 * 60,
             sweep_interval_secs: 60,
+            claim_lease_secs: 120,
             smtp_timeout_secs: 30,
         }
     }
@@ -245,6 +252,23 @@ impl Default for OAuthSettings {
             state_ttl_secs: 600,
         }
     }
+}
+
+/// A text setting that may look like a number in the environment (a Meta app id is digits):
+/// figment reads `AE_OAUTH__APP_ID=1234567890` as a number, which is still meant as text.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Words(String),
+        Unsigned(u64),
+        Signed(i64),
+    }
+    Ok(match Text::deserialize(d)? {
+        Text::Words(s) => s,
+        Text::Unsigned(n) => n.to_string(),
+        Text::Signed(n) => n.to_string(),
+    })
 }
 
 impl Settings {
@@ -286,6 +310,11 @@ mod tests {
                 !format!("{s:?}").contains("tok\""),
                 "token must be redacted in Debug"
             );
+            jail.set_env("AE_OAUTH__APP_ID", "1234567890123456");
+            jail.set_env("AE_NAMESPACE", "2026");
+            let s = Settings::load().expect("digits are text where text is meant");
+            assert_eq!(s.oauth.app_id, "1234567890123456");
+            assert_eq!(s.namespace, "2026");
             jail.set_env("AE_WORKER__CONCURENCY", "3");
             assert!(Settings::load().is_err(), "a misspelt key must fail");
             Ok(())

@@ -23,8 +23,9 @@ pub mod workspace;
 pub use contract::{ExportJob, Field, Shard};
 /// A place where the fault suite can make the process die, as a SIGKILL would (abort: no
 /// destructor runs, nothing is flushed), to prove that nothing is lost or done twice from there:
-/// `FAILPOINTS=<name>=return` in the process's environment (`failpoints_from_env`). Compiled
-/// out without the `failpoints` feature.
+/// `FAILPOINTS=<name>=return` in the process's environment (`failpoints_from_env`), or panic
+/// there (`<name>=panic`), or either after a count (`<name>=3*off->return`). Compiled out
+/// without the `failpoints` feature.
 pub fn crash_point(name: &str) {
     let _ = name; // unused when the fail points are compiled out
     fail::fail_point!(name, |_| {

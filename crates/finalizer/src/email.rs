@@ -23,8 +23,10 @@ pub enum EmailError {
 }
 
 impl EmailError {
+    /// An SMTP failure is worth retrying unless the server answered with a permanent (5xx)
+    /// refusal: a relay that is down comes back, a mailbox that does not exist does not.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, EmailError::Smtp(_))
+        matches!(self, EmailError::Smtp(e) if !e.is_permanent())
     }
 }
 

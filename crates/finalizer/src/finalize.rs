@@ -4,7 +4,7 @@
 //! find it complete see the claim taken and do nothing.
 
 use crate::metrics::EmailKind;
-use crate::{email, report, Deps, FinalizeError, Handled, LEASE};
+use crate::{email, report, Deps, FinalizeError, Handled};
 use audience_export_core::contract::{Event, ExportId, ExportStatus};
 use audience_export_core::progress::{now_ms, Claim, ExportProgress};
 use audience_export_core::ExportJob;
@@ -46,7 +46,7 @@ pub async fn finish(
 ) -> Result<Handled, FinalizeError> {
     match deps
         .progress
-        .claim_finalization(export_id, &deps.owner, LEASE)
+        .claim_finalization(export_id, &deps.owner, deps.lease)
         .await?
     {
         Claim::Done => return Ok(Handled::Done),

@@ -6,7 +6,7 @@
 
 use crate::email;
 use crate::metrics::EmailKind;
-use crate::{Deps, FinalizeError, Handled, LEASE};
+use crate::{Deps, FinalizeError, Handled};
 use audience_export_core::connection::Invalidated;
 use audience_export_core::contract::{ConnectionStatus, Event, WorkspaceId};
 use audience_export_core::progress::{now_ms, Claim};
@@ -88,7 +88,7 @@ async fn once(
 ) -> Result<bool, FinalizeError> {
     match deps
         .connections
-        .claim_notice(ws, what, &deps.owner, LEASE)
+        .claim_notice(ws, what, &deps.owner, deps.lease)
         .await?
     {
         Claim::Done => return Ok(true),

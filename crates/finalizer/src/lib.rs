@@ -30,11 +30,6 @@ use tokio_util::sync::CancellationToken;
 /// Events handled at once; finalization is short and mostly waits on Redis and SMTP.
 const EVENTS_IN_FLIGHT: u16 = 16;
 
-/// How long a finalizer may hold an export (or a notice) before another may take over: longer
-/// than anything a finish waits for (an SMTP exchange is cut at half of it), so a slow finish is
-/// never taken over and done twice.
-pub const LEASE: Duration = Duration::from_secs(120);
-
 /// What the event handlers share.
 pub struct Deps {
     pub progress: ProgressStore,
@@ -45,6 +40,9 @@ pub struct Deps {
     pub retention: Duration,
     /// This process's claim owner id.
     pub owner: String,
+    /// How long a claim (an export's finish, a notice) lasts before another finalizer may take
+    /// it over: longer than anything a finish waits for (an SMTP exchange is cut at half of it).
+    pub lease: Duration,
     pub connections: Connections,
     /// Stops this broker session's sweep when the session's state is dropped.
     pub sweeping: Option<tokio_util::sync::DropGuard>,
@@ -104,7 +102,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     // so it is not given the key that opens them.
     let connections = Connections::without_tokens(progress.connection(), &settings.namespace);
     let f = &settings.finalizer;
-    let smtp_timeout = Duration::from_secs(f.smtp_timeout_secs).min(LEASE / 2);
+    let lease = Duration::from_secs(f.claim_lease_secs.max(2));
+    let smtp_timeout = Duration::from_secs(f.smtp_timeout_secs).min(lease / 2);
     let notifier = Notifier::new(
         email::Mailer::new(&f.smtp_host, f.smtp_port, &f.mail_from, smtp_timeout)?,
         metrics.clone(),
@@ -136,6 +135,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 metrics: metrics.clone(),
                 retention: Duration::from_secs(f.retention_secs),
                 owner: owner.clone(),
+                lease,
                 connections: connections.clone(),
                 sweeping,
             };

@@ -186,6 +186,7 @@ impl<'a> Sharder<'a> {
                 now_ms(),
             )
             .await?;
+        audience_export_core::crash_point("producer::checkpointed");
         Ok(())
     }
 

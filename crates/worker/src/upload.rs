@@ -131,6 +131,7 @@ pub async fn handle(deps: &Deps, body: &[u8]) -> Outcome {
 }
 
 async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
+    audience_export_core::crash_point("worker::handle");
     let key = shard.key();
     let (done, stopped) = deps.progress.shard_gate(&shard.export_id, &key).await?;
     if let (false, Some(reason)) = (done, stopped) {
