@@ -11,9 +11,15 @@ if [ ${#need_install[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_install[@]}" >/dev/null
 fi
 
+# The fleet requires a Redis that persists every write (AOF): exports, plans and workspaces'
+# connections live there, and a restart must not lose them (docs/ARCHITECTURE.md).
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
-  echo "Starting Redis..."
-  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  echo "Starting Redis (AOF)..."
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly yes \
+    --appendfsync everysec --dir "${REDIS_DIR:-/var/lib/redis}" >/dev/null
+elif [ "$(redis-cli -h 127.0.0.1 -p 6379 config get appendonly | tail -1)" != "yes" ]; then
+  echo "Turning AOF on in the running Redis..."
+  redis-cli -h 127.0.0.1 -p 6379 config set appendonly yes >/dev/null
 fi
 
 rabbit_up() { rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1; }

@@ -181,27 +181,44 @@ async fn a_shard_delivered_twice_is_counted_once() {
         },
     );
     app.progress.seal(&id, &plan).await.expect("seal");
-    for _ in 0..2 {
-        app.publisher
-            .to_queue(&app.topology.shards(), &shard)
-            .await
-            .expect("publish");
-    }
+    // The second delivery comes once the first is recorded: a redelivery after a crash between
+    // record and ack.
+    let completed = |n: usize| {
+        let app = &app;
+        async move {
+            let seen = app
+                .events()
+                .iter()
+                .filter(|e| matches!(e, Event::ShardCompleted { export_id, .. } if export_id == "exp-twice"))
+                .count();
+            (seen >= n).then_some(())
+        }
+    };
+    app.publisher
+        .to_queue(&app.topology.shards(), &shard)
+        .await
+        .expect("publish");
+    assert!(eventually(DEADLINE, || completed(1)).await.is_some());
+    app.publisher
+        .to_queue(&app.topology.shards(), &shard)
+        .await
+        .expect("publish");
+    assert!(
+        eventually(DEADLINE, || completed(2)).await.is_some(),
+        "both deliveries were handled"
+    );
 
     let report = app.finished("exp-twice", DEADLINE).await;
     let email = &report.audiences[0];
     assert_eq!(email.uploaded, 50, "counted once, not twice");
     assert_eq!(email.meta_received, 50);
-    let both_handled = eventually(DEADLINE, || async {
-        let completed = app
-            .events()
-            .iter()
-            .filter(|e| matches!(e, Event::ShardCompleted { export_id, .. } if export_id == "exp-twice"))
-            .count();
-        (completed == 2).then_some(())
-    })
-    .await;
-    assert!(both_handled.is_some(), "both deliveries were handled");
+    let upload_calls = app
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.path == format!("{audience}/users"))
+        .count();
+    assert_eq!(upload_calls, 1, "the redelivery never reached Meta");
     let progress = app.progress_of("exp-twice").await;
     assert_eq!(progress.shards_done, 1);
     assert_eq!(progress.field(Field::Email).uploaded, 50);
@@ -530,23 +547,36 @@ async fn metric(ops: std::net::SocketAddr, series: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
+    const PAUSE: Duration = Duration::from_millis(2_500);
     let app = spawn_app_with(Roles::ALL, |s| {
-        s.producer.shard_size = 100;
+        s.producer.shard_size = 50;
         // One attempt only: if waiting out a throttle spent an attempt, a shard would fail.
         s.worker.max_attempts = 1;
-        s.worker.concurrency = 1;
-        s.worker.throttle_pause_ms = 300;
+        // Real contention: four uploads in flight at 100 calls/s, no usage-based pause, so the
+        // account's budget runs out and Meta throttles for real, and any call let through
+        // during the pause would be throttled again.
+        s.worker.concurrency = 4;
+        s.worker.calls_per_second_per_account = 100;
+        s.worker.usage_pause_threshold_pct = 1_000;
+        s.worker.throttle_pause_ms = PAUSE.as_millis() as u64;
+        s.worker.retry_delays_ms = vec![100, 200, 400, 3_000];
     })
     .await;
+    // 8 calls per 2-second window, no regain time in the headers: the pause is the worker's own.
+    app.emulator.configure(|c| {
+        c.window_secs = 2.0;
+        c.regain_in_headers = false;
+    });
+    app.emulator.set_budget(AD_ACCOUNT, 8);
+    app.emulator
+        .set_latency(audience_export_harness::emulator::Latency {
+            base_ms: 20,
+            per_record_us: 0,
+            jitter_ms: 0,
+        });
     let segment = app.dir.join("throttle.ndjson");
-    let generated = generate(&segment, 450, 17).expect("segment");
-    let want = generated.expectation(Field::Email, 100);
-    app.emulator.inject([Fault::Error {
-        http: 400,
-        code: 80003,
-        subcode: None,
-        message: "(#80003) There have been too many calls to this ad-account.".into(),
-    }]);
+    let generated = generate(&segment, 2_000, 17).expect("segment");
+    let want = generated.expectation(Field::Email, 50);
     app.export("exp-throttle", &["email"], &segment).await;
 
     let report = app.finished("exp-throttle", DEADLINE).await;
@@ -554,26 +584,44 @@ async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
     assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
     assert_eq!(email.shards_failed, 0);
     assert_eq!(email.uploaded, want.uploaded);
-    let worker_ops = app.ops[1];
     assert!(
         metric(
-            worker_ops,
+            app.ops[1],
             "audience_export_shards_total{outcome=\"deferred\"}"
         )
         .await
             >= 1,
         "shards waited out the pause"
     );
-    let throttled = app
+    let calls: Vec<_> = app
         .emulator
         .calls()
+        .into_iter()
+        .filter(|c| c.path.ends_with("/users"))
+        .collect();
+    let throttled: Vec<_> = calls
         .iter()
         .filter(|c| c.error_code == Some(80003))
-        .count();
-    assert_eq!(
-        throttled, 1,
-        "no call reached Meta while the account was paused"
-    );
+        .collect();
+    assert!(!throttled.is_empty(), "the budget ran out: Meta throttled");
+    // Once a throttling answer (20 ms) is recorded as a fleet-wide pause, no call reaches Meta
+    // until the pause is over: only the calls already on their way (at most one per upload in
+    // flight) may be throttled with it. Were the pause not honoured, every shard taken from the
+    // queue meanwhile would be throttled in turn, dozens within the burst.
+    let mut bursts: Vec<Vec<std::time::Instant>> = Vec::new();
+    for t in throttled.iter().map(|c| c.at) {
+        match bursts.last_mut() {
+            Some(burst) if t.duration_since(burst[0]) < Duration::from_millis(500) => burst.push(t),
+            _ => bursts.push(vec![t]),
+        }
+    }
+    for burst in &bursts {
+        assert!(
+            burst.len() <= 4,
+            "{} calls throttled in one burst: calls reached Meta while the account was paused",
+            burst.len()
+        );
+    }
     app.stop().await;
 }
 
@@ -867,5 +915,64 @@ async fn every_call_carries_appsecret_proof_when_the_app_requires_it() {
         calls.len() >= 4 && calls.iter().all(|c| c.error_code.is_none()),
         "{calls:?}"
     );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_without_being_taken_and_replayed_into_their_queue() {
+    use audience_export_core::amqp::WorkQueue;
+    use audience_export_producer::dead_letters;
+    let app = spawn_app_with(Roles::NONE, |_| {}).await;
+    let shard = Shard {
+        export_id: export("exp-parked"),
+        workspace_id: ws("ws-1"),
+        audience_id: "42".into(),
+        ad_account_id: account(AD_ACCOUNT),
+        field: Field::Phone,
+        shard_index: 3,
+        plan: "p1".into(),
+        records: vec!["+1 212 736 5000".into()],
+        attempt: 1,
+        default_phone_country: None,
+    };
+    let body = serde_json::to_vec(&shard).expect("a shard");
+    app.publisher
+        .dead_letter(
+            &app.topology.shards(),
+            &body,
+            "the worker handler panicked: boom",
+        )
+        .await
+        .expect("parked");
+    for _ in 0..2 {
+        let listed = dead_letters::list(&app.settings, WorkQueue::Shards, 10)
+            .await
+            .expect("listed");
+        assert_eq!(listed.len(), 1, "listing takes nothing: {listed:?}");
+        let line = listed[0].to_string();
+        assert_eq!(
+            line,
+            "shards shard phone #3 export=exp-parked reason=\"the worker handler panicked: boom\""
+        );
+        assert!(!line.contains("212"), "never a record's value");
+    }
+    let replayed = dead_letters::replay(&app.settings, WorkQueue::Shards, 10)
+        .await
+        .expect("replayed");
+    assert_eq!(replayed.len(), 1);
+    let back = eventually(DEADLINE, || async {
+        let (dead, work) = (
+            app.depth(&Topology::dead(&app.topology.shards())).await,
+            app.depth(&app.topology.shards()).await,
+        );
+        (dead == 0 && work == 1).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the shard is back in its work queue, and only there"
+    );
+    let again = app.get(&app.topology.shards()).await.expect("the shard");
+    assert_eq!(again.delivery.data, body, "unchanged");
     app.stop().await;
 }

@@ -23,6 +23,10 @@ pub struct Settings {
     pub amqp_url: String,
     /// Redis URL for progress and fleet-wide coordination.
     pub redis_url: String,
+    /// Start even though Redis does not persist writes (no AOF): a restart of it would lose
+    /// every running export's progress and every workspace's connection. For throwaway setups
+    /// only; managed services that persist another way (replicas with failover) may need it.
+    pub allow_volatile_redis: bool,
     /// `tracing` filter directive, e.g. `info` or `audience_export_worker=debug`.
     pub log: String,
     pub graph: GraphSettings,
@@ -157,6 +161,7 @@ impl Default for Settings {
             namespace: "ae".into(),
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             redis_url: "redis://127.0.0.1:6379/".into(),
+            allow_volatile_redis: false,
             log: "info".into(),
             graph: GraphSettings::default(),
             producer: ProducerSettings::default(),

@@ -82,6 +82,20 @@ pub async fn start_ops(
     let progress = ProgressStore::connect(&settings.redis_url, &settings.namespace)
         .await
         .context("connecting to Redis")?;
+    if !progress
+        .persists_writes()
+        .await
+        .context("reading Redis's persistence")?
+    {
+        anyhow::ensure!(
+            settings.allow_volatile_redis,
+            "Redis does not persist writes (appendonly is off): a restart of it would lose every \
+             running export and every workspace's Facebook connection. Turn AOF on \
+             (appendonly yes, or CONFIG SET appendonly yes), or set AE_ALLOW_VOLATILE_REDIS=true \
+             for a throwaway setup."
+        );
+        tracing::warn!(message = "Redis does not persist writes (AE_ALLOW_VOLATILE_REDIS): a restart of it loses exports and connections.");
+    }
     let registry = Registry::new();
     // Every role's CPU and memory, for the dashboard's per-role panels (Linux only: /proc).
     #[cfg(target_os = "linux")]

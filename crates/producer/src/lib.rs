@@ -7,6 +7,7 @@ pub mod admission;
 pub mod api;
 pub mod audiences;
 pub mod connect;
+pub mod dead_letters;
 pub mod metrics;
 pub mod plan;
 pub mod sharder;

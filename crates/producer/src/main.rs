@@ -1,6 +1,7 @@
 //! `audience-producer`: runs the producer (configured by `AE_*` environment variables; stops on
 //! SIGTERM or SIGINT), or manages a workspace's settings and Facebook connection for operators.
 
+use audience_export_core::amqp::WorkQueue;
 use audience_export_core::connection::Connections;
 use audience_export_core::contract::{PhoneCountry, WorkspaceId};
 use audience_export_core::graph::GraphClient;
@@ -8,6 +9,7 @@ use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::workspace::Workspaces;
 use audience_export_core::{config::Settings, shutdown, telemetry};
 use audience_export_producer::connect::Connector;
+use audience_export_producer::dead_letters;
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 use std::io::Read;
@@ -39,6 +41,48 @@ enum Command {
         #[command(subcommand)]
         action: ConnectionAction,
     },
+    /// What the dead-letter queues hold, and putting it back once the cause is fixed.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Lists parked messages (queue, what, export, reason) without taking them.
+    List {
+        /// jobs, shards or finalizer.
+        #[arg(long, default_value = "shards")]
+        queue: Queue,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Moves parked messages back into their work queue, oldest first.
+    Replay {
+        #[arg(long, default_value = "shards")]
+        queue: Queue,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+/// A work queue, as the command line names it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Queue {
+    Jobs,
+    Shards,
+    Finalizer,
+}
+
+impl From<Queue> for WorkQueue {
+    fn from(q: Queue) -> WorkQueue {
+        match q {
+            Queue::Jobs => WorkQueue::Jobs,
+            Queue::Shards => WorkQueue::Shards,
+            Queue::Finalizer => WorkQueue::Finalizer,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -99,6 +143,29 @@ async fn main() -> anyhow::Result<()> {
                 None => println!("{workspace}: no default phone country"),
             }
             Ok(())
+        }
+        Some(Command::DeadLetters { action }) => {
+            let listed = match action {
+                DeadLetterAction::List { queue, limit } => {
+                    dead_letters::list(&settings, queue.into(), limit).await
+                }
+                DeadLetterAction::Replay { queue, limit } => {
+                    dead_letters::replay(&settings, queue.into(), limit).await
+                }
+            };
+            match listed {
+                Ok(messages) => {
+                    for m in &messages {
+                        println!("{m}");
+                    }
+                    eprintln!("{} message(s)", messages.len());
+                    Ok(())
+                }
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    std::process::exit(1);
+                }
+            }
         }
         Some(Command::Connection { action }) => {
             // An operator's command: one line saying what failed, no backtrace.

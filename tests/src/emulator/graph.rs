@@ -153,6 +153,7 @@ async fn respond(
             ad_account: answer.usage.as_ref().map(|u| u.ad_account.clone()),
             error_code: answer.result.as_ref().err().map(|f| f.code),
             records: answer.records,
+            at: std::time::Instant::now(),
         });
         answer
     };

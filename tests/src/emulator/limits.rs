@@ -63,7 +63,7 @@ impl State {
             Usage {
                 ad_account: ad_account.to_owned(),
                 call_pct: used * 100 / budget,
-                regain_minutes: if used >= budget {
+                regain_minutes: if used >= budget && self.config.regain_in_headers {
                     oldest.as_secs().div_ceil(60).max(1)
                 } else {
                     0

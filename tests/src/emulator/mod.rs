@@ -65,6 +65,8 @@ pub struct CallRecord {
     /// Meta's error code, or None on success.
     pub error_code: Option<i64>,
     pub records: usize,
+    /// When the call arrived (after authentication, when it was charged).
+    pub at: std::time::Instant,
 }
 
 impl Emulator {

@@ -41,6 +41,10 @@ pub struct Config {
     pub slow_ms: u64,
     /// Keep every received entry (tests); off for large benchmarks to save memory.
     pub record_entries: bool,
+    /// Send `estimated_time_to_regain_access` (whole minutes, at least 1, as Meta does) when an
+    /// account is over its budget. Off, it is 0: a client then waits its own pause, which lets a
+    /// test with a 2-second window throttle for real without a minute-long wait.
+    pub regain_in_headers: bool,
 }
 
 impl Default for Config {
@@ -64,6 +68,7 @@ impl Default for Config {
             slow_rate: 0.0,
             slow_ms: 2_000,
             record_entries: true,
+            regain_in_headers: true,
         }
     }
 }

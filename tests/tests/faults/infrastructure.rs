@@ -146,3 +146,41 @@ async fn an_smtp_relay_down_for_a_while_gets_the_report_once_it_is_back() {
     assert_eq!(finished_events(&app, "exp-smtp"), 1);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_refuses_to_start_on_a_redis_that_does_not_persist_writes() {
+    let redis = RedisServer::start().await;
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the test's Redis");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendonly")
+        .arg("no")
+        .query_async(&mut c)
+        .await
+        .expect("AOF off");
+    let mut settings = audience_export_core::config::Settings::for_namespace(format!(
+        "tvol{}",
+        rand::random::<u32>()
+    ));
+    settings.redis_url = redis.url();
+    settings.finalizer.ops_addr = ([127, 0, 0, 1], 0).into();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let refused = audience_export_finalizer::start(settings.clone(), shutdown.clone())
+        .await
+        .err()
+        .expect("no start on a Redis that forgets");
+    assert!(
+        format!("{refused:#}").contains("Redis does not persist writes"),
+        "{refused:#}"
+    );
+    settings.allow_volatile_redis = true;
+    let running = audience_export_finalizer::start(settings, shutdown.clone())
+        .await
+        .expect("starts when the operator says so");
+    shutdown.cancel();
+    running.task.await.expect("joins").expect("stops cleanly");
+}

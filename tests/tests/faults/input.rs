@@ -24,7 +24,11 @@ async fn a_panicking_handler_dead_letters_its_shard_into_the_report_and_the_work
         worker: false,
         finalizer: true,
     };
-    let app = spawn_app_with(roles, |s| s.producer.shard_size = 50).await;
+    let app = spawn_app_with(roles, |s| {
+        s.producer.shard_size = 50;
+        s.finalizer.sweep_interval_secs = 1;
+    })
+    .await;
     let port = free_port();
     let _worker = app.spawn_process(
         WORKER_BIN,
@@ -57,6 +61,12 @@ async fn a_panicking_handler_dead_letters_its_shard_into_the_report_and_the_work
         email.shards - 1,
         "every other shard was uploaded: the worker went on consuming"
     );
+    let gauged = eventually(DEADLINE, || async {
+        let n = metric(app.ops[1], "audience_export_dead_letters{queue=\"shards\"}").await?;
+        (n == 1.0).then_some(())
+    })
+    .await;
+    assert!(gauged.is_some(), "the finalizer gauges the parked shard");
     let dead = app
         .get(&Topology::dead(&app.topology.shards()))
         .await

@@ -150,6 +150,16 @@ impl ProgressStore {
         format!("{}:exports", self.ns)
     }
 
+    /// Whether Redis persists every write (AOF on), from `INFO persistence`.
+    pub async fn persists_writes(&self) -> Result<bool> {
+        let mut c = self.redis.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut c)
+            .await?;
+        Ok(info.lines().any(|l| l.trim() == "aof_enabled:1"))
+    }
+
     pub async fn ping(&self) -> Result<()> {
         let mut c = self.redis.clone();
         let _: String = redis::cmd("PING").query_async(&mut c).await?;
