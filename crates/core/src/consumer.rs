@@ -62,9 +62,11 @@ pub trait Handler: Send + Sync + 'static {
     /// One delivery's outcome. Never acks: `settle` does.
     fn handle(self: Arc<Self>, delivery: Arc<Delivery>) -> impl Future<Output = Outcome> + Send;
 
-    /// Runs before a delivery is dead-lettered (rejected, its handler panicked, or delivered too
-    /// often), so the role can record it where people will look: the worker fails the shard in
-    /// its export's report. Best effort: what it cannot record, the stalled-export sweep finds.
+    /// Runs before a delivery the handler never finished is dead-lettered (the handler
+    /// panicked, or the delivery was handed out too often), so the role can record it where
+    /// people will look: the worker fails the shard in its export's report, the producer ends the
+    /// export. Not for the handler's own rejections, which record what they decide. Best effort:
+    /// what it cannot record, the stalled-export sweep finds.
     fn dead_lettering(
         self: Arc<Self>,
         _delivery: Arc<Delivery>,
@@ -244,7 +246,9 @@ async fn outcome_of<D: Handler>(
             }
         }
     };
-    if let Outcome::Reject { reason } = &outcome {
+    // A handler that rejects a message has already recorded what it decided; only deliveries
+    // the handler never finished (a panic, a crash loop) need the role's hook.
+    if let (Outcome::Reject { reason }, Some(_)) = (&outcome, cause) {
         deps.dead_lettering(delivery, reason.clone()).await;
     }
     (outcome, cause)

@@ -93,6 +93,19 @@ impl Handler for Deps {
     async fn handle(self: Arc<Self>, delivery: Arc<Delivery>) -> Outcome {
         handle(&self, &delivery.data).await
     }
+
+    /// A job about to be dead-lettered (its planning panicked, or it was handed out too often):
+    /// its export is ended the way a refusal ends it (rejected if nothing exists at Meta yet,
+    /// else sealed with what was published and the reason), so nobody waits for it.
+    async fn dead_lettering(self: Arc<Self>, delivery: Arc<Delivery>, reason: String) {
+        let Ok(job) = ExportJob::parse(&delivery.data) else {
+            return;
+        };
+        let reason = format!("planning failed and the job was dead-lettered: {reason}");
+        if let Err(error) = refuse(&self, &job, reason, None).await {
+            warn!(message = "A dead-lettered job could not be recorded in its export.", %error);
+        }
+    }
 }
 
 pub async fn handle(deps: &Deps, body: &[u8]) -> Outcome {
@@ -333,6 +346,7 @@ async fn planned(
     job: &ExportJob,
     lease_lost: &AtomicBool,
 ) -> Result<Outcome, PlanError> {
+    audience_export_core::crash_point("producer::planning");
     let token = resolve(deps, job).await?;
     let mut audiences = BTreeMap::new();
     for &field in &job.fields {

@@ -221,3 +221,49 @@ async fn a_create_call_meta_applied_but_never_answered_creates_no_second_audienc
     assert_exact(&app, "exp-hang", &report, &generated, &FIELDS, 500).await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_planning_panics_ends_its_export_and_the_producer_goes_on() {
+    let roles = Roles {
+        producer: false,
+        worker: true,
+        finalizer: true,
+    };
+    let app = spawn_app_with(roles, |s| s.producer.shard_size = 100).await;
+    let _producer = app.spawn_process(
+        crate::PRODUCER_BIN,
+        &[("FAILPOINTS", "producer::planning=1*panic".into())],
+    );
+    let path = app.dir.join("plan-panic.ndjson");
+    let generated = generate(&path, 500, 107).expect("segment");
+    app.export("exp-plan-panic", &["email"], &path).await;
+    let report = app.finished("exp-plan-panic", DEADLINE).await;
+    assert_eq!(report.status, ExportStatus::Rejected, "{report:?}");
+    assert!(
+        report.reason.as_deref().unwrap_or_default().starts_with(
+            "planning failed and the job was dead-lettered: the producer handler panicked"
+        ),
+        "{:?}",
+        report.reason
+    );
+    let dead = app
+        .get(&Topology::dead(&app.topology.jobs()))
+        .await
+        .expect("the job is in the dead-letter queue");
+    assert!(header_str(&dead.delivery.properties, "x-rejection-reason")
+        .unwrap_or_default()
+        .contains("panicked"));
+    // The same producer plans the next job.
+    app.export("exp-after-panic", &["email"], &path).await;
+    let next = app.finished("exp-after-panic", DEADLINE).await;
+    assert_exact(
+        &app,
+        "exp-after-panic",
+        &next,
+        &generated,
+        &[Field::Email],
+        100,
+    )
+    .await;
+    app.stop().await;
+}
