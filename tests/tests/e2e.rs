@@ -976,3 +976,50 @@ async fn dead_letters_are_listed_without_being_taken_and_replayed_into_their_que
     assert_eq!(again.delivery.data, body, "unchanged");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_finds_an_audience_by_its_description_across_pages() {
+    use audience_export_core::graph::GraphClient;
+    use audience_export_harness::emulator::Emulator;
+    let emulator = Emulator::with_token("EAApaging", "5005").await;
+    let graph = GraphClient::new(&emulator.base_url(), "v27.0", None, Duration::from_secs(10))
+        .expect("client");
+    let token = secrecy::SecretString::from("EAApaging");
+    let account = account("5005");
+    let mut ids = Vec::new();
+    for i in 0..130 {
+        let id = graph
+            .create_custom_audience(
+                &token,
+                &account,
+                "A",
+                &format!("d{i}"),
+                "USER_PROVIDED_ONLY",
+            )
+            .await
+            .expect("created");
+        ids.push(id);
+    }
+    // Listed newest first, 100 a page: the oldest is on the second page.
+    let oldest = graph
+        .find_audience(&token, &account, "d0")
+        .await
+        .expect("listed");
+    assert_eq!(oldest.as_ref(), Some(&ids[0]));
+    let newest = graph
+        .find_audience(&token, &account, "d129")
+        .await
+        .expect("listed");
+    assert_eq!(newest.as_ref(), Some(&ids[129]));
+    assert_eq!(
+        graph
+            .find_audience(&token, &account, "nope")
+            .await
+            .expect("listed"),
+        None
+    );
+    assert_eq!(
+        graph.ad_accounts(&token).await.expect("accounts"),
+        vec![account]
+    );
+}

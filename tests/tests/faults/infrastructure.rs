@@ -5,17 +5,17 @@
 use crate::{assert_exact, emails_about, finished_events, settled, DEADLINE, QUIET};
 use audience_export_core::contract::ExportStatus;
 use audience_export_core::Field;
-use audience_export_harness::app::{eventually, spawn_app_with, Roles};
+use audience_export_harness::app::{eventually, export, spawn_app_with, Roles, TestApp};
 use audience_export_harness::emulator::Latency;
 use audience_export_harness::fault::{RedisServer, TcpProxy};
-use audience_export_harness::segment::generate;
+use audience_export_harness::segment::{generate, Generated};
 use std::time::{Duration, Instant};
 
 const FIELDS: [Field; 3] = [Field::Email, Field::Phone, Field::Madid];
 const NAMES: [&str; 3] = ["email", "phone", "madid"];
 
 /// Slow enough uploads that the export is still running when the fault hits.
-fn slow(app: &audience_export_harness::app::TestApp) {
+fn slow(app: &TestApp) {
     app.emulator.set_latency(Latency {
         base_ms: 60,
         per_record_us: 0,
@@ -23,30 +23,37 @@ fn slow(app: &audience_export_harness::app::TestApp) {
     });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_and_restarted_mid_export_is_waited_out_and_the_export_is_exact() {
-    let mut redis = RedisServer::start().await;
-    let url = redis.url();
+/// The fleet on `tune`d settings with slow uploads, an export of 20,000 members running, and
+/// ten of its shards uploaded: the moment to break something.
+async fn export_under_way(
+    export_id: &str,
+    seed: u64,
+    tune: impl FnOnce(&mut audience_export_core::config::Settings),
+) -> (TestApp, Generated) {
     let app = spawn_app_with(Roles::ALL, move |s| {
-        s.redis_url = url;
         s.producer.shard_size = 250;
         s.worker.concurrency = 2;
+        tune(s);
     })
     .await;
     slow(&app);
-    let path = app.dir.join("redis.ndjson");
-    let generated = generate(&path, 20_000, 71).expect("segment");
-    app.export("exp-redis", &NAMES, &path).await;
+    let path = app.dir.join(format!("{export_id}.ndjson"));
+    let generated = generate(&path, 20_000, seed).expect("segment");
+    app.export(export_id, &NAMES, &path).await;
     let some_done = eventually(DEADLINE, || async {
-        let p = app
-            .progress
-            .progress(&audience_export_harness::app::export("exp-redis"))
-            .await
-            .ok()?;
+        let p = app.progress.progress(&export(export_id)).await.ok()?;
         (p.shards_done >= 10).then_some(())
     })
     .await;
     assert!(some_done.is_some(), "a few shards upload first");
+    (app, generated)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_mid_export_is_waited_out_and_the_export_is_exact() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let (app, generated) = export_under_way("exp-redis", 71, move |s| s.redis_url = url).await;
 
     redis.kill();
     // Readiness says so while Redis is away.
@@ -82,22 +89,7 @@ async fn redis_killed_and_restarted_mid_export_is_waited_out_and_the_export_is_e
 async fn the_broker_connection_cut_mid_export_is_waited_out_and_the_export_is_exact() {
     let proxy = TcpProxy::start(([127, 0, 0, 1], 5672).into()).await;
     let url = proxy.amqp_url();
-    let app = spawn_app_with(Roles::ALL, move |s| {
-        s.amqp_url = url;
-        s.producer.shard_size = 250;
-        s.worker.concurrency = 2;
-    })
-    .await;
-    slow(&app);
-    let path = app.dir.join("amqp.ndjson");
-    let generated = generate(&path, 20_000, 73).expect("segment");
-    app.export("exp-amqp", &NAMES, &path).await;
-    let some_done = eventually(DEADLINE, || async {
-        let p = app.progress_of("exp-amqp").await;
-        (p.shards_done >= 10).then_some(())
-    })
-    .await;
-    assert!(some_done.is_some(), "a few shards upload first");
+    let (app, generated) = export_under_way("exp-amqp", 73, move |s| s.amqp_url = url).await;
     proxy.cut();
     let cut = Instant::now();
     let report = app.finished("exp-amqp", DEADLINE).await;

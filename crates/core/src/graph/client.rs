@@ -168,12 +168,24 @@ pub struct IssuedToken {
     pub expires_in: Option<u64>,
 }
 
+/// One page of a Graph edge: its entries and the cursor to the next.
 #[derive(Deserialize)]
-struct AdAccountList {
-    #[serde(default)]
-    data: Vec<AdAccountEntry>,
+struct Page<T> {
+    #[serde(default = "Vec::new")]
+    data: Vec<T>,
     #[serde(default)]
     paging: Option<Paging>,
+}
+
+impl<T> Page<T> {
+    /// The cursor of the next page, when Meta says there is one.
+    fn next(&mut self) -> Option<String> {
+        self.paging
+            .take()
+            .filter(|p| p.next.is_some())
+            .and_then(|p| p.cursors)
+            .and_then(|c| c.after)
+    }
 }
 
 #[derive(Deserialize)]
@@ -196,14 +208,6 @@ struct Paging {
 struct Cursors {
     #[serde(default)]
     after: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct AudienceList {
-    #[serde(default)]
-    data: Vec<AudienceEntry>,
-    #[serde(default)]
-    paging: Option<Paging>,
 }
 
 #[derive(Deserialize)]
@@ -288,31 +292,43 @@ impl GraphClient {
         description: &str,
     ) -> Result<Option<String>, GraphError> {
         let url = format!("{}/{}/customaudiences", self.base, ad_account.act());
+        let mut found = None;
+        let query = [("fields", "id,description"), ("limit", "100")];
+        self.pages(&url, token, &query, 10, |page: Vec<AudienceEntry>| {
+            found = page
+                .into_iter()
+                .find(|a| a.description.as_deref() == Some(description))
+                .map(|a| a.id);
+            found.is_none()
+        })
+        .await?;
+        Ok(found)
+    }
+
+    /// Walks an edge's pages (cursor `after`), at most `max_pages`, handing each page's entries
+    /// to `visit` while it answers true (go on).
+    async fn pages<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        token: &SecretString,
+        query: &[(&str, &str)],
+        max_pages: usize,
+        mut visit: impl FnMut(Vec<T>) -> bool,
+    ) -> Result<(), GraphError> {
         let mut after: Option<String> = None;
-        for _ in 0..10 {
-            let mut query = vec![("fields", "id,description"), ("limit", "100")];
+        for _ in 0..max_pages {
+            let mut query = query.to_vec();
             if let Some(cursor) = &after {
                 query.push(("after", cursor));
             }
-            let body = self.get(&url, token, &query).await?;
-            let page: AudienceList = decode(200, &body)?;
-            if let Some(found) = page
-                .data
-                .into_iter()
-                .find(|a| a.description.as_deref() == Some(description))
-            {
-                return Ok(Some(found.id));
-            }
-            after = page
-                .paging
-                .filter(|p| p.next.is_some())
-                .and_then(|p| p.cursors)
-                .and_then(|c| c.after);
-            if after.is_none() {
+            let body = self.get(url, token, &query).await?;
+            let mut page: Page<T> = decode(200, &body)?;
+            after = page.next();
+            if !visit(std::mem::take(&mut page.data)) || after.is_none() {
                 break;
             }
         }
-        Ok(None)
+        Ok(())
     }
 
     /// Adds one batch of single-key entries (at most 10,000) to an audience.
@@ -399,30 +415,18 @@ impl GraphClient {
     pub async fn ad_accounts(&self, token: &SecretString) -> Result<Vec<AdAccountId>, GraphError> {
         let url = format!("{}/me/adaccounts", self.base);
         let mut accounts = Vec::new();
-        let mut after: Option<String> = None;
+        let query = [("fields", "account_id"), ("limit", "500")];
         // Bounded: 50 pages of 500 is far beyond any real business.
-        for _ in 0..50 {
-            let mut query = vec![("fields", "account_id"), ("limit", "500")];
-            if let Some(cursor) = &after {
-                query.push(("after", cursor));
-            }
-            let body = self.get(&url, token, &query).await?;
-            let page: AdAccountList = decode(200, &body)?;
+        self.pages(&url, token, &query, 50, |page: Vec<AdAccountEntry>| {
             // An id Meta spells in a way we cannot read is not one a job could name either.
             accounts.extend(
-                page.data.into_iter().filter_map(|a| {
+                page.into_iter().filter_map(|a| {
                     AdAccountId::parse(a.account_id.as_deref().unwrap_or(&a.id)).ok()
                 }),
             );
-            after = page
-                .paging
-                .filter(|p| p.next.is_some())
-                .and_then(|p| p.cursors)
-                .and_then(|c| c.after);
-            if after.is_none() {
-                break;
-            }
-        }
+            true
+        })
+        .await?;
         accounts.sort();
         accounts.dedup();
         Ok(accounts)
