@@ -353,6 +353,39 @@ impl TestApp {
         }
     }
 
+    /// Waits until every work and delay queue of the namespace has stayed empty for `quiet`
+    /// (dead-letter queues hold what they hold for good). With `quiet` longer than the
+    /// finalizer's 5 s retry delay, a second finish would have happened by then: how "exactly
+    /// one email" is checked. False if the queues never settle within two minutes. Polls every
+    /// 250 ms: an interval, not a synchronisation (the condition is what is waited for).
+    pub async fn settled(&self, quiet: Duration) -> bool {
+        let queues: Vec<String> = self
+            .topology
+            .queues()
+            .into_iter()
+            .filter(|q| !q.ends_with(".dead"))
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut empty_since: Option<std::time::Instant> = None;
+        while std::time::Instant::now() < deadline {
+            let mut total = 0;
+            for q in &queues {
+                total += self.depth(q).await;
+            }
+            if total > 0 {
+                empty_since = None;
+            } else if empty_since
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed()
+                >= quiet
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        false
+    }
+
     /// The export's progress hash, decoded.
     pub async fn progress_of(&self, export_id: &str) -> ExportProgress {
         self.progress

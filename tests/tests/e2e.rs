@@ -104,7 +104,15 @@ async fn a_segment_export_arrives_whole_with_its_report() {
             "email shows {field} invalid"
         );
     }
-    assert_eq!(app.smtp.mails().len(), 1, "exactly one email");
+    assert!(
+        app.settled(Duration::from_secs(6)).await,
+        "the queues settle"
+    );
+    assert_eq!(
+        app.smtp.mails().len(),
+        1,
+        "exactly one email, once nothing is left to do"
+    );
 
     let progress = app.progress_of("exp-e2e").await;
     assert_eq!(

@@ -206,11 +206,19 @@ pub fn body(r: &FinishedReport) -> String {
     }
     for a in &r.audiences {
         let label = a.field.map(|f| f.label()).unwrap_or("Audience");
-        let _ = writeln!(
-            out,
-            "\n{label} audience \"{}\" (id {})",
-            a.name, a.audience_id
-        );
+        if a.audience_id.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n{label} audience \"{}\" (not created, or Meta never confirmed its id: look for this name in Ads Manager)",
+                a.name
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "\n{label} audience \"{}\" (id {})",
+                a.name, a.audience_id
+            );
+        }
         if let (false, Some(account)) = (a.audience_id.is_empty(), &r.ad_account_id) {
             let _ = writeln!(
                 out,

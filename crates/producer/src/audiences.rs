@@ -97,6 +97,14 @@ pub async fn audience_for(
             }
         }
         if !retry {
+            if first && !may_have_applied(&error) {
+                // Refused outright: nothing exists at Meta, so the export can still end as a
+                // clean `rejected`. (An intent left by an earlier attempt stays: that attempt's
+                // audience may exist.)
+                deps.progress
+                    .forget_audience_intent(&job.export_id, field)
+                    .await?;
+            }
             let what = format!("create the {} audience", field.label());
             return Err(refusal(job, token, &what, &error));
         }

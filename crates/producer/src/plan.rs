@@ -185,7 +185,7 @@ async fn refuse(
             .await?;
     }
     let progress = deps.progress.progress(&job.export_id).await?;
-    if progress.has_audiences() {
+    if progress.touched_meta() {
         let totals = PlanTotals {
             members_read: progress.members_read,
             malformed_records: progress.malformed_records,

@@ -219,3 +219,100 @@ async fn a_finalizer_killed_between_the_email_and_completion_sends_one_email() {
     assert_exact(&app, "exp-emailed", &report, &generated, &FIELDS, 100).await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_refused_on_a_resume_fails_the_export_it_never_rejects_it() {
+    use audience_export_core::connection::token_fingerprint;
+    use audience_export_core::contract::ExportStatus;
+    use audience_export_harness::app::{ws, WORKSPACE};
+    let roles = Roles {
+        producer: false,
+        worker: true,
+        finalizer: true,
+    };
+    let app = fleet(roles, 100).await;
+    let (path, _) = segment(&app, 500, 109);
+    let first = doomed(&app, PRODUCER_BIN, "producer::audience-created");
+    app.export("exp-refused-resume", &NAMES, &path).await;
+    died(first, "the first producer").await;
+    // Meta refused the workspace's token meanwhile; the finalizer marked it invalid.
+    let fingerprint = token_fingerprint(&secrecy::SecretString::from(app.token.clone()));
+    app.connections
+        .invalidate(
+            &ws(WORKSPACE),
+            &fingerprint,
+            "token invalid: the password changed",
+            190,
+            Some(460),
+            audience_export_core::progress::now_ms(),
+        )
+        .await
+        .expect("marked invalid");
+    let _second = app.spawn_producer_process(PRODUCER_BIN);
+    let report = app.finished("exp-refused-resume", DEADLINE).await;
+    assert_eq!(
+        report.status,
+        ExportStatus::Failed,
+        "an audience exists at Meta: failed, not rejected: {report:?}"
+    );
+    assert!(
+        report
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("connection invalid"),
+        "{:?}",
+        report.reason
+    );
+    let email = &report.audiences[0];
+    assert!(
+        email.name.contains("(exp-refused-resume)") && email.audience_id.is_empty(),
+        "the report names the audience that may exist, whose id was never recorded: {email:?}"
+    );
+    assert_eq!(
+        app.emulator.audiences().len(),
+        1,
+        "and nothing more was created"
+    );
+    assert!(app.settled(crate::QUIET).await);
+    assert_eq!(crate::emails_about(&app, "exp-refused-resume"), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_replaced_while_its_plan_was_interrupted_fails_the_export_with_the_reason() {
+    use audience_export_core::contract::ExportStatus;
+    let roles = Roles {
+        producer: false,
+        worker: true,
+        finalizer: true,
+    };
+    let app = fleet(roles, 50).await;
+    let (path, _) = segment(&app, 3_000, 113);
+    let first = app.spawn_process(
+        PRODUCER_BIN,
+        &[("FAILPOINTS", "producer::checkpointed=6*off->return".into())],
+    );
+    app.export("exp-replaced", &NAMES, &path).await;
+    died(first, "the first producer").await;
+    // The platform rewrites the file under the same URL.
+    generate(&path, 2_500, 127).expect("another segment");
+    let _second = app.spawn_producer_process(PRODUCER_BIN);
+    let report = app.finished("exp-replaced", DEADLINE).await;
+    assert_eq!(report.status, ExportStatus::PartiallyFailed, "{report:?}");
+    assert!(
+        report
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("the segment changed while this export was being planned"),
+        "{:?}",
+        report.reason
+    );
+    assert_eq!(
+        app.emulator.audiences().len(),
+        3,
+        "one audience per field, no more"
+    );
+    app.stop().await;
+}

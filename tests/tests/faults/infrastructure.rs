@@ -2,7 +2,7 @@
 //! connection cut, the SMTP relay down. Each is the test's own (a `redis-server` on a free port
 //! with AOF, a TCP proxy in front of the broker, the test's SMTP sink): never the shared ones.
 
-use crate::{assert_exact, emails_about, finished_events, settled, DEADLINE, QUIET};
+use crate::{assert_exact, emails_about, finished_events, DEADLINE, QUIET};
 use audience_export_core::contract::ExportStatus;
 use audience_export_core::Field;
 use audience_export_harness::app::{eventually, export, spawn_app_with, Roles, TestApp};
@@ -133,7 +133,7 @@ async fn an_smtp_relay_down_for_a_while_gets_the_report_once_it_is_back() {
     app.smtp.set_down(false);
     let report = app.finished("exp-smtp", DEADLINE).await;
     assert_eq!(report.status, ExportStatus::Succeeded);
-    assert!(settled(&app, QUIET).await);
+    assert!(app.settled(QUIET).await);
     assert_eq!(emails_about(&app, "exp-smtp"), 1, "exactly one email");
     assert_eq!(finished_events(&app, "exp-smtp"), 1);
     app.stop().await;

@@ -2,9 +2,7 @@
 //! line, a shard that never arrives, a malformed copy of a running export's job, and a create
 //! call Meta applied but never answered.
 
-use crate::{
-    assert_exact, emails_about, finished_events, metric, settled, DEADLINE, QUIET, WORKER_BIN,
-};
+use crate::{assert_exact, emails_about, finished_events, metric, DEADLINE, QUIET, WORKER_BIN};
 use audience_export_core::amqp::{header_str, Topology};
 use audience_export_core::contract::ExportStatus;
 use audience_export_core::Field;
@@ -152,7 +150,7 @@ async fn a_shard_that_never_arrives_is_named_by_the_sweep_and_the_export_ends() 
         )),
         "{reason}"
     );
-    assert!(settled(&app, QUIET).await);
+    assert!(app.settled(QUIET).await);
     assert_eq!(emails_about(&app, "exp-lost"), 1, "exactly one email");
     assert_eq!(
         metric(

@@ -15,41 +15,12 @@ use audience_export_core::contract::{ExportStatus, FinishedReport};
 use audience_export_core::Field;
 use audience_export_harness::app::{TestApp, AD_ACCOUNT};
 use audience_export_harness::segment::Generated;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const DEADLINE: Duration = Duration::from_secs(120);
 pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_audience-worker-under-test");
 pub const PRODUCER_BIN: &str = env!("CARGO_BIN_EXE_audience-producer-under-test");
 pub const FINALIZER_BIN: &str = env!("CARGO_BIN_EXE_audience-finalizer-under-test");
-
-/// Waits until every work and delay queue of the namespace has stayed empty for `quiet` (longer than the
-/// finalizer's 5 s retry delay, so a second finish would have happened by then). Returns false
-/// if that never happens within the deadline.
-pub async fn settled(app: &TestApp, quiet: Duration) -> bool {
-    // Dead-letter queues hold what they hold for good: only work and delay queues must empty.
-    let queues: Vec<String> = app
-        .topology
-        .queues()
-        .into_iter()
-        .filter(|q| !q.ends_with(".dead"))
-        .collect();
-    let deadline = Instant::now() + DEADLINE;
-    let mut empty_since: Option<Instant> = None;
-    while Instant::now() < deadline {
-        let mut total = 0;
-        for q in &queues {
-            total += app.depth(q).await;
-        }
-        if total > 0 {
-            empty_since = None;
-        } else if empty_since.get_or_insert_with(Instant::now).elapsed() >= quiet {
-            return true;
-        }
-        // A polling interval, not a synchronisation: the condition is what is waited for.
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    false
-}
 
 /// The settle period: the finalizer's retry delay (5 s) and then some.
 pub const QUIET: Duration = Duration::from_secs(6);
@@ -116,7 +87,7 @@ pub async fn assert_exact(
         );
         assert_eq!(got.shards_failed, 0, "{field}: no shard failed");
     }
-    assert!(settled(app, QUIET).await, "the namespace's queues settle");
+    assert!(app.settled(QUIET).await, "the namespace's queues settle");
     assert_eq!(finished_events(app, export_id), 1, "one export.finished");
     assert_eq!(emails_about(app, export_id), 1, "exactly one email");
 }

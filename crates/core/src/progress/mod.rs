@@ -306,6 +306,16 @@ impl ProgressStore {
             .await
     }
 
+    /// Forgets the intent to create a field's audience: its create call was refused outright,
+    /// so none exists.
+    pub async fn forget_audience_intent(&self, export_id: &ExportId, field: Field) -> Result<()> {
+        let mut c = self.redis.clone();
+        let _: () = c
+            .hdel(self.key(export_id, "progress"), FieldKey::AudienceName.of(field))
+            .await?;
+        Ok(())
+    }
+
     /// Records the audience of a field unless one is recorded: returns the one that counts (a
     /// second planner adopts the first's).
     pub async fn set_audience(

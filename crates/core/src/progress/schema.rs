@@ -435,10 +435,13 @@ impl ExportProgress {
         self.sealed && self.shards_done + self.shards_failed >= self.shards_planned
     }
 
-    /// Whether an audience was created for any field: from then on a refusal cannot be a
-    /// clean `rejected`, something exists at Meta.
-    pub fn has_audiences(&self) -> bool {
-        self.fields.values().any(|f| f.audience_id.is_some())
+    /// Whether an audience may exist at Meta for any field: one was recorded, or one was about
+    /// to be created (its name recorded first) and the answer never recorded. From then on a
+    /// refusal cannot be a clean `rejected`.
+    pub fn touched_meta(&self) -> bool {
+        self.fields
+            .values()
+            .any(|f| f.audience_id.is_some() || f.audience_name.is_some())
     }
 
     /// Whether any shard was published and confirmed (a checkpoint).
