@@ -601,6 +601,24 @@ async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
             >= 1,
         "shards waited out the pause"
     );
+    assert!(
+        metric(
+            app.ops[1],
+            "audience_export_account_pauses_total{reason=\"throttled\"}"
+        )
+        .await
+            >= 1,
+        "the throttling pauses are counted"
+    );
+    let usage = metric(
+        app.ops[1],
+        &format!("audience_export_meta_usage_percent{{ad_account=\"{AD_ACCOUNT}\"}}"),
+    )
+    .await;
+    assert!(
+        (1..=100).contains(&usage),
+        "the last usage Meta reported for the account is shown: {usage}"
+    );
     let calls: Vec<_> = app
         .emulator
         .calls()

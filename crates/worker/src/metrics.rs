@@ -1,6 +1,7 @@
 //! The worker's metrics, declared in one place. Labels are bounded and typed: field (3 values),
 //! outcome and error class (a handful each); never an export, workspace or audience id.
 
+use audience_export_core::contract::AdAccountId;
 use audience_export_core::graph::CallOutcome;
 use audience_export_core::telemetry::{Counters, Histograms, Label};
 use audience_export_core::Field;
@@ -73,6 +74,25 @@ impl Label for RecordOutcome {
     }
 }
 
+/// Why this worker paused an ad account for the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseReason {
+    /// Meta's usage headers passed the threshold.
+    Usage,
+    /// Meta throttled (or temporarily blocked) a call.
+    Throttled,
+}
+
+impl Label for PauseReason {
+    const ALL: &'static [PauseReason] = &[PauseReason::Usage, PauseReason::Throttled];
+    fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::Usage => "usage",
+            PauseReason::Throttled => "throttled",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     /// Shards handled, by outcome.
@@ -85,11 +105,42 @@ pub struct Metrics {
     pub upload_seconds: Histograms<Field>,
     /// CPU time to normalize and hash one shard, by field.
     pub prepare_seconds: Histograms<Field>,
+    /// Fleet-wide pauses of an ad account this worker started, by reason.
+    pub pauses: Counters<PauseReason>,
+    /// The last usage Meta reported for each ad account, in percent (the highest of its
+    /// figures). Labelled by ad account: the one label that is an id, because the budget is per
+    /// ad account and an operator needs to see which one is near it; an installation has a
+    /// handful of ad accounts, never one per export or member.
+    meta_usage: prometheus::IntGaugeVec,
+}
+
+impl Metrics {
+    /// Records the usage Meta reported for `account`.
+    pub fn usage(&self, account: &AdAccountId, percent: u64) {
+        self.meta_usage
+            .with_label_values(&[account.as_str()])
+            .set(percent as i64);
+    }
 }
 
 impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Metrics> {
+        let meta_usage = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "audience_export_meta_usage_percent",
+                "The last usage Meta reported for an ad account, in percent of its budget.",
+            ),
+            &["ad_account"],
+        )?;
+        registry.register(Box::new(meta_usage.clone()))?;
         Ok(Metrics {
+            meta_usage,
+            pauses: Counters::register(
+                registry,
+                "audience_export_account_pauses_total",
+                "Fleet-wide pauses of an ad account started by this worker, by reason.",
+                &["reason"],
+            )?,
             shards: Counters::register(
                 registry,
                 "audience_export_shards_total",

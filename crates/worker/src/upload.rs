@@ -2,7 +2,7 @@
 //! limit, upload, classify Meta's answer, record the effect in Redis and announce it. Returns one
 //! `Outcome`; the consumer loop alone acks, retries or rejects.
 
-use crate::metrics::{Metrics, RecordOutcome, ShardOutcome};
+use crate::metrics::{Metrics, PauseReason, RecordOutcome, ShardOutcome};
 use crate::normalize::Rules;
 use crate::prepare::{prepare, Prepared};
 use audience_export_core::amqp::{PublishError, Publisher, Topology};
@@ -230,10 +230,14 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
         Ok(answer) => {
             audience_export_core::crash_point("worker::uploaded");
             deps.metrics.graph_requests.with(CallOutcome::Ok).inc();
+            if let Some(usage) = &answer.usage {
+                deps.metrics.usage(&shard.ad_account_id, usage.percent);
+            }
             if let Some(usage) = answer
                 .usage
                 .filter(|u| u.percent >= deps.pacing.usage_threshold_pct)
             {
+                deps.metrics.pauses.with(PauseReason::Usage).inc();
                 deps.ramp
                     .paused(&shard.ad_account_id, deps.pacing.usage_pause);
                 if deps
@@ -295,6 +299,10 @@ async fn failed_call(
             .usage()
             .and_then(|u| u.regain)
             .unwrap_or(deps.pacing.throttle_pause);
+        if let Some(usage) = error.usage() {
+            deps.metrics.usage(&shard.ad_account_id, usage.percent);
+        }
+        deps.metrics.pauses.with(PauseReason::Throttled).inc();
         deps.pauses.pause(&shard.ad_account_id, pause).await?;
         warn!(message = "Meta throttled the ad account; pausing it fleet-wide.", class = class.as_str(), pause_ms = pause.as_millis() as u64, %error);
         return Ok(defer(

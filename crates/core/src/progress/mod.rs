@@ -311,7 +311,10 @@ impl ProgressStore {
     pub async fn forget_audience_intent(&self, export_id: &ExportId, field: Field) -> Result<()> {
         let mut c = self.redis.clone();
         let _: () = c
-            .hdel(self.key(export_id, "progress"), FieldKey::AudienceName.of(field))
+            .hdel(
+                self.key(export_id, "progress"),
+                FieldKey::AudienceName.of(field),
+            )
             .await?;
         Ok(())
     }
