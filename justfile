@@ -10,8 +10,8 @@ default:
 demo:
     scripts/demo.sh
 
-# Formatting, clippy with -D warnings, unit tests and the end-to-end suite (starts RabbitMQ and Redis, installs promtool if needed).
-test: up tools lint
+# Formatting, clippy with -D warnings, the deploy checks, unit tests and the end-to-end suite (starts RabbitMQ and Redis, installs the tools if needed).
+test: up tools lint deploy-checks
     cargo test --workspace --all-targets
 
 # Formatting check and clippy.
@@ -23,9 +23,13 @@ lint:
 up:
     scripts/services.sh
 
-# Install the tools the suite runs (promtool) if they are missing.
+# Install the tools the suite runs (promtool, and helm, kubernetes-validate, hadolint in .tools/) if they are missing.
 tools:
     scripts/tools.sh
+
+# The image, the chart, the alert rules and the dashboard: hadolint, helm lint and template validated against Kubernetes 1.30 and the CRDs, promtool (offline once `just tools` has run).
+deploy-checks: tools
+    scripts/deploy-checks.sh
 
 # Every benchmark (release build, under 15 minutes); rewrites the "Latest run" of BENCHMARKS.md.
 bench:
