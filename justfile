@@ -19,6 +19,10 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
+# Rewrite docs/schemas/ (JSON Schemas of the job and the events) from the contract types; `just test` fails while they differ.
+schemas:
+    UPDATE_SCHEMAS=1 cargo test -p audience-export-core --lib contract::schema::tests::checked_in_schemas_match_the_types
+
 # Make sure RabbitMQ and Redis are running.
 up:
     scripts/services.sh

@@ -25,6 +25,8 @@ export AE_GRAPH__APP_SECRET="demo-app-secret-$(head -c 8 /dev/urandom | od -An -
 export AE_CONNECTIONS__ENCRYPTION_KEYS="demo:$(head -c 32 /dev/urandom | base64)"
 export AE_API__KEY="demo-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export AE_FINALIZER__SMTP_PORT=2525
+# ae-demo writes the segment in .demo/: the only directory the producer reads file:// sources from.
+export AE_PRODUCER__FILE_ROOT="$DEMO"
 
 pids=()
 stop() {

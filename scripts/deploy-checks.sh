@@ -69,6 +69,7 @@ helm template ae "$CHART" -n exports \
   --set secrets.create=true,secrets.dev.apiKey=k,secrets.dev.encryptionKeys=dev:a2V5,secrets.dev.appSecret=s \
   --set secrets.dev.amqpUrl=amqp://u:p@rabbitmq:5672/%2f,secrets.dev.redisUrl=redis://redis:6379/ \
   --set producer.sourceVolume.enabled=true,producer.sourceVolume.claimName=segments \
+  --set producer.sourceSecrets.enabled=true,producer.sourceSecrets.secretName=segment-store \
   --set networkPolicy.enabled=true,metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true \
   --set metrics.dashboard.enabled=true,image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000 \
   >"$work/all-on.yaml" || fail "helm template (every switch on)"

@@ -21,6 +21,8 @@ PY_TOOLS=(
   "cloudcoil==0.6.0"
   "cloudcoil-models-keda==2.16.1.0"
   "cloudcoil-models-prometheus-operator==0.80.1.0"
+  "pika==1.3.2" # the README's Python integration example, run by tests/tests/contracts.rs
+  "moto[server]==5.1.22" # moto_server, the local S3 of tests/tests/sources.rs (tests/src/s3.rs)
 )
 
 TOOLS="$PWD/.tools"

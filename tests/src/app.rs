@@ -122,6 +122,9 @@ pub async fn spawn_app_with(roles: Roles, tune: impl FnOnce(&mut Settings)) -> T
     settings.worker.retry_delays_ms = vec![100, 200, 400];
     settings.finalizer.smtp_port = smtp.addr.port();
     settings.finalizer.retention_secs = 3600;
+    // The tests' segments are written in `dir`: the only place `file://` sources may be read
+    // from (child processes get it too, as AE_PRODUCER__FILE_ROOT, through `settings_env`).
+    settings.producer.file_root = Some(dir.clone());
     for addr in [
         &mut settings.producer.ops_addr,
         &mut settings.worker.ops_addr,
@@ -428,6 +431,18 @@ impl TestApp {
     /// Starts a role's binary with every setting of this app as an `AE_*` variable (secrets
     /// included), then `extra` (e.g. `FAILPOINTS`, a fixed ops address).
     pub fn spawn_process(&self, binary: &str, extra: &[(&str, String)]) -> tokio::process::Child {
+        let mut command = self.command(binary);
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        command
+            .spawn()
+            .unwrap_or_else(|e| panic!("{binary} starts: {e}"))
+    }
+
+    /// A role's binary configured like this app (every setting as an `AE_*` variable, secrets
+    /// included), not started: for operators' commands run the way an operator runs them.
+    pub fn command(&self, binary: &str) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(binary);
         command
             .envs(settings_env(&self.settings))
@@ -443,12 +458,7 @@ impl TestApp {
                 secret(&self.settings.connections.encryption_keys),
             )
             .env("AE_LOG", "warn");
-        for (key, value) in extra {
-            command.env(key, value);
-        }
         command
-            .spawn()
-            .unwrap_or_else(|e| panic!("{binary} starts: {e}"))
     }
 
     /// Calls the producer's HTTP API with this app's key; returns the status and JSON body.

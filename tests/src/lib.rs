@@ -7,5 +7,6 @@ pub mod app;
 pub mod emulator;
 pub mod fault;
 pub mod logs;
+pub mod s3;
 pub mod segment;
 pub mod smtp;

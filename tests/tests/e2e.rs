@@ -178,6 +178,7 @@ async fn a_shard_delivered_twice_is_counted_once() {
         records,
         attempt: 1,
         default_phone_country: None,
+        dry_run: false,
     };
     let mut plan = PlanTotals::default();
     plan.fields.insert(
@@ -960,6 +961,7 @@ async fn dead_letters_are_listed_without_being_taken_and_replayed_into_their_que
         records: vec!["+1 212 736 5000".into()],
         attempt: 1,
         default_phone_country: None,
+        dry_run: false,
     };
     let body = serde_json::to_vec(&shard).expect("a shard");
     app.publisher

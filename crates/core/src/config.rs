@@ -9,6 +9,7 @@ use figment::Figment;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// The environment prefix of every setting.
 pub const ENV_PREFIX: &str = "AE_";
@@ -64,6 +65,16 @@ pub struct ProducerSettings {
     pub confirm_window: usize,
     /// `customer_file_source` sent when creating audiences.
     pub customer_file_source: String,
+    /// The only directory `file://` sources may be read from (canonicalized; a path outside it,
+    /// through `..` or a symlink, is refused). Unset: every `file://` source is refused.
+    pub file_root: Option<PathBuf>,
+    /// Where `source.headers_secret` names are looked up: a directory of files (a mounted
+    /// Kubernetes Secret) holding `Header-Name: value` lines for HTTP(S) sources. Unset: a job
+    /// naming a headers secret is refused.
+    pub source_secrets_dir: Option<PathBuf>,
+    /// How long an HTTP(S) or S3 source may take to connect, to answer, and between two reads of
+    /// its body, in milliseconds (a long transfer that keeps moving is never cut).
+    pub source_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -192,6 +203,9 @@ impl Default for ProducerSettings {
             shard_size: 10_000,
             confirm_window: 64,
             customer_file_source: "USER_PROVIDED_ONLY".into(),
+            file_root: None,
+            source_secrets_dir: None,
+            source_timeout_ms: 30_000,
         }
     }
 }
@@ -320,6 +334,10 @@ mod tests {
             let s = Settings::load().expect("digits are text where text is meant");
             assert_eq!(s.oauth.app_id, "1234567890123456");
             assert_eq!(s.namespace, "2026");
+            jail.set_env("AE_PRODUCER__FILE_ROOT", "/exports");
+            let s = Settings::load().expect("a path");
+            assert_eq!(s.producer.file_root, Some(PathBuf::from("/exports")));
+            assert_eq!(s.producer.source_secrets_dir, None, "unset by default");
             jail.set_env("AE_WORKER__CONCURENCY", "3");
             assert!(Settings::load().is_err(), "a misspelt key must fail");
             Ok(())

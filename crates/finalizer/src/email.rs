@@ -176,6 +176,15 @@ pub fn subject(report: &FinishedReport) -> String {
         ExportStatus::PartiallyFailed => "is complete, with errors",
         ExportStatus::Failed => "failed",
         ExportStatus::Rejected => "could not start",
+        ExportStatus::Cancelled => "was cancelled",
+    };
+    let what = if report.dry_run {
+        match report.status {
+            ExportStatus::Succeeded => "dry run is complete".to_owned(),
+            _ => format!("dry run {what}"),
+        }
+    } else {
+        what.to_owned()
     };
     let name = if report.segment_name.is_empty() {
         report.export_id.as_str()
@@ -200,13 +209,34 @@ pub fn body(r: &FinishedReport) -> String {
     if let Some(reason) = &r.reason {
         let _ = writeln!(out, "Reason: {reason}");
     }
+    if r.dry_run {
+        let _ = writeln!(
+            out,
+            "This was a dry run: no audience was created and nothing was sent to Meta. \"Would upload\" is what a real export of this segment would send."
+        );
+    }
+    if r.status == ExportStatus::Cancelled {
+        let _ = writeln!(
+            out,
+            "Nothing more was sent after the cancellation; what was uploaded before it stays in the audiences below (delete them in Ads Manager if they must go)."
+        );
+    }
     let _ = writeln!(out, "\nMembers read: {}", r.members_read);
     if r.malformed_records > 0 {
         let _ = writeln!(out, "Lines that were not a record: {}", r.malformed_records);
     }
+    let excluded: u64 = r.excluded.values().sum();
+    if !r.excluded.is_empty() {
+        let _ = writeln!(out, "Left out by consent: {excluded}");
+        for (attribute, n) in &r.excluded {
+            let _ = writeln!(out, "  {attribute}: {n}");
+        }
+    }
     for a in &r.audiences {
         let label = a.field.map(|f| f.label()).unwrap_or("Audience");
-        if a.audience_id.is_empty() {
+        if r.dry_run {
+            let _ = writeln!(out, "\n{label} audience (dry run: not created)");
+        } else if a.audience_id.is_empty() {
             let _ = writeln!(
                 out,
                 "\n{label} audience \"{}\" (not created, or Meta never confirmed its id: look for this name in Ads Manager)",
@@ -236,12 +266,16 @@ pub fn body(r: &FinishedReport) -> String {
             let _ = writeln!(out, "  Already hashed, passed through: {}", a.prehashed);
         }
         let _ = writeln!(out, "  Duplicates, sent once: {}", a.duplicates);
-        let _ = writeln!(out, "  Uploaded: {}", a.uploaded);
-        let _ = writeln!(
-            out,
-            "  Meta received: {}, of which Meta found invalid: {}",
-            a.meta_received, a.meta_invalid
-        );
+        if r.dry_run {
+            let _ = writeln!(out, "  Would upload: {}", a.uploaded);
+        } else {
+            let _ = writeln!(out, "  Uploaded: {}", a.uploaded);
+            let _ = writeln!(
+                out,
+                "  Meta received: {}, of which Meta found invalid: {}",
+                a.meta_received, a.meta_invalid
+            );
+        }
         if a.shards_failed > 0 {
             let _ = writeln!(
                 out,

@@ -79,6 +79,9 @@ fn verdict(
         (Ending::Rejected { reason, notify }, _, _) => {
             (ExportStatus::Rejected, Some(reason), notify)
         }
+        (_, Some(stop), _) if progress.cancelled => {
+            (ExportStatus::Cancelled, Some(stop.clone()), Vec::new())
+        }
         (_, Some(stop), _) => (ExportStatus::Failed, Some(stop.clone()), Vec::new()),
         (Ending::Abandoned { reason }, _, _) => (partial, Some(reason), Vec::new()),
         (Ending::Complete, None, Some(error)) => (partial, Some(error.clone()), Vec::new()),
@@ -200,5 +203,14 @@ mod tests {
             reason: "stalled".into(),
         };
         assert_eq!(verdict(abandoned, &progress(0, 0)).0, ExportStatus::Failed);
+
+        let mut cancelled = progress(2, 3);
+        cancelled.stop_reason = Some("cancelled by ops@x.io".into());
+        cancelled.cancelled = true;
+        let (status, reason, _) = verdict(Ending::Complete, &cancelled);
+        assert_eq!(
+            (status, reason.as_deref()),
+            (ExportStatus::Cancelled, Some("cancelled by ops@x.io"))
+        );
     }
 }

@@ -23,11 +23,13 @@ pub fn build(
     now_ms: u64,
 ) -> FinishedReport {
     let fields: &[Field] = job.map_or(&[], |j| &j.fields);
+    let dry_run = job.is_some_and(|j| j.dry_run);
     let audiences = fields
         .iter()
         .map(|&field| (field, progress.field(field)))
-        // A rejected export names only the audiences it created before it was refused.
-        .filter(|(_, f)| f.audience_id.is_some() || status != ExportStatus::Rejected)
+        // Only audiences that exist, or were about to (a name recorded, the id never answered),
+        // are named; a dry run names every field's would-be audience.
+        .filter(|(_, f)| f.audience_id.is_some() || f.audience_name.is_some() || dry_run)
         .map(|(field, f)| audience(field, f))
         .collect();
     let reason = reason.or_else(|| {
@@ -43,6 +45,8 @@ pub fn build(
         ad_account_id: job.map(|j| j.ad_account_id.clone()),
         members_read: progress.members_read,
         malformed_records: progress.malformed_records,
+        excluded: progress.excluded.clone(),
+        dry_run,
         audiences,
         duration_ms: progress
             .started_at_ms
@@ -66,6 +70,7 @@ fn audience(field: Field, f: FieldProgress) -> AudienceReport {
         shards: f.shards,
         shards_failed: f.shards_failed,
         last_error: f.last_error,
+        ..AudienceReport::default()
     }
 }
 

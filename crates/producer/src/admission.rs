@@ -5,7 +5,7 @@
 
 use crate::plan::{Deps, PlanError};
 use audience_export_core::connection::{ActiveToken, AdAccountStatus, ConnectionError};
-use audience_export_core::contract::ExportJob;
+use audience_export_core::contract::{AdAccountId, ExportJob};
 use audience_export_core::graph::{ErrorClass, GraphError};
 use audience_export_core::progress::now_ms;
 use audience_export_core::revocation::{Refusal, Unusable};
@@ -66,16 +66,37 @@ pub async fn resolve(deps: &Deps, job: &ExportJob) -> Result<ActiveToken, PlanEr
                     .await
                     .map_err(stored)?;
             }
-            Ok(false) => {
-                return Err(refused(format!(
-                    "terms not accepted: accept the Custom Audience terms for {act} at {}, then export again.",
-                    account.terms_url()
-                )))
-            }
+            Ok(false) => return Err(terms_not_accepted(account)),
             Err(e) => return Err(refusal(job, &token, "check the Custom Audience terms", &e)),
         }
     }
     Ok(token)
+}
+
+/// A dry run's one call to Meta: the token still works, it may read the ad account, and the
+/// account's Custom Audience terms are accepted (what creating an audience would need).
+pub async fn check_with_meta(
+    deps: &Deps,
+    job: &ExportJob,
+    token: &ActiveToken,
+) -> Result<(), PlanError> {
+    match deps
+        .graph
+        .tos_accepted(&token.token, &job.ad_account_id)
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(terms_not_accepted(&job.ad_account_id)),
+        Err(e) => Err(refusal(job, token, "check the ad account", &e)),
+    }
+}
+
+fn terms_not_accepted(account: &AdAccountId) -> PlanError {
+    refused(format!(
+        "terms not accepted: accept the Custom Audience terms for {} at {}, then export again.",
+        account.act(),
+        account.terms_url()
+    ))
 }
 
 /// A refusal with no token refused: the reason alone.

@@ -10,10 +10,16 @@
 //! | `PUT /v1/workspaces/{ws}/connection/ad-accounts` `{ad_account_ids}` | selects ad accounts, checks their terms |
 //! | `GET /v1/workspaces/{ws}/connection` | status, never the token |
 //! | `DELETE /v1/workspaces/{ws}/connection` | disconnects, deleting the tokens |
+//! | `POST /v1/exports` (a job, the queue's contract) | records and queues it: 202 `{export_id, created, status}`; idempotent on `export_id`, 409 if the id names another job |
+//! | `GET /v1/exports/{id}` | status, counts so far, per audience progress, started, deadline |
+//! | `POST /v1/exports/{id}/cancel` `{cancelled_by?}` | no more shard is sent; it finishes `cancelled` |
+//! | `GET /v1/exports?workspace_id=&limit=` | a workspace's recent exports, newest first |
 
 use crate::connect::{ConnectError, Connector};
-use audience_export_core::contract::WorkspaceId;
-use axum::extract::{MatchedPath, Path, Request, State};
+use crate::exports::{Exports, ExportsError};
+use audience_export_core::contract::{ExportId, WorkspaceId};
+use axum::body::Bytes;
+use axum::extract::{FromRef, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -73,18 +79,37 @@ impl Access {
     }
 }
 
+/// What the handlers share: connections on one side, exports on the other.
+#[derive(Clone)]
+pub struct Services {
+    pub connector: Arc<Connector>,
+    pub exports: Arc<Exports>,
+}
+
+impl FromRef<Services> for Arc<Connector> {
+    fn from_ref(s: &Services) -> Arc<Connector> {
+        s.connector.clone()
+    }
+}
+
+impl FromRef<Services> for Arc<Exports> {
+    fn from_ref(s: &Services) -> Arc<Exports> {
+        s.exports.clone()
+    }
+}
+
 /// Binds the API and serves it until `shutdown`; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     api: &audience_export_core::config::ApiSettings,
-    connector: Arc<Connector>,
+    services: Services,
     requests: IntCounterVec,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let access = Access::from_settings(api)?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(connector, access, requests);
+    let app = router(services, access, requests);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -97,8 +122,11 @@ pub async fn serve(
     Ok(bound)
 }
 
-fn router(connector: Arc<Connector>, access: Access, requests: IntCounterVec) -> Router {
+fn router(services: Services, access: Access, requests: IntCounterVec) -> Router {
     Router::new()
+        .route("/v1/exports", post(submit_export).get(list_exports))
+        .route("/v1/exports/{id}", get(export_status))
+        .route("/v1/exports/{id}/cancel", post(cancel_export))
         .route(
             "/v1/workspaces/{ws}/connection",
             get(status).delete(disconnect),
@@ -118,7 +146,7 @@ fn router(connector: Arc<Connector>, access: Access, requests: IntCounterVec) ->
         )
         .layer(middleware::from_fn_with_state(access, authorize))
         .layer(middleware::from_fn_with_state(requests, count))
-        .with_state(connector)
+        .with_state(services)
 }
 
 /// Counts every request by its route template (never the workspace id) and status.
@@ -167,7 +195,75 @@ impl IntoResponse for ConnectError {
     }
 }
 
+impl IntoResponse for ExportsError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            warn!(message = "Export request failed.", error = %self);
+        }
+        error_response(status, &self.to_string())
+    }
+}
+
 type Shared = State<Arc<Connector>>;
+type ExportsState = State<Arc<Exports>>;
+
+fn export_id(raw: String) -> Result<ExportId, ExportsError> {
+    ExportId::parse(raw).map_err(|e| ExportsError::Invalid(e.to_string()))
+}
+
+async fn submit_export(State(e): ExportsState, body: Bytes) -> Result<Response, ExportsError> {
+    let submitted = e.submit(&body).await?;
+    Ok((StatusCode::ACCEPTED, Json(submitted)).into_response())
+}
+
+async fn export_status(
+    State(e): ExportsState,
+    Path(id): Path<String>,
+) -> Result<Response, ExportsError> {
+    Ok(Json(e.status(&export_id(id)?).await?).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Cancel {
+    cancelled_by: Option<String>,
+}
+
+async fn cancel_export(
+    State(e): ExportsState,
+    Path(id): Path<String>,
+    body: Option<Json<Cancel>>,
+) -> Result<Response, ExportsError> {
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let view = e
+        .cancel(&export_id(id)?, body.cancelled_by.as_deref())
+        .await?;
+    Ok(Json(view).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    workspace_id: String,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    50
+}
+
+async fn list_exports(
+    State(e): ExportsState,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ExportsError> {
+    let ws =
+        WorkspaceId::parse(q.workspace_id).map_err(|e| ExportsError::Invalid(e.to_string()))?;
+    let exports = e.list(&ws, q.limit.clamp(1, 200)).await?;
+    Ok(Json(json!({ "exports": exports })).into_response())
+}
 
 /// The workspace a route names, parsed at the edge: an id that could not be a workspace is a
 /// 400 with the rule, before anything reads Redis.

@@ -7,7 +7,9 @@ pub mod admission;
 pub mod api;
 pub mod audiences;
 pub mod connect;
+pub mod consent;
 pub mod dead_letters;
+pub mod exports;
 pub mod metrics;
 pub mod plan;
 pub mod sharder;
@@ -63,10 +65,17 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         cipher,
         settings.clone(),
     ));
+    let exports = Arc::new(exports::Exports::new(
+        progress.clone(),
+        Topology::from_settings(&settings),
+        settings.amqp_url.clone(),
+        Duration::from_secs(settings.finalizer.retention_secs),
+        Duration::from_secs(settings.finalizer.export_deadline_secs),
+    ));
     let api_addr = api::serve(
         settings.api.addr,
         &settings.api,
-        connector,
+        api::Services { connector, exports },
         metrics.api_requests.clone(),
         shutdown.clone(),
     )
@@ -87,6 +96,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 workspaces: workspaces.clone(),
                 job_ttl: Duration::from_secs(settings.finalizer.retention_secs),
                 owner: owner.clone(),
+                sources: source::SourceSettings::from_settings(&settings.producer),
             })
         };
         consumer::serve(

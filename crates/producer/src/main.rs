@@ -1,18 +1,21 @@
 //! `audience-producer`: runs the producer (configured by `AE_*` environment variables; stops on
 //! SIGTERM or SIGINT), or manages a workspace's settings and Facebook connection for operators.
 
-use audience_export_core::amqp::WorkQueue;
+use audience_export_core::amqp::{Topology, WorkQueue};
 use audience_export_core::connection::Connections;
-use audience_export_core::contract::{PhoneCountry, WorkspaceId};
+use audience_export_core::contract::{ExportId, PhoneCountry, WorkspaceId};
 use audience_export_core::graph::GraphClient;
+use audience_export_core::progress::ProgressStore;
 use audience_export_core::token_cipher::TokenCipher;
 use audience_export_core::workspace::Workspaces;
 use audience_export_core::{config::Settings, shutdown, telemetry};
 use audience_export_producer::connect::Connector;
 use audience_export_producer::dead_letters;
+use audience_export_producer::exports::Exports;
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 use std::io::Read;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +44,12 @@ enum Command {
         #[command(subcommand)]
         action: ConnectionAction,
     },
+    /// Exports: submit a job, see how far one is, cancel it, list a workspace's recent ones (the
+    /// same as the HTTP API's /v1/exports).
+    Exports {
+        #[command(subcommand)]
+        action: ExportAction,
+    },
     /// What the dead-letter queues hold, and putting it back once the cause is fixed.
     DeadLetters {
         #[command(subcommand)]
@@ -63,6 +72,27 @@ enum DeadLetterAction {
         #[arg(long, default_value = "shards")]
         queue: Queue,
         #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExportAction {
+    /// Records and queues a job read from a file (`-`: standard input); prints its export id.
+    Submit { job: std::path::PathBuf },
+    /// Status, counts so far and per audience progress, as JSON.
+    Status { export_id: ExportId },
+    /// Stops an export: no shard is sent after this; it finishes `cancelled`.
+    Cancel {
+        export_id: ExportId,
+        /// Who cancels (named in the report and the email).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// A workspace's most recent exports, newest first, as JSON.
+    List {
+        workspace: WorkspaceId,
+        #[arg(long, default_value_t = 20)]
         limit: usize,
     },
 }
@@ -167,6 +197,13 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Some(Command::Exports { action }) => {
+            if let Err(error) = exports(settings, action).await {
+                eprintln!("error: {error:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Some(Command::Connection { action }) => {
             // An operator's command: one line saying what failed, no backtrace.
             if let Err(error) = connection(settings, action).await {
@@ -176,6 +213,40 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn exports(settings: Settings, action: ExportAction) -> anyhow::Result<()> {
+    let progress = ProgressStore::connect(&settings.redis_url, &settings.namespace).await?;
+    let exports = Exports::new(
+        progress,
+        Topology::from_settings(&settings),
+        settings.amqp_url.clone(),
+        Duration::from_secs(settings.finalizer.retention_secs),
+        Duration::from_secs(settings.finalizer.export_deadline_secs),
+    );
+    let json = match action {
+        ExportAction::Submit { job } => {
+            let body = if job.as_os_str() == "-" {
+                let mut body = Vec::new();
+                std::io::stdin().read_to_end(&mut body)?;
+                body
+            } else {
+                std::fs::read(&job)?
+            };
+            serde_json::to_string_pretty(&exports.submit(&body).await?)?
+        }
+        ExportAction::Status { export_id } => {
+            serde_json::to_string_pretty(&exports.status(&export_id).await?)?
+        }
+        ExportAction::Cancel { export_id, by } => {
+            serde_json::to_string_pretty(&exports.cancel(&export_id, by.as_deref()).await?)?
+        }
+        ExportAction::List { workspace, limit } => {
+            serde_json::to_string_pretty(&exports.list(&workspace, limit).await?)?
+        }
+    };
+    println!("{json}");
+    Ok(())
 }
 
 async fn connection(settings: Settings, action: ConnectionAction) -> anyhow::Result<()> {

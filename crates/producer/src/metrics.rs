@@ -20,6 +20,9 @@ pub enum JobOutcome {
     /// Could not be planned to its end after audiences were created: sealed with what was
     /// published; the export finishes failed or partially failed.
     Failed,
+    /// Stopped (cancelled, or its token refused) before or while it was planned: sealed with
+    /// what was published.
+    Stopped,
 }
 
 impl Label for JobOutcome {
@@ -30,6 +33,7 @@ impl Label for JobOutcome {
         JobOutcome::Retried,
         JobOutcome::Held,
         JobOutcome::Failed,
+        JobOutcome::Stopped,
     ];
     fn as_str(self) -> &'static str {
         match self {
@@ -39,6 +43,7 @@ impl Label for JobOutcome {
             JobOutcome::Retried => "retried",
             JobOutcome::Held => "held",
             JobOutcome::Failed => "failed",
+            JobOutcome::Stopped => "stopped",
         }
     }
 }
@@ -54,6 +59,9 @@ pub struct Metrics {
     /// HTTP API requests, by route template (never an id) and status code: both bounded by the
     /// router, not by an enum.
     pub api_requests: IntCounterVec,
+    /// Members left out by the consent filter, by the attribute that excluded them. Attribute
+    /// names come from jobs (checked: at most 64 of `[A-Za-z0-9_.-]`); a platform uses a handful.
+    pub excluded: IntCounterVec,
 }
 
 impl Metrics {
@@ -81,13 +89,22 @@ impl Metrics {
             ),
             &["route", "status"],
         )?;
+        let excluded = IntCounterVec::new(
+            Opts::new(
+                "audience_export_members_excluded_total",
+                "Segment members left out by the consent filter, by the attribute that excluded them.",
+            ),
+            &["attribute"],
+        )?;
         registry.register(Box::new(api_requests.clone()))?;
+        registry.register(Box::new(excluded.clone()))?;
         registry.register(Box::new(members.clone()))?;
         Ok(Metrics {
             jobs,
             members,
             shards,
             api_requests,
+            excluded,
         })
     }
 }

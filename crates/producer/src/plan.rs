@@ -10,18 +10,20 @@
 //! read to its end seals what was published with a `plan_error`, and the export finishes failed
 //! or partially failed with that reason.
 
-use crate::admission::{refused, resolve};
+use crate::admission::{check_with_meta, refused, resolve};
 use crate::audiences::audience_for;
+use crate::consent::ConsentFilter;
 use crate::metrics::{JobOutcome, Metrics};
 use crate::sharder::Sharder;
-use crate::source::{Line, SegmentReader};
+use crate::source::{Line, SegmentReader, SegmentRecord, SourceError};
 use audience_export_core::amqp::{PublishError, Publisher, Topology, INFRA_RETRY_MS};
 use audience_export_core::connection::{ConnectionError, Connections};
 use audience_export_core::consumer::{Handler, Outcome};
 use audience_export_core::contract::{Event, ExportJob};
 use audience_export_core::graph::{GraphClient, GraphError};
 use audience_export_core::progress::{
-    now_ms, Begin, FieldTotals, PlanTotals, ProgressError, ProgressStore, Unreadable,
+    now_ms, Begin, ExportProgress, FieldTotals, PlanTotals, ProgressError, ProgressStore,
+    Unreadable,
 };
 use audience_export_core::revocation::{Refusal, RevocationError, Revocations};
 use audience_export_core::workspace::Workspaces;
@@ -59,6 +61,9 @@ pub struct Deps {
     pub job_ttl: Duration,
     /// This process's planner id; each planning attempt adds a nonce to it.
     pub owner: String,
+    /// Where segments may be read from (the file root, the headers secrets) and how long a
+    /// remote source may keep us waiting.
+    pub sources: crate::source::SourceSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +82,10 @@ pub enum PlanError {
     Lookup(GraphError),
     #[error(transparent)]
     Revocation(#[from] RevocationError),
+    /// The segment's source failed in a way worth retrying (a server error, a timeout, a cut
+    /// connection): planning resumes from its checkpoints, reading the source again.
+    #[error("the segment's source failed for now: {0}")]
+    Source(SourceError),
     /// Another planner took the export over (this one outlived its lease).
     #[error("another planner took the export over")]
     LeaseLost,
@@ -189,19 +198,8 @@ async fn refuse(
         let totals = PlanTotals {
             members_read: progress.members_read,
             malformed_records: progress.malformed_records,
-            fields: job
-                .fields
-                .iter()
-                .map(|&f| {
-                    let p = progress.field(f);
-                    let totals = FieldTotals {
-                        with_value: p.with_value,
-                        missing: p.missing,
-                        shards: p.shards,
-                    };
-                    (f, totals)
-                })
-                .collect(),
+            excluded: progress.excluded.clone(),
+            fields: published(job, &progress),
             error: Some(reason),
         };
         seal(deps, job, &totals).await?;
@@ -284,6 +282,11 @@ async fn plan(deps: &Deps, job: &ExportJob, body: &[u8]) -> Result<Outcome, Plan
         }
     }
 
+    // Jobs that came over AMQP are listed too (the API lists its own when submitted).
+    deps.progress
+        .list_in_workspace(&job.workspace_id, &job.export_id, now_ms())
+        .await?;
+
     // The lease is renewed while this attempt lives; losing it stops the publishing.
     let lease_lost = AtomicBool::new(false);
     let stop_renewing = CancellationToken::new();
@@ -341,20 +344,26 @@ async fn renew_lease(
 }
 
 /// Plans the export under the lease: audiences, the segment into shards, the seal.
+///
+/// The segment is opened and read up to its first member the consent rule admits before any
+/// audience is created: a segment with no such member ends `failed` with that reason and leaves
+/// nothing at Meta. (A resume, whose audiences exist, reads ahead the same way.)
 async fn planned(
     deps: &Deps,
     job: &ExportJob,
     lease_lost: &AtomicBool,
 ) -> Result<Outcome, PlanError> {
     audience_export_core::crash_point("producer::planning");
-    let token = resolve(deps, job).await?;
-    let mut audiences = BTreeMap::new();
-    for &field in &job.fields {
-        audiences.insert(field, audience_for(deps, job, &token, field).await?);
+    if let Some(reason) = deps.progress.stop_reason(&job.export_id).await? {
+        // Cancelled (or its token refused) before planning began: nothing is read or created.
+        info!(message = "Export stopped before planning; sealing it empty.", %reason);
+        return seal_early(deps, job, &Reading::new(job), None, JobOutcome::Stopped).await;
     }
+    let token = resolve(deps, job).await?;
 
-    let mut reader = match SegmentReader::open(&job.source.url, job.source.format).await {
+    let mut reader = match SegmentReader::open(&job.source, &deps.sources).await {
         Ok(reader) => reader,
+        Err(e) if e.retryable() => return Err(PlanError::Source(e)),
         Err(e) => return Err(refused(e.to_string())),
     };
     let first = identity(job, reader.identity(), deps.shard_size as u64);
@@ -378,6 +387,36 @@ async fn planned(
             .await?;
         now
     };
+
+    let mut read = Reading::new(job);
+    let first_member = match read.next_admitted(&mut reader).await {
+        Ok(member) => member,
+        Err(e) if e.retryable() => return Err(PlanError::Source(e)),
+        Err(e) if !progress.touched_meta() => {
+            return Err(refused(format!("the segment could not be read: {e}")))
+        }
+        Err(e) => {
+            let error = Some(read.error_at(&e));
+            return seal_early(deps, job, &read, error, JobOutcome::Failed).await;
+        }
+    };
+    let Some(first_member) = first_member else {
+        // Nothing to export: no audience is created (or, on a resume, none more is filled).
+        let reason = read.nobody_reason();
+        warn!(message = "No member to export; nothing is created.", %reason, members = read.members);
+        return seal_early(deps, job, &read, Some(reason), JobOutcome::Failed).await;
+    };
+
+    let mut audiences = BTreeMap::new();
+    if job.dry_run {
+        // Nothing is created: the shards carry no audience, and the workers only count.
+        check_with_meta(deps, job, &token).await?;
+        audiences.extend(job.fields.iter().map(|&field| (field, String::new())));
+    } else {
+        for &field in &job.fields {
+            audiences.insert(field, audience_for(deps, job, &token, field).await?);
+        }
+    }
     // The job's country wins over the workspace's default.
     let phone_country = match job.default_phone_country {
         Some(country) => Some(country),
@@ -400,50 +439,171 @@ async fn planned(
     if sharder.resumed() {
         info!(message = "Resuming from the checkpoints: the segment is read again, what was published is not.");
     }
-    let (mut members, mut malformed, mut line) = (0u64, 0u64, 0u64);
+    let mut member = Some(first_member);
     let read_error = loop {
-        let next = match reader.next().await {
-            Ok(Some(next)) => next,
-            Ok(None) => break None,
-            Err(e) => break Some(e),
+        let Some((line, record)) = member.take() else {
+            break None;
         };
-        match next {
-            Line::Malformed(_) => malformed += 1,
-            Line::Record(record) => {
-                members += 1;
-                for &field in &job.fields {
-                    sharder.push(field, line, record.value(field)).await?;
-                }
-            }
+        for &field in &job.fields {
+            sharder.push(field, line, record.value(field)).await?;
         }
-        line += 1;
         if let Some(reason) = &sharder.stopped {
             // Workers would drop every further shard: stop reading, seal what was published.
-            warn!(message = "Export stopped while planning; sealing what was published.", %reason, members);
+            warn!(message = "Export stopped while planning; sealing what was published.", %reason, members = read.members);
             break None;
+        }
+        match read.next_admitted(&mut reader).await {
+            Ok(next) => member = next,
+            // What was published is checkpointed: the retry re-reads and publishes the rest.
+            Err(e) if e.retryable() => return Err(PlanError::Source(e)),
+            Err(e) => break Some(e),
         }
     };
     // A segment that cannot be read to its end: what was published stays, nothing more is.
     let error = read_error.map(|e| {
-        warn!(message = "The segment could not be read to its end; sealing what was published.", error = %e, line);
-        format!("the segment could not be read past line {line}: {e}. Export it again once the file is complete.")
+        warn!(message = "The segment could not be read to its end; sealing what was published.", error = %e, line = read.line);
+        read.error_at(&e)
     });
-    let totals = PlanTotals {
-        members_read: members,
-        malformed_records: malformed,
-        fields: sharder.finish(error.is_none()).await?,
-        error,
-    };
-    deps.metrics.members.inc_by(members);
+    let stopped = sharder.stopped.is_some();
+    let totals = read.totals(sharder.finish(error.is_none()).await?, error);
+    deps.metrics.members.inc_by(read.members);
+    read.count_excluded(&deps.metrics);
     seal(deps, job, &totals).await?;
-    deps.metrics.jobs.with(JobOutcome::Planned).inc();
+    let outcome = match stopped {
+        true => JobOutcome::Stopped,
+        false => JobOutcome::Planned,
+    };
+    deps.metrics.jobs.with(outcome).inc();
     info!(
         message = "Export planned and sealed.",
-        members,
-        malformed,
+        members = read.members,
+        malformed = read.malformed,
+        excluded = read.consent.excluded_total(),
         shards = totals.shards()
     );
     Ok(Outcome::Ack)
+}
+
+/// The segment as it is being read: line numbers (what checkpoints count), members, malformed
+/// lines and the consent filter's tally.
+struct Reading {
+    /// The next line's number (records and malformed lines alike).
+    line: u64,
+    members: u64,
+    malformed: u64,
+    consent: ConsentFilter,
+}
+
+impl Reading {
+    fn new(job: &ExportJob) -> Reading {
+        Reading {
+            line: 0,
+            members: 0,
+            malformed: 0,
+            consent: ConsentFilter::new(&job.consent()),
+        }
+    }
+
+    /// The next member the consent rule admits, with its line; None at the end of the segment.
+    async fn next_admitted(
+        &mut self,
+        reader: &mut SegmentReader,
+    ) -> Result<Option<(u64, SegmentRecord)>, SourceError> {
+        while let Some(next) = reader.next().await? {
+            let line = self.line;
+            self.line += 1;
+            match next {
+                Line::Malformed(_) => self.malformed += 1,
+                Line::Record(record) => {
+                    self.members += 1;
+                    if self.consent.admits(&record) {
+                        return Ok(Some((line, record)));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn error_at(&self, e: &SourceError) -> String {
+        format!(
+            "the segment could not be read past line {}: {e}. Export it again once the file is complete.",
+            self.line
+        )
+    }
+
+    /// Why a segment without an admitted member exports nothing.
+    fn nobody_reason(&self) -> String {
+        if self.members == 0 {
+            format!(
+                "the segment holds no member: none of its {} lines is a member record. Check the segment export.",
+                self.malformed
+            )
+        } else {
+            format!(
+                "no member is left after the consent filter: all {} members were excluded ({}).",
+                self.members,
+                self.consent
+                    .excluded()
+                    .iter()
+                    .filter(|(_, &n)| n > 0)
+                    .map(|(a, n)| format!("{a}: {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    }
+
+    fn totals(&self, fields: BTreeMap<Field, FieldTotals>, error: Option<String>) -> PlanTotals {
+        PlanTotals {
+            members_read: self.members,
+            malformed_records: self.malformed,
+            excluded: self.consent.excluded().clone(),
+            fields,
+            error,
+        }
+    }
+
+    fn count_excluded(&self, metrics: &Metrics) {
+        for (attribute, &n) in self.consent.excluded() {
+            metrics.excluded.with_label_values(&[attribute]).inc_by(n);
+        }
+    }
+}
+
+/// Seals a plan before its first shard (or, on a resume, with what earlier attempts published):
+/// with a reason, the export finishes failed or partially failed; stopped, as its stop says.
+async fn seal_early(
+    deps: &Deps,
+    job: &ExportJob,
+    read: &Reading,
+    error: Option<String>,
+    outcome: JobOutcome,
+) -> Result<Outcome, PlanError> {
+    let progress = deps.progress.progress(&job.export_id).await?;
+    let totals = read.totals(published(job, &progress), error);
+    deps.metrics.members.inc_by(read.members);
+    read.count_excluded(&deps.metrics);
+    seal(deps, job, &totals).await?;
+    deps.metrics.jobs.with(outcome).inc();
+    Ok(Outcome::Ack)
+}
+
+/// Each field's totals as far as earlier attempts published them (their checkpoints): what a
+/// plan sealed early reports.
+fn published(job: &ExportJob, progress: &ExportProgress) -> BTreeMap<Field, FieldTotals> {
+    job.fields
+        .iter()
+        .map(|&f| {
+            let p = progress.field(f);
+            let totals = FieldTotals {
+                with_value: p.with_value,
+                missing: p.missing,
+                shards: p.shards,
+            };
+            (f, totals)
+        })
+        .collect()
 }
 
 /// What identifies a plan: the source (its URL, format and content's identity), the shard size

@@ -141,6 +141,7 @@ impl<'a> Sharder<'a> {
             records,
             attempt: 1,
             default_phone_country: self.phone_country,
+            dry_run: self.job.dry_run,
         };
         state.totals.shards += 1;
         let end_line = state.end_line;

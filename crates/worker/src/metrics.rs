@@ -24,6 +24,8 @@ pub enum ShardOutcome {
     DuplicateDelivery,
     /// Not a shard message: dead-lettered.
     Rejected,
+    /// Of a dry run: prepared and counted, no call made.
+    DryRun,
 }
 
 impl Label for ShardOutcome {
@@ -35,6 +37,7 @@ impl Label for ShardOutcome {
         ShardOutcome::Dropped,
         ShardOutcome::DuplicateDelivery,
         ShardOutcome::Rejected,
+        ShardOutcome::DryRun,
     ];
     fn as_str(self) -> &'static str {
         match self {
@@ -45,6 +48,7 @@ impl Label for ShardOutcome {
             ShardOutcome::Dropped => "dropped",
             ShardOutcome::DuplicateDelivery => "duplicate_delivery",
             ShardOutcome::Rejected => "rejected",
+            ShardOutcome::DryRun => "dry_run",
         }
     }
 }

@@ -153,8 +153,12 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
     }
 
     // A paused account's shards wait without being prepared: hashing a shard only to defer it
-    // would redo the work every cycle of the pause.
-    if let Some(remaining) = deps.pauses.remaining(&shard.ad_account_id).await? {
+    // would redo the work every cycle of the pause. (A dry run calls nobody: it never waits.)
+    let paused = match shard.dry_run {
+        true => None,
+        false => deps.pauses.remaining(&shard.ad_account_id).await?,
+    };
+    if let Some(remaining) = paused {
         return Ok(defer(
             deps,
             shard,
@@ -183,6 +187,12 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
     let mut counts = prepared.counts();
 
     if prepared.data.is_empty() {
+        return finish(deps, &shard, None, &counts).await;
+    }
+    if shard.dry_run {
+        // Counted exactly as an upload would be, without the call: what would be sent.
+        counts.uploaded = prepared.data.len() as u64;
+        deps.metrics.shards.with(ShardOutcome::DryRun).inc();
         return finish(deps, &shard, None, &counts).await;
     }
 

@@ -305,6 +305,7 @@ async fn worker_rate(shards: u32) -> anyhow::Result<f64> {
             records,
             attempt: 1,
             default_phone_country: None,
+            dry_run: false,
         };
         publisher.to_queue(&topology.shards(), &shard).await?;
     }
@@ -527,10 +528,10 @@ async fn sdk(
     per_record_us: u64,
     concurrency: u16,
 ) -> anyhow::Result<()> {
-    use audience_export_core::contract::SourceFormat;
+    use audience_export_core::contract::{Source, SourceFormat};
     use audience_export_harness::app::{spawn_app_with, Roles, AD_ACCOUNT};
     use audience_export_harness::emulator::Latency;
-    use audience_export_producer::source::{Line, SegmentReader};
+    use audience_export_producer::source::{Line, SegmentReader, SourceSettings};
     use audience_export_worker::normalize::Rules;
     use audience_export_worker::prepare::prepare;
 
@@ -552,11 +553,18 @@ async fn sdk(
     let emulator = start_emulator().await?;
     let sdk_hash = run_sdk(&python, "hash", &emulator.base_url(), TOKEN, &segment)?;
     let mut values: std::collections::BTreeMap<Field, Vec<String>> = Default::default();
-    let mut reader = SegmentReader::open(
-        &format!("file://{}", segment.display()),
-        SourceFormat::Ndjson,
-    )
-    .await?;
+    let bench_dir = std::fs::canonicalize(".bench")?;
+    let sources = SourceSettings {
+        file_root: Some(bench_dir.clone()),
+        ..SourceSettings::default()
+    };
+    let source = Source {
+        url: format!("file://{}", segment.display()),
+        format: SourceFormat::Ndjson,
+        compression: None,
+        headers_secret: None,
+    };
+    let mut reader = SegmentReader::open(&source, &sources).await?;
     while let Some(line) = reader.next().await? {
         if let Line::Record(r) = line {
             for field in Field::ALL {
@@ -606,6 +614,8 @@ async fn sdk(
     let app = spawn_app_with(Roles::ALL, |s| {
         s.worker.concurrency = concurrency;
         s.worker.calls_per_second_per_account = 1_000;
+        // The segment is in .bench/, not in the app's directory.
+        s.producer.file_root = Some(bench_dir);
     })
     .await;
     app.emulator.configure(|c| c.record_entries = false);

@@ -1,13 +1,18 @@
 //! The identifier kinds a marketer can export, one Custom Audience each.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// An identifier field. Each becomes its own Custom Audience with Meta's single-key schema.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Field {
+    /// Email addresses (`EMAIL_SHA256`).
     Email,
+    /// Phone numbers (`PHONE_SHA256`).
     Phone,
     /// Mobile advertiser id: Apple's IDFA or Google's advertising id.
     Madid,

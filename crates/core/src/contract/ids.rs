@@ -2,7 +2,8 @@
 //! argument) and impossible to hold invalid afterwards: an `ExportId` or a `WorkspaceId` is safe
 //! inside a Redis key, an AMQP header and a URL; an `AdAccountId` has one representation (its
 //! digits), and prints `act_<digits>` only where the Graph API wants it; a `PhoneCountry` is a
-//! region libphonenumber has a numbering plan for. Each serializes as its plain string.
+//! region libphonenumber has a numbering plan for. Each serializes as its plain string. Their JSON
+//! Schemas (`contract::schema`) state these rules as patterns, tested against `parse`.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -6,12 +6,16 @@ mod event;
 mod field;
 mod ids;
 mod job;
+pub mod schema;
 mod shard;
 
-pub use event::{AudienceReport, ConnectionStatus, Event, ExportStatus, FinishedReport};
+pub use event::{
+    AudienceReport, ConnectionStatus, Event, ExportStatus, FinishedReport, LookalikeReport,
+};
 pub use field::Field;
 pub use ids::{AdAccountId, ExportId, IdError, PhoneCountry, WorkspaceId};
 pub use job::{
-    looks_like_email, ExportJob, JobError, Notify, Segment, Source, SourceFormat, CONTRACT_VERSION,
+    looks_like_email, Compression, Consent, ExportJob, JobError, Notify, Segment, Source,
+    SourceFormat, CONTRACT_VERSION, DO_NOT_SELL_OR_SHARE, MAX_ATTRIBUTE_LEN,
 };
 pub use shard::{shard_key, Shard};

@@ -28,6 +28,9 @@ pub struct Shard {
     /// without its national numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_phone_country: Option<PhoneCountry>,
+    /// Of a dry run: prepared and counted, never uploaded (`audience_id` is empty).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 impl Shard {

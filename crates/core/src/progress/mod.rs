@@ -11,7 +11,7 @@ pub use schema::{
     ShardCounts,
 };
 
-use crate::contract::{ExportId, Field};
+use crate::contract::{ExportId, Field, WorkspaceId};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use schema::{FieldKey, Key};
@@ -96,6 +96,34 @@ pub enum Begin {
     Conflict,
 }
 
+/// How many exports a workspace's list keeps, and how long after its last export.
+pub const WORKSPACE_LIST_LEN: usize = 200;
+pub const WORKSPACE_LIST_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// What `submit` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    /// First submission: queue it.
+    New,
+    /// The same job again (a client's retry): queue it again, harmlessly (it runs once).
+    Again,
+    /// The id holds another job.
+    Conflict,
+}
+
+/// What `cancel` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancelled {
+    /// No job under this id.
+    Unknown,
+    /// Cancelled (by this call or an earlier one).
+    Cancelled,
+    /// Stopped for another reason first (its token refused): it finishes as that stop says.
+    AlreadyStopped(String),
+    /// Finished before the cancellation.
+    Finished(ProgressStatus),
+}
+
 /// What `reject_unreadable` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unreadable {
@@ -117,6 +145,7 @@ pub struct ProgressStore {
     renew: redis::Script,
     set_once: redis::Script,
     reject_unreadable: redis::Script,
+    cancel: redis::Script,
 }
 
 impl ProgressStore {
@@ -131,6 +160,7 @@ impl ProgressStore {
             renew: redis::Script::new(schema::RENEW),
             set_once: redis::Script::new(schema::SET_ONCE),
             reject_unreadable: redis::Script::new(schema::REJECT_UNREADABLE),
+            cancel: redis::Script::new(schema::CANCEL),
         })
     }
 
@@ -148,6 +178,12 @@ impl ProgressStore {
     /// key for the namespace (never part of a multi-key script, so Redis Cluster is fine).
     fn index(&self) -> String {
         format!("{}:exports", self.ns)
+    }
+
+    /// A workspace's exports by start time, newest kept: what `GET /v1/exports?workspace_id=`
+    /// lists. One key per workspace, written on its own (never inside a multi-key script).
+    fn workspace_index(&self, workspace: &WorkspaceId) -> String {
+        format!("{}:workspace:{{{workspace}}}:exports", self.ns)
     }
 
     /// Whether Redis persists every write (AOF on), from `INFO persistence`.
@@ -211,6 +247,111 @@ impl ProgressStore {
             let _: () = c.zadd(self.index(), export_id.as_str(), now_ms).await?;
         }
         Ok(begin)
+    }
+
+    /// Records a job submitted over the API before it is queued (`SET NX` of the job, the very
+    /// bytes `begin` will compare), so a second submission of the same job is recognised and a
+    /// different job under the same id refused at once. The planner's `begin` then finds it.
+    pub async fn submit(
+        &self,
+        export_id: &ExportId,
+        workspace: &WorkspaceId,
+        job_json: &str,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<Submitted> {
+        let mut c = self.redis.clone();
+        let key = self.key(export_id, "job");
+        let set: bool = redis::cmd("SET")
+            .arg(&key)
+            .arg(job_json)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async::<Option<String>>(&mut c)
+            .await?
+            .is_some();
+        if !set {
+            let held: Option<String> = c.get(&key).await?;
+            if held.as_deref() != Some(job_json) {
+                return Ok(Submitted::Conflict);
+            }
+        }
+        self.list_in_workspace(workspace, export_id, now_ms).await?;
+        Ok(if set {
+            Submitted::New
+        } else {
+            Submitted::Again
+        })
+    }
+
+    /// Adds an export to its workspace's list (idempotent: the first time stays), keeping the
+    /// newest `WORKSPACE_LIST_LEN` and the list's retention.
+    pub async fn list_in_workspace(
+        &self,
+        workspace: &WorkspaceId,
+        export_id: &ExportId,
+        now_ms: u64,
+    ) -> Result<()> {
+        let mut c = self.redis.clone();
+        let key = self.workspace_index(workspace);
+        let _: () = redis::pipe()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg("NX")
+            .arg(now_ms)
+            .arg(export_id.as_str())
+            .ignore()
+            .zremrangebyrank(&key, 0, -(WORKSPACE_LIST_LEN as isize) - 1)
+            .ignore()
+            .pexpire(&key, WORKSPACE_LIST_RETENTION.as_millis() as i64)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// A workspace's most recent exports, newest first, at most `limit`.
+    pub async fn recent(&self, workspace: &WorkspaceId, limit: usize) -> Result<Vec<ExportId>> {
+        let mut c = self.redis.clone();
+        let ids: Vec<String> = c
+            .zrevrange(self.workspace_index(workspace), 0, limit as isize - 1)
+            .await?;
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| ExportId::parse(id).ok())
+            .collect())
+    }
+
+    /// Cancels an export (`CANCEL`): no shard is sent after this, and it finishes `cancelled`.
+    pub async fn cancel(
+        &self,
+        export_id: &ExportId,
+        reason: &str,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<Cancelled> {
+        let mut c = self.redis.clone();
+        let answer: Vec<String> = self
+            .cancel
+            .key(self.key(export_id, "job"))
+            .key(self.key(export_id, "progress"))
+            .arg(reason)
+            .arg(now_ms)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await?;
+        let second = || answer.get(1).cloned().unwrap_or_default();
+        Ok(match answer.first().map(String::as_str) {
+            Some("unknown") => Cancelled::Unknown,
+            Some("cancelled") => Cancelled::Cancelled,
+            Some("stopped") => Cancelled::AlreadyStopped(second()),
+            Some("finished") => {
+                let status = second();
+                Cancelled::Finished(status.parse().map_err(|_| CorruptEntry::status(&status))?)
+            }
+            other => return Err(CorruptEntry::answer("CANCEL", other.unwrap_or("")).into()),
+        })
     }
 
     /// Extends the planning lease if `owner` still holds it; false when it was lost (expired and

@@ -40,10 +40,12 @@ pub(super) enum Key {
     UpdatedAtMs,
     /// When the report email went out: a retried finish never sends it again.
     EmailedAtMs,
+    /// `1` when the stop was a cancellation (`CANCEL`): the export finishes `cancelled`.
+    Cancelled,
 }
 
 impl Key {
-    const ALL: [Key; 16] = [
+    const ALL: [Key; 17] = [
         Key::Status,
         Key::Reason,
         Key::StopReason,
@@ -60,6 +62,7 @@ impl Key {
         Key::PlanError,
         Key::UpdatedAtMs,
         Key::EmailedAtMs,
+        Key::Cancelled,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -80,6 +83,7 @@ impl Key {
             Key::PlanError => "plan_error",
             Key::UpdatedAtMs => "updated_at_ms",
             Key::EmailedAtMs => "emailed_at_ms",
+            Key::Cancelled => "cancelled",
         }
     }
 }
@@ -107,6 +111,10 @@ pub(super) enum FieldKey {
 
 /// Invalid values of a field are counted per reason, as `<field>:invalid:<reason>`.
 const INVALID: &str = "invalid:";
+
+/// Members left out by the consent filter are counted per attribute (the first that excluded
+/// them), as `excluded:<attribute>` (attribute names are checked to hold no `:`).
+const EXCLUDED: &str = "excluded:";
 
 impl FieldKey {
     const ALL: [FieldKey; 13] = [
@@ -200,6 +208,8 @@ pub struct PlanTotals {
     pub members_read: u64,
     /// Lines of the segment that were not a record.
     pub malformed_records: u64,
+    /// Members left out by the consent filter, by the attribute that excluded them.
+    pub excluded: BTreeMap<String, u64>,
     pub fields: BTreeMap<Field, FieldTotals>,
     /// Why planning stopped before the end of the segment, when it did (`Key::PlanError`).
     pub error: Option<String>,
@@ -235,6 +245,9 @@ impl PlanTotals {
         .collect::<Vec<_>>();
         if let Some(error) = &self.error {
             out.push((Key::PlanError.name().to_owned(), error.clone()));
+        }
+        for (attribute, n) in &self.excluded {
+            out.push((format!("{EXCLUDED}{attribute}"), n.to_string()));
         }
         for (&field, t) in &self.fields {
             out.push((FieldKey::WithValue.of(field), t.with_value.to_string()));
@@ -299,11 +312,15 @@ pub struct ExportProgress {
     pub shards_failed: u64,
     pub members_read: u64,
     pub malformed_records: u64,
+    /// Members left out by consent, by attribute (written with the plan's totals).
+    pub excluded: BTreeMap<String, u64>,
     pub plan_fingerprint: Option<String>,
     pub plan_shard_size: Option<u64>,
     pub plan_error: Option<String>,
     pub updated_at_ms: Option<u64>,
     pub emailed_at_ms: Option<u64>,
+    /// The stop (`stop_reason`) was a cancellation.
+    pub cancelled: bool,
     pub fields: BTreeMap<Field, FieldProgress>,
     /// Entries this build does not know: written by a newer build during a rolling upgrade.
     /// Kept out of reports, never an error.
@@ -386,7 +403,12 @@ impl ExportProgress {
                     Key::PlanError => p.plan_error = Some(value.clone()),
                     Key::UpdatedAtMs => p.updated_at_ms = Some(count()?),
                     Key::EmailedAtMs => p.emailed_at_ms = Some(count()?),
+                    Key::Cancelled => p.cancelled = value == "1",
                 }
+                continue;
+            }
+            if let Some(attribute) = name.strip_prefix(EXCLUDED) {
+                p.excluded.insert(attribute.to_owned(), count()?);
                 continue;
             }
             let Some((field, rest)) = name
@@ -494,7 +516,8 @@ pub(super) const BEGIN: &str = r#"
 local job = redis.call('GET', KEYS[1])
 if job and job ~= ARGV[1] then return {'conflict'} end
 if not job then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
-if redis.call('EXISTS', KEYS[2]) == 0 then
+local fresh = redis.call('EXISTS', KEYS[2]) == 0
+if fresh then
   redis.call('HSET', KEYS[2], 'status', 'planning', 'started_at_ms', ARGV[2], 'updated_at_ms', ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
@@ -504,8 +527,31 @@ if redis.call('HGET', KEYS[2], 'sealed') == '1' then return {'sealed'} end
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[4] then return {'held', tostring(redis.call('PTTL', KEYS[3]))} end
 redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
-if job then return {'resumed'} end
-return {'new'}
+if fresh then return {'new'} end
+return {'resumed'}
+"#;
+
+/// Cancels an export: sets its `stop_reason` (unless a stop is set already) and marks the stop a
+/// cancellation, so workers drop its shards, its planner stops reading, and it finishes
+/// `cancelled`. An export whose job is recorded but whose planning has not begun (submitted over
+/// the API, still queued) gets its progress hash here, so the planner finds the stop first.
+/// KEYS[1] job, KEYS[2] progress; ARGV[1] reason, ARGV[2] now (ms), ARGV[3] retention (ms).
+/// Answers `{'unknown'}`, `{'finished', status}`, `{'cancelled'}` (now or before), or
+/// `{'stopped', reason}` (stopped for another reason first: it finishes as that stop says).
+pub(super) const CANCEL: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
+local status = redis.call('HGET', KEYS[2], 'status')
+if status and status ~= 'planning' and status ~= 'running' then return {'finished', status} end
+if not status then
+  redis.call('HSET', KEYS[2], 'status', 'planning', 'started_at_ms', ARGV[2], 'updated_at_ms', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+if redis.call('HSETNX', KEYS[2], 'stop_reason', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[2], 'cancelled', '1', 'updated_at_ms', ARGV[2])
+  return {'cancelled'}
+end
+if redis.call('HGET', KEYS[2], 'cancelled') == '1' then return {'cancelled'} end
+return {'stopped', redis.call('HGET', KEYS[2], 'stop_reason')}
 "#;
 
 /// Extends a lease if `ARGV[1]` still holds it. KEYS[1] lease; ARGV[2] its length (ms).
@@ -559,6 +605,7 @@ mod tests {
         let mut plan = PlanTotals {
             members_read: 120,
             malformed_records: 3,
+            excluded: [("ads_tracking_enabled".to_owned(), 9)].into(),
             ..PlanTotals::default()
         };
         plan.fields.insert(
@@ -598,6 +645,7 @@ mod tests {
         assert_eq!(p.status, Some(ProgressStatus::Running));
         assert!(p.sealed);
         assert_eq!((p.members_read, p.malformed_records), (120, 3));
+        assert_eq!(p.excluded, plan.excluded);
         assert_eq!(p.shards_planned, 3);
         let email = p.field(Field::Email);
         assert_eq!(email.audience_id.as_deref(), Some("555"));
