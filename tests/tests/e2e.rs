@@ -89,6 +89,12 @@ async fn a_segment_export_arrives_whole_with_its_report() {
         );
 
         let body = &mail.body();
+        assert!(mail.is_alternative(), "a text part and an HTML part");
+        assert!(
+            mail.html().contains(&got.audience_id),
+            "the HTML part names audience {}",
+            got.audience_id
+        );
         assert!(
             body.contains(&format!("(id {})", got.audience_id)),
             "email names audience {}",

@@ -60,9 +60,11 @@ pub struct Topology {
 }
 
 /// Routing keys the finalizer listens to.
-pub const FINALIZER_EVENTS: [&str; 4] = [
+pub const FINALIZER_EVENTS: [&str; 6] = [
     "shard.completed",
     "export.sealed",
+    "export.followed_up",
+    "ad_account.unusable",
     "export.rejected",
     "connection.invalidated",
 ];

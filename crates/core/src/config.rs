@@ -135,6 +135,11 @@ pub struct ConnectionSettings {
     pub encryption_keys: Option<SecretString>,
     /// A user token expiring within this many days gets one warning email.
     pub expiry_warning_days: u64,
+    /// How often the producers check every connection with Meta (`debug_token`, and each
+    /// selected ad account still in `/me/adaccounts` and not disabled), in seconds; one producer
+    /// of the fleet runs each round. Each export is checked before it starts too (at most once a
+    /// minute per workspace).
+    pub health_check_interval_secs: u64,
     /// How often the finalizer looks for expiring tokens, in seconds.
     pub expiry_check_interval_secs: u64,
 }
@@ -247,6 +252,7 @@ impl Default for ConnectionSettings {
         ConnectionSettings {
             encryption_keys: None,
             expiry_warning_days: 7,
+            health_check_interval_secs: 3600,
             expiry_check_interval_secs: 3600,
         }
     }

@@ -4,16 +4,26 @@
 //! the finalizer marks a connection invalid, and the HTTP API and the operators' CLI write it.
 //!
 //! One hash per workspace, `{ns}:workspace:<id>:connection`, and an index set `{ns}:connections`
-//! of the workspaces that have one (for the expiry sweep and key rotation).
+//! of the workspaces that have one (for the expiry sweep, key rotation and the health check).
+//!
+//! A selected ad account can become unusable while the connection stays valid: its Business
+//! Manager admin removes the person (or system user) from it, or Meta disables it. That is
+//! recorded per account, `unusable:<digits>` beside `selected` (`AccountUnusable`: what was found,
+//! Meta's code, when, with which token), by one script (`mark_unusable`) that exactly one caller
+//! sees succeed; a new selection clears it, and so does the health check once a reconnected
+//! token can use the account again (`clear_unusable`).
 
 use crate::contract::{AdAccountId, ConnectionStatus, WorkspaceId};
 use crate::progress::{claim, release, Claim};
+use crate::telemetry::Label;
 use crate::token_cipher::{CipherError, TokenCipher};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
+use schemars::JsonSchema;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::time::Duration;
 
 /// A token's name in Redis, events and logs: the first 16 hex digits of its SHA-256. Tells two
 /// tokens apart without revealing either.
@@ -21,6 +31,12 @@ pub fn token_fingerprint(token: &SecretString) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(token.expose_secret().as_bytes());
     hex::encode(&digest[..8])
+}
+
+/// The one-time notice (`Connections::claim_notice`) of the email telling whoever connected a
+/// workspace that `ad_account` became unusable at `at_ms`: one per loss.
+pub fn unusable_notice(ad_account: &AdAccountId, at_ms: u64) -> String {
+    format!("unusable:{ad_account}:{at_ms}:email")
 }
 
 /// The key recording that Meta refused one of a workspace's tokens (`revocation` writes and
@@ -54,16 +70,22 @@ impl TokenKind {
     }
 }
 
-/// An ad account the workspace selected, and whether its Custom Audience terms were accepted
-/// when last checked.
+/// An ad account the workspace selected, whether its Custom Audience terms were accepted when
+/// last checked, and whether it can be used at all.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdAccountStatus {
     pub id: AdAccountId,
     pub tos_accepted: bool,
+    /// When it was selected or its terms last checked: a report of a loss found before this is
+    /// stale (the selection re-checked it with Meta since).
     pub checked_at_ms: u64,
     /// Where to accept the terms, when they are not accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terms_url: Option<String>,
+    /// Set when the connection can no longer export to it (stored beside the selection, never
+    /// in it: `Connections::view` fills it in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unusable: Option<AccountUnusable>,
 }
 
 impl AdAccountStatus {
@@ -73,8 +95,106 @@ impl AdAccountStatus {
             tos_accepted,
             checked_at_ms,
             terms_url: (!tos_accepted).then(|| id.terms_url()),
+            unusable: None,
         }
     }
+}
+
+/// Why a selected ad account cannot be exported to: the class of what was found, a bounded
+/// metric label and part of the `ad_account.unusable` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UnusableKind {
+    /// Meta refused a call on the account with a permission error (codes 10, 200-299), or the
+    /// token lost the `ads_management` permission.
+    PermissionLost,
+    /// The token's `/me/adaccounts` no longer lists the account: whoever connected was removed
+    /// from it or from its Business Manager.
+    NotListed,
+    /// Meta reports the account disabled or closed (`account_status` 2, 100 or 101).
+    Disabled,
+}
+
+impl Label for UnusableKind {
+    const ALL: &'static [UnusableKind] = &[
+        UnusableKind::PermissionLost,
+        UnusableKind::NotListed,
+        UnusableKind::Disabled,
+    ];
+    fn as_str(self) -> &'static str {
+        match self {
+            UnusableKind::PermissionLost => "permission_lost",
+            UnusableKind::NotListed => "not_listed",
+            UnusableKind::Disabled => "disabled",
+        }
+    }
+}
+
+/// A selected ad account found unusable: what was found, Meta's words, and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccountUnusable {
+    pub kind: UnusableKind,
+    /// What Meta said or the health check read (Meta's message when a call was refused).
+    pub reason: String,
+    /// Meta's error code and subcode, when a call was refused; None for what the health check
+    /// read (`/me/adaccounts`, `account_status`).
+    #[serde(default)]
+    pub code: Option<i64>,
+    #[serde(default)]
+    pub subcode: Option<i64>,
+    /// When it was marked: names this loss (the owner's one notice is keyed by it).
+    pub at_ms: u64,
+    /// The token that was refused: a reconnect brings another, which the health check tries.
+    pub token_fingerprint: String,
+}
+
+impl AccountUnusable {
+    /// What was found, as a clause: "Meta refused the connection's access to ad account
+    /// act_1 (code 200: ...)".
+    pub fn finding(&self, ad_account: &AdAccountId) -> String {
+        let act = ad_account.act();
+        let meta = match (self.code, self.subcode) {
+            (Some(code), Some(sub)) => format!(" (code {code}, subcode {sub}: {})", self.reason),
+            (Some(code), None) => format!(" (code {code}: {})", self.reason),
+            _ => format!(" ({})", self.reason),
+        };
+        match self.kind {
+            UnusableKind::PermissionLost => {
+                format!("Meta refused the connection's access to ad account {act}{meta}")
+            }
+            UnusableKind::NotListed => format!(
+                "ad account {act} is no longer among the ad accounts the workspace's Facebook connection can use{meta}"
+            ),
+            UnusableKind::Disabled => format!("Meta reports ad account {act} as disabled{meta}"),
+        }
+    }
+
+    /// The fix, naming who needs access (`ConnectionView::grantee`).
+    pub fn fix(&self, ad_account: &AdAccountId, grantee: &str) -> String {
+        let act = ad_account.act();
+        match self.kind {
+            UnusableKind::PermissionLost | UnusableKind::NotListed => format!(
+                "Ask an admin of the Business Manager that owns {act} to give {grantee} access to it (a role that may manage campaigns), then select {act} again in the workspace's Facebook connection (or reconnect Facebook)."
+            ),
+            UnusableKind::Disabled => format!(
+                "Once Meta enables {act} again (Account Quality in Meta Business Suite says why it was disabled and how to request a review), select it again in the workspace's Facebook connection."
+            ),
+        }
+    }
+}
+
+/// What `mark_unusable` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Marked {
+    /// This call marked it: the caller counts it. The record as stored.
+    Now(AccountUnusable),
+    /// It was marked already (by another worker, or earlier): the record stored then.
+    Already(AccountUnusable),
+    /// The refused token is not the connection's any more, or the account was selected again
+    /// after the finding: nothing was marked.
+    Stale,
+    /// No connection, or the account is not selected.
+    Missing,
 }
 
 /// Why and when Meta refused the connection's token.
@@ -117,6 +237,18 @@ impl ConnectionView {
 
     pub fn selected(&self, ad_account: &AdAccountId) -> Option<&AdAccountStatus> {
         self.ad_accounts.iter().find(|a| &a.id == ad_account)
+    }
+
+    /// Who must be given access to an ad account for this connection's calls to reach it: the
+    /// system user whose token is used, or whoever connected.
+    pub fn grantee(&self) -> String {
+        match (self.token_kind, &self.connected_by) {
+            (TokenKind::SystemUser, _) => {
+                "the Business Manager system user whose token the workspace uses".to_owned()
+            }
+            (TokenKind::User, Some(who)) => who.clone(),
+            (TokenKind::User, None) => "the person who connected the workspace".to_owned(),
+        }
     }
 }
 
@@ -191,6 +323,60 @@ end
 return 0
 "#;
 
+/// Marks one selected ad account unusable unless the connection's token changed, the account is
+/// not selected (or was selected again after the finding), or it is marked already: exactly one
+/// caller sees `now`. KEYS[1] = connection hash; ARGV = account digits, token fingerprint,
+/// record JSON, finding time (ms). Returns {outcome, stored record}.
+const MARK_UNUSABLE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+local active = redis.call('HGET', KEYS[1], 'system_fp')
+if not active then active = redis.call('HGET', KEYS[1], 'user_fp') end
+if active ~= ARGV[2] then return {'stale'} end
+local selected = redis.call('HGET', KEYS[1], 'selected')
+if not selected then return {'missing'} end
+local found = nil
+for _, a in ipairs(cjson.decode(selected)) do
+  if a['id'] == ARGV[1] then found = a end
+end
+if not found then return {'missing'} end
+if tonumber(found['checked_at_ms'] or 0) > tonumber(ARGV[4]) then return {'stale'} end
+local field = 'unusable:' .. ARGV[1]
+if redis.call('HSETNX', KEYS[1], field, ARGV[3]) == 1 then return {'now', ARGV[3]} end
+return {'already', redis.call('HGET', KEYS[1], field)}
+"#;
+
+/// Lifts one account's mark if it is still the one the caller read (its `at_ms`), so a newer
+/// finding is never erased by an older check. KEYS[1] hash; ARGV account digits, at_ms.
+const CLEAR_UNUSABLE: &str = r#"
+local field = 'unusable:' .. ARGV[1]
+local stored = redis.call('HGET', KEYS[1], field)
+if not stored then return 0 end
+if tonumber(cjson.decode(stored)['at_ms']) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HDEL', KEYS[1], field)
+return 1
+"#;
+
+/// Replaces the selection and lifts every account's mark: a selection is checked with Meta
+/// first (listed, active, terms), so what it names is usable now. KEYS[1] hash; ARGV selection.
+const SELECT: &str = r#"
+redis.call('HSET', KEYS[1], 'selected', ARGV[1])
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 9) == 'unusable:' then redis.call('HDEL', KEYS[1], f) end
+end
+return 1
+"#;
+
+/// Records the ad accounts a token can use now (the health check's `/me/adaccounts`), in the
+/// slot of that token, if it is still stored. KEYS[1] hash; ARGV fingerprint, JSON list.
+const REFRESH_AVAILABLE: &str = r#"
+local slot = nil
+if redis.call('HGET', KEYS[1], 'system_fp') == ARGV[1] then slot = 'system_available'
+elseif redis.call('HGET', KEYS[1], 'user_fp') == ARGV[1] then slot = 'user_available' end
+if not slot then return 0 end
+redis.call('HSET', KEYS[1], slot, ARGV[2])
+return 1
+"#;
+
 /// How long a sent notice is remembered: longer than a user token lives (about 60 days).
 const NOTICE_TTL_SECS: u64 = 90 * 24 * 3600;
 
@@ -210,6 +396,27 @@ pub struct Connections {
     cipher: Option<TokenCipher>,
     invalidate: redis::Script,
     hset_if: redis::Script,
+    scripts: UnusableScripts,
+}
+
+/// The scripts of ad accounts' usability (see the module's doc).
+#[derive(Clone)]
+struct UnusableScripts {
+    mark: redis::Script,
+    clear: redis::Script,
+    select: redis::Script,
+    refresh_available: redis::Script,
+}
+
+impl UnusableScripts {
+    fn new() -> UnusableScripts {
+        UnusableScripts {
+            mark: redis::Script::new(MARK_UNUSABLE),
+            clear: redis::Script::new(CLEAR_UNUSABLE),
+            select: redis::Script::new(SELECT),
+            refresh_available: redis::Script::new(REFRESH_AVAILABLE),
+        }
+    }
 }
 
 impl Connections {
@@ -221,6 +428,7 @@ impl Connections {
             cipher: Some(cipher),
             invalidate: redis::Script::new(INVALIDATE),
             hset_if: redis::Script::new(HSET_IF),
+            scripts: UnusableScripts::new(),
         }
     }
 
@@ -233,6 +441,7 @@ impl Connections {
             cipher: None,
             invalidate: redis::Script::new(INVALIDATE),
             hset_if: redis::Script::new(HSET_IF),
+            scripts: UnusableScripts::new(),
         }
     }
 
@@ -246,6 +455,12 @@ impl Connections {
 
     fn index(&self) -> String {
         format!("{}:connections", self.ns)
+    }
+
+    /// Set while a workspace's connection was checked with Meta recently (see
+    /// `claim_health_check`).
+    fn health_key(&self, workspace: &WorkspaceId) -> String {
+        format!("{}:workspace:{workspace}:health-checked", self.ns)
     }
 
     /// The associated data of a sealed token: its workspace and slot.
@@ -298,10 +513,15 @@ impl Connections {
             subcode: get("invalid_subcode").and_then(|v| v.parse().ok()),
             at_ms: num("invalid_at_ms").unwrap_or(0),
         });
-        let ad_accounts: Vec<AdAccountStatus> = get("selected")
+        let mut ad_accounts: Vec<AdAccountStatus> = get("selected")
             .map(|v| serde_json::from_str(v).map_err(|e| ConnectionError::Corrupt(e.to_string())))
             .transpose()?
             .unwrap_or_default();
+        for account in &mut ad_accounts {
+            account.unusable = get(&format!("{UNUSABLE_PREFIX}{}", account.id))
+                .map(decode_unusable)
+                .transpose()?;
+        }
         Ok(Some(ConnectionView {
             workspace_id: workspace.clone(),
             status,
@@ -445,7 +665,9 @@ impl Connections {
         if !drop.is_empty() {
             pipe.hdel(&key, drop);
         }
+        // A new token is checked with Meta again before the next export (health check).
         pipe.del(revoked_key(&self.ns, workspace, &fingerprint))
+            .del(self.health_key(workspace))
             .hdel(&key, &INVALID_FIELDS)
             .hset_multiple(&key, &all)
             .sadd(self.index(), workspace.as_str());
@@ -454,16 +676,150 @@ impl Connections {
         Ok(())
     }
 
-    /// Replaces the workspace's selection of ad accounts.
+    /// Replaces the workspace's selection of ad accounts, lifting every unusable mark (the
+    /// caller checked what it selects with Meta), and forgets the last health check so the next
+    /// export asks Meta again.
     pub async fn select_ad_accounts(
         &self,
         workspace: &WorkspaceId,
         accounts: &[AdAccountStatus],
     ) -> Result<(), ConnectionError> {
         let mut c = self.redis.clone();
-        let selected = serde_json::to_string(accounts).expect("statuses serialize");
-        let _: () = c.hset(self.key(workspace), "selected", selected).await?;
+        // The marks live beside the selection, never in it.
+        let stored: Vec<AdAccountStatus> = accounts
+            .iter()
+            .map(|a| AdAccountStatus {
+                unusable: None,
+                ..a.clone()
+            })
+            .collect();
+        let selected = serde_json::to_string(&stored).expect("statuses serialize");
+        let _: i64 = self
+            .scripts
+            .select
+            .key(self.key(workspace))
+            .arg(selected)
+            .invoke_async(&mut c)
+            .await?;
+        self.forget_health_check(workspace).await
+    }
+
+    /// Marks a selected ad account unusable (see `MARK_UNUSABLE`): `Now` for exactly one caller
+    /// per loss, `Already` with the stored record for the others.
+    pub async fn mark_unusable(
+        &self,
+        workspace: &WorkspaceId,
+        ad_account: &AdAccountId,
+        record: &AccountUnusable,
+    ) -> Result<Marked, ConnectionError> {
+        let mut c = self.redis.clone();
+        let json = serde_json::to_string(record).expect("a record serializes");
+        let answer: Vec<String> = self
+            .scripts
+            .mark
+            .key(self.key(workspace))
+            .arg(ad_account.as_str())
+            .arg(&record.token_fingerprint)
+            .arg(json)
+            .arg(record.at_ms)
+            .invoke_async(&mut c)
+            .await?;
+        let stored = || -> Result<AccountUnusable, ConnectionError> {
+            decode_unusable(answer.get(1).map(String::as_str).unwrap_or_default())
+        };
+        Ok(match answer.first().map(String::as_str) {
+            Some("now") => Marked::Now(stored()?),
+            Some("already") => Marked::Already(stored()?),
+            Some("stale") => Marked::Stale,
+            _ => Marked::Missing,
+        })
+    }
+
+    /// Lifts an account's mark if it is still the one marked at `at_ms`; true when lifted.
+    pub async fn clear_unusable(
+        &self,
+        workspace: &WorkspaceId,
+        ad_account: &AdAccountId,
+        at_ms: u64,
+    ) -> Result<bool, ConnectionError> {
+        let mut c = self.redis.clone();
+        let cleared: i64 = self
+            .scripts
+            .clear
+            .key(self.key(workspace))
+            .arg(ad_account.as_str())
+            .arg(at_ms)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(cleared == 1)
+    }
+
+    /// Records the ad accounts the token `fingerprint` can use now, if it is still stored.
+    pub async fn refresh_available(
+        &self,
+        workspace: &WorkspaceId,
+        fingerprint: &str,
+        accounts: &[AdAccountId],
+    ) -> Result<bool, ConnectionError> {
+        let mut c = self.redis.clone();
+        let done: i64 = self
+            .scripts
+            .refresh_available
+            .key(self.key(workspace))
+            .arg(fingerprint)
+            .arg(json(accounts))
+            .invoke_async(&mut c)
+            .await?;
+        Ok(done == 1)
+    }
+
+    /// Claims the connection's health check for `ttl`: true when it was not checked within it,
+    /// so this caller asks Meta (a burst of jobs asks once). Lifted by a new token, a new
+    /// selection and `forget_health_check`.
+    pub async fn claim_health_check(
+        &self,
+        workspace: &WorkspaceId,
+        ttl: Duration,
+    ) -> Result<bool, ConnectionError> {
+        let mut c = self.redis.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.health_key(workspace))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut c)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Forgets the last health check: the next export asks Meta again.
+    pub async fn forget_health_check(
+        &self,
+        workspace: &WorkspaceId,
+    ) -> Result<(), ConnectionError> {
+        let mut c = self.redis.clone();
+        let _: i64 = c.del(self.health_key(workspace)).await?;
         Ok(())
+    }
+
+    /// Claims one round of the fleet's periodic health check for `lease`: true for one producer
+    /// of the fleet per round.
+    pub async fn claim_health_round(
+        &self,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, ConnectionError> {
+        let mut c = self.redis.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("{}:connections:health-round", self.ns))
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(lease.as_millis().max(1) as u64)
+            .query_async(&mut c)
+            .await?;
+        Ok(set.is_some())
     }
 
     /// Records a fresh terms check of one selected ad account. Only if the selection did not
@@ -480,7 +836,10 @@ impl Connections {
         let mut accounts: Vec<AdAccountStatus> =
             serde_json::from_str(&before).map_err(|e| ConnectionError::Corrupt(e.to_string()))?;
         for a in accounts.iter_mut().filter(|a| a.id == status.id) {
-            *a = status.clone();
+            *a = AdAccountStatus {
+                unusable: None,
+                ..status.clone()
+            };
         }
         let after = serde_json::to_string(&accounts).expect("statuses serialize");
         self.set_if(workspace, "selected", &before, &after).await
@@ -537,10 +896,11 @@ impl Connections {
     /// Deletes the connection and its tokens.
     pub async fn disconnect(&self, workspace: &WorkspaceId) -> Result<bool, ConnectionError> {
         let mut c = self.redis.clone();
-        let (deleted, _): (i64, i64) = redis::pipe()
+        let (deleted, _, _): (i64, i64, i64) = redis::pipe()
             .atomic()
             .del(self.key(workspace))
             .srem(self.index(), workspace.as_str())
+            .del(self.health_key(workspace))
             .query_async(&mut c)
             .await?;
         Ok(deleted == 1)
@@ -581,6 +941,17 @@ impl Connections {
     ) -> Result<Claim, ConnectionError> {
         let mut c = self.redis.clone();
         Ok(claim(&mut c, &self.notice_key(workspace, what), owner, lease).await?)
+    }
+
+    /// Whether the notice `what` was sent already.
+    pub async fn notice_done(
+        &self,
+        workspace: &WorkspaceId,
+        what: &str,
+    ) -> Result<bool, ConnectionError> {
+        let mut c = self.redis.clone();
+        let value: Option<String> = c.get(self.notice_key(workspace, what)).await?;
+        Ok(value.as_deref() == Some("done"))
     }
 
     /// Records a notice as sent; kept longer than a user token lives.
@@ -649,4 +1020,12 @@ impl Connections {
 
 fn json(list: &[AdAccountId]) -> String {
     serde_json::to_string(list).expect("ids serialize")
+}
+
+/// The hash field of an ad account's unusable mark, before its digits.
+const UNUSABLE_PREFIX: &str = "unusable:";
+
+fn decode_unusable(stored: &str) -> Result<AccountUnusable, ConnectionError> {
+    serde_json::from_str(stored)
+        .map_err(|e| ConnectionError::Corrupt(format!("unusable mark: {e}")))
 }

@@ -12,6 +12,7 @@ pub mod connection;
 pub mod consumer;
 pub mod contract;
 pub mod graph;
+pub mod naming;
 pub mod pause;
 pub mod progress;
 pub mod revocation;

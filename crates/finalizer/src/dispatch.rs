@@ -1,9 +1,10 @@
 //! Routes each event of the finalizer's queue to what handles it: progress events (a shard done,
-//! the plan sealed) and refusals to `finalize`, refused tokens to `invalidation`. It alone turns
-//! their results into an `Outcome`: an infrastructure failure, or a claim another finalizer
-//! holds, sends the original message through the finalizer's delay queue, unchanged.
+//! the plan sealed) and refusals to `finalize`, refused tokens to `invalidation`, ad accounts
+//! found unusable to `unusable`. It alone turns their results into an `Outcome`: an
+//! infrastructure failure, or a claim another finalizer holds, sends the original message
+//! through the finalizer's delay queue, unchanged.
 
-use crate::{finalize, invalidation, Deps, Handled};
+use crate::{finalize, invalidation, unusable, Deps, Handled};
 use audience_export_core::amqp::{Topology, FINALIZER_RETRY_MS};
 use audience_export_core::consumer::{Handler, Outcome};
 use audience_export_core::contract::Event;
@@ -27,7 +28,9 @@ pub async fn handle(deps: &Deps, body: &[u8]) -> Outcome {
         }
     };
     let result = match event {
-        Event::ShardCompleted { export_id, .. } | Event::ExportSealed { export_id } => {
+        Event::ShardCompleted { export_id, .. }
+        | Event::ExportSealed { export_id }
+        | Event::ExportFollowedUp { export_id } => {
             let span = tracing::info_span!("export", %export_id);
             finalize::if_complete(deps, &export_id)
                 .instrument(span)
@@ -59,6 +62,19 @@ pub async fn handle(deps: &Deps, body: &[u8]) -> Outcome {
                 message: &message,
             };
             invalidation::handle(deps, &refusal).await
+        }
+        Event::AdAccountUnusable {
+            workspace_id,
+            ad_account_id,
+            at_ms,
+            ..
+        } => {
+            let report = unusable::Report {
+                workspace_id: &workspace_id,
+                ad_account_id: &ad_account_id,
+                at_ms,
+            };
+            unusable::handle(deps, &report).await
         }
         Event::ExportFinished(_) | Event::ConnectionChanged { .. } => Ok(Handled::Done),
     };

@@ -68,11 +68,11 @@ impl Sweeper {
                 .map(|t| t.date().to_string())
                 .unwrap_or_default();
             let days_left = (expires_at as i64 - now as i64) / 86_400;
-            let (subject, body) = email::expiry_warning(&ws, &date, days_left);
+            let email = email::expiry_warning(&ws, &date, days_left);
             let recipients: Vec<String> = view.connected_by.into_iter().collect();
             match self
                 .notifier
-                .send(EmailKind::Expiry, &recipients, subject, body)
+                .send(EmailKind::Expiry, &recipients, &email)
                 .await
             {
                 Ok(delivered) => {

@@ -5,9 +5,12 @@
 
 use crate::metrics::EmailKind;
 use crate::{email, report, Deps, FinalizeError, Handled};
-use audience_export_core::contract::{Event, ExportId, ExportStatus};
+use audience_export_core::contract::{
+    Event, ExportId, ExportStatus, FollowUp, FOLLOW_UP, MESSAGE_KIND_HEADER,
+};
 use audience_export_core::progress::{now_ms, Claim, ExportProgress};
 use audience_export_core::ExportJob;
+use lapin::types::{AMQPValue, FieldTable};
 use tracing::info;
 
 /// Why an export is being finished, beyond its counters.
@@ -20,12 +23,44 @@ pub enum Ending {
     Abandoned { reason: String },
 }
 
-/// A progress event: finishes the export if every planned shard arrived and the plan is sealed.
+/// A progress event: finishes the export if every planned shard arrived and the plan is sealed,
+/// once its follow-up is done. A complete export with audiences at Meta first gets a follow-up
+/// (a worker, which holds the token, reads back the audiences' sizes and makes the lookalikes
+/// the job asked for) and finishes on its `export.followed_up`; asking again on a repeated event
+/// is harmless (the follow-up does nothing twice). A follow-up that never comes is the sweep's:
+/// the export is then finished without what it would add.
 pub async fn if_complete(deps: &Deps, export_id: &ExportId) -> Result<Handled, FinalizeError> {
-    if !deps.progress.progress(export_id).await?.is_complete() {
+    let progress = deps.progress.progress(export_id).await?;
+    if !progress.is_complete() {
+        return Ok(Handled::Done);
+    }
+    if wants_follow_up(&progress) {
+        let body = serde_json::to_vec(&FollowUp {
+            export_id: export_id.clone(),
+        })
+        .expect("a follow-up serializes");
+        let mut headers = FieldTable::default();
+        headers.insert(
+            MESSAGE_KIND_HEADER.into(),
+            AMQPValue::LongString(FOLLOW_UP.into()),
+        );
+        // Counted as progress, so the sweep gives the follow-up its `stall_after_secs`.
+        deps.progress.touch(export_id, now_ms()).await?;
+        deps.publisher
+            .publish("", &deps.topology.shards(), &body, headers)
+            .await?;
+        info!(message = "Export complete; asked a worker for its follow-up.");
         return Ok(Handled::Done);
     }
     finish(deps, export_id, Ending::Complete).await
+}
+
+/// Whether a complete export still needs its follow-up: audiences exist at Meta, it was not
+/// stopped (cancelled or its token refused), and no follow-up was recorded.
+pub fn wants_follow_up(progress: &ExportProgress) -> bool {
+    !progress.followed_up
+        && progress.stop_reason.is_none()
+        && progress.fields.values().any(|f| f.audience_id.is_some())
 }
 
 /// The producer refused the job: finishes it `rejected` with the reason, telling `notify` too.
@@ -113,12 +148,7 @@ async fn finish_claimed(
     // between the send and the mark can still send it twice: SMTP has no idempotency key.)
     if progress.emailed_at_ms.is_none() {
         deps.notifier
-            .send(
-                EmailKind::Report,
-                &recipients,
-                email::subject(&report),
-                email::body(&report),
-            )
+            .send(EmailKind::Report, &recipients, &email::report(&report))
             .await?;
         deps.progress.mark_emailed(export_id, now).await?;
     }

@@ -123,9 +123,9 @@ async fn email_owner(
                 .ok()
         })
         .unwrap_or_default();
-    let (subject, body) = email::connection_invalid(ws, r.code, r.subcode, r.message, &at);
+    let email = email::connection_invalid(ws, r.code, r.subcode, r.message, &at);
     deps.notifier
-        .send(EmailKind::Invalid, recipients, subject, body)
+        .send(EmailKind::Invalid, recipients, &email)
         .await?;
     Ok(())
 }

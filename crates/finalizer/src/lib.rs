@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod notify;
 pub mod report;
 pub mod sweep;
+pub mod unusable;
 
 use audience_export_core::amqp::{PublishError, Publisher, Topology};
 use audience_export_core::config::Settings;

@@ -14,15 +14,23 @@ pub enum EmailKind {
     Invalid,
     /// A user token about to expire, to whoever connected it.
     Expiry,
+    /// A selected ad account the connection can no longer use, to whoever connected it.
+    Unusable,
 }
 
 impl Label for EmailKind {
-    const ALL: &'static [EmailKind] = &[EmailKind::Report, EmailKind::Invalid, EmailKind::Expiry];
+    const ALL: &'static [EmailKind] = &[
+        EmailKind::Report,
+        EmailKind::Invalid,
+        EmailKind::Expiry,
+        EmailKind::Unusable,
+    ];
     fn as_str(self) -> &'static str {
         match self {
             EmailKind::Report => "report",
             EmailKind::Invalid => "invalid",
             EmailKind::Expiry => "expiry",
+            EmailKind::Unusable => "unusable",
         }
     }
 }

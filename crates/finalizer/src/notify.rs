@@ -4,7 +4,7 @@
 //! or refusing for now: an error the caller retries later (a delayed event, the next sweep),
 //! after giving back whatever claim it holds.
 
-use crate::email::{EmailError, Mailer};
+use crate::email::{Email, EmailError, Mailer};
 use crate::metrics::{EmailKind, EmailOutcome, Metrics};
 use tracing::{info, warn};
 
@@ -28,16 +28,15 @@ impl Notifier {
         Notifier { mailer, metrics }
     }
 
-    /// Sends one plain-text email to the recipients that parse as addresses. `Err` only when
-    /// trying again later may work.
+    /// Sends one email (text and HTML, `multipart/alternative`) to the recipients that parse as
+    /// addresses. `Err` only when trying again later may work.
     pub async fn send(
         &self,
         kind: EmailKind,
         recipients: &[String],
-        subject: String,
-        body: String,
+        email: &Email,
     ) -> Result<Delivered, EmailError> {
-        let (outcome, result) = match self.mailer.send_text(recipients, subject, body).await {
+        let (outcome, result) = match self.mailer.send(recipients, email).await {
             Ok(()) => (EmailOutcome::Sent, Ok(Delivered::Sent)),
             Err(EmailError::NoRecipient) => {
                 info!(message = "Nobody to send the email to.", kind = ?kind);

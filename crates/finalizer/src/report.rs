@@ -1,7 +1,9 @@
 //! Builds the finished report (what the email and the `export.finished` event say) from an
 //! export's progress hash and its job. Pure: no I/O, so its arithmetic is tested on its own.
 
-use audience_export_core::contract::{AudienceReport, ExportId, ExportStatus, FinishedReport};
+use audience_export_core::contract::{
+    AudienceReport, ExportId, ExportStatus, FinishedReport, LookalikeReport,
+};
 use audience_export_core::progress::{ExportProgress, FieldProgress};
 use audience_export_core::{ExportJob, Field};
 
@@ -70,7 +72,16 @@ fn audience(field: Field, f: FieldProgress) -> AudienceReport {
         shards: f.shards,
         shards_failed: f.shards_failed,
         last_error: f.last_error,
-        ..AudienceReport::default()
+        meta_invalid_reasons: f.meta_invalid_reasons,
+        approximate_count_lower_bound: f.approx_lower,
+        approximate_count_upper_bound: f.approx_upper,
+        lookalike: (f.lookalike_id.is_some() || f.lookalike_error.is_some()).then(|| {
+            LookalikeReport {
+                audience_id: f.lookalike_id,
+                name: f.lookalike_name.unwrap_or_default(),
+                error: f.lookalike_error,
+            }
+        }),
     }
 }
 

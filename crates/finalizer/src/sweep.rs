@@ -62,6 +62,15 @@ pub async fn sweep(deps: &Deps, limits: Limits, now: u64) -> Result<u64, Finaliz
         let Some((why, reason)) = verdict(&progress, limits, now) else {
             continue;
         };
+        if progress.is_complete() {
+            // Every shard arrived; only its follow-up (sizes, lookalikes) never came: finished
+            // as complete, without what the follow-up would add.
+            warn!(message = "A complete export's follow-up never came; finishing it without.", %export_id);
+            if finalize::finish(deps, &export_id, Ending::Complete).await? == crate::Handled::Done {
+                finished += 1;
+            }
+            continue;
+        }
         let reason = format!("{reason}; {}", missing(deps, &export_id, &progress).await?);
         warn!(message = "Finishing an export that will not finish by itself.", %export_id, why = ?why, %reason);
         if finalize::finish(deps, &export_id, Ending::Abandoned { reason }).await?

@@ -10,6 +10,7 @@ use crate::plan::{Deps, PlanError};
 use audience_export_core::connection::ActiveToken;
 use audience_export_core::contract::ExportJob;
 use audience_export_core::graph::{ErrorClass, GraphError};
+use audience_export_core::naming::bounded_name;
 use audience_export_core::telemetry::backoff;
 use audience_export_core::Field;
 use std::time::Duration;
@@ -20,16 +21,16 @@ const CREATE_ATTEMPTS: u32 = 5;
 
 /// "<segment> - Email - 2026-11-29 (<export id>)", or the job's own name with the field and the
 /// export appended: unique per export, so two exports of one segment on one day never share a
-/// name, and a marketer can tell them apart in Ads Manager.
+/// name, and a marketer can tell them apart in Ads Manager. A long segment name is shortened
+/// (with "…") so the whole stays within `naming::MAX_AUDIENCE_NAME_CHARS`; the field and the export id,
+/// what makes it unique, are never cut.
 pub fn audience_name(job: &ExportJob, field: Field) -> String {
     let date = time::OffsetDateTime::now_utc().date();
     match &job.audience_name {
-        Some(name) => format!("{name} - {} ({})", field.label(), job.export_id),
-        None => format!(
-            "{} - {} - {date} ({})",
-            job.segment.name,
-            field.label(),
-            job.export_id
+        Some(name) => bounded_name(name, &format!(" - {} ({})", field.label(), job.export_id)),
+        None => bounded_name(
+            &job.segment.name,
+            &format!(" - {} - {date} ({})", field.label(), job.export_id),
         ),
     }
 }

@@ -277,8 +277,10 @@ impl Connector {
         Ok(state)
     }
 
-    /// Selects the ad accounts the workspace may export to, checking each one's Custom Audience
-    /// terms with Meta.
+    /// Selects the ad accounts the workspace may export to, checking with Meta that the token
+    /// can use each one now (listed in `/me/adaccounts`, not disabled) and its Custom Audience
+    /// terms. Selecting again is how a workspace says an unusable account is fixed: the new
+    /// selection lifts every unusable mark (`Connections::select_ad_accounts`).
     pub async fn select_ad_accounts(
         &self,
         workspace: &WorkspaceId,
@@ -299,13 +301,32 @@ impl Connector {
                 "the connection is invalid ({reason}): reconnect first"
             )));
         }
+        // Asked now, not read from the connect time's list: access may have been removed, or
+        // given back, since.
+        let listed = self
+            .graph
+            .listed_ad_accounts(&token.token)
+            .await
+            .map_err(|e| ConnectError::from_graph(e, "listing the ad accounts"))?;
+        let available: Vec<AdAccountId> = listed.iter().map(|a| a.id.clone()).collect();
+        self.connections
+            .refresh_available(workspace, &token.fingerprint, &available)
+            .await?;
         let mut statuses = Vec::new();
         for id in &ids {
-            if !view.available_ad_accounts.contains(id) {
+            let Some(entry) = listed.iter().find(|a| &a.id == id) else {
                 return Err(ConnectError::Refused(format!(
-                    "{} is not an ad account this connection can use (it can use: {})",
+                    "{} is not an ad account this connection can use (it can use: {}); if it was removed, ask an admin of its Business Manager to give {} access to it again",
                     id.act(),
-                    list(&view.available_ad_accounts)
+                    list(&available),
+                    view.grantee()
+                )));
+            };
+            if entry.is_disabled() {
+                return Err(ConnectError::Refused(format!(
+                    "Meta reports {} as disabled (account_status {}): it can be selected once Meta enables it again",
+                    id.act(),
+                    entry.account_status.unwrap_or_default()
                 )));
             }
             let accepted = self
@@ -389,17 +410,19 @@ fn list(ids: &[AdAccountId]) -> String {
     }
 }
 
-/// Best-effort `connection.changed` events from the API and the CLI: a lazily opened broker
-/// connection, reopened after a failure. A lost event is logged, not fatal: the connection's
-/// state is in Redis and readable through the API at any time.
-struct Announcer {
+/// A broker connection for what the producer publishes outside the jobs' consumer: best-effort
+/// `connection.changed` events from the API and the CLI, and the health check rounds'
+/// announcements. Opened lazily, reopened after a failure. A lost `connection.changed` is
+/// logged, not fatal: the connection's state is in Redis and readable through the API at any
+/// time.
+pub struct Announcer {
     amqp_url: String,
     topology: Topology,
     publisher: Mutex<Option<(lapin::Connection, Publisher)>>,
 }
 
 impl Announcer {
-    fn new(settings: &Settings) -> Announcer {
+    pub fn new(settings: &Settings) -> Announcer {
         Announcer {
             amqp_url: settings.amqp_url.clone(),
             topology: Topology::from_settings(settings),
@@ -407,23 +430,37 @@ impl Announcer {
         }
     }
 
-    async fn announce(&self, event: &Event) {
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The open publisher, opening the connection first when there is none.
+    pub async fn publisher(&self) -> anyhow::Result<Publisher> {
         let mut slot = self.publisher.lock().await;
-        if slot.is_none() {
-            match self.open().await {
-                Ok(opened) => *slot = Some(opened),
-                Err(error) => {
-                    warn!(message = "Could not announce a connection change.", %error);
-                    return;
-                }
-            }
+        if let Some((_, publisher)) = slot.as_ref() {
+            return Ok(publisher.clone());
         }
-        let Some((_, publisher)) = slot.as_ref() else {
-            return;
+        let (connection, publisher) = self.open().await?;
+        *slot = Some((connection, publisher.clone()));
+        Ok(publisher)
+    }
+
+    /// Drops the connection after a failure: the next use opens another.
+    pub async fn reset(&self) {
+        *self.publisher.lock().await = None;
+    }
+
+    async fn announce(&self, event: &Event) {
+        let publisher = match self.publisher().await {
+            Ok(publisher) => publisher,
+            Err(error) => {
+                warn!(message = "Could not announce a connection change.", %error);
+                return;
+            }
         };
         if let Err(error) = publisher.event(&self.topology, event).await {
             warn!(message = "Could not announce a connection change.", %error);
-            *slot = None;
+            self.reset().await;
         }
     }
 

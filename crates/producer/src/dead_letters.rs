@@ -134,9 +134,11 @@ fn event_export(event: &Event) -> Option<String> {
     match event {
         Event::ShardCompleted { export_id, .. }
         | Event::ExportSealed { export_id }
+        | Event::ExportFollowedUp { export_id }
         | Event::ExportRejected { export_id, .. } => Some(export_id.to_string()),
         Event::ExportFinished(r) => Some(r.export_id.to_string()),
-        Event::ConnectionInvalidated { export_id, .. } => export_id.as_ref().map(|e| e.to_string()),
+        Event::ConnectionInvalidated { export_id, .. }
+        | Event::AdAccountUnusable { export_id, .. } => export_id.as_ref().map(|e| e.to_string()),
         Event::ConnectionChanged { .. } => None,
     }
 }

@@ -10,6 +10,7 @@ pub mod connect;
 pub mod consent;
 pub mod dead_letters;
 pub mod exports;
+pub mod health_check;
 pub mod metrics;
 pub mod plan;
 pub mod sharder;
@@ -58,7 +59,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         connections.clone(),
         progress.connection(),
         &settings.namespace,
-    );
+    )
+    .counting(&ops.registry)?;
     let connector = Arc::new(connect::Connector::new(
         graph.clone(),
         connections.clone(),
@@ -80,6 +82,16 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         shutdown.clone(),
     )
     .await?;
+    // The periodic connection health check (one producer of the fleet per round).
+    let rounds = health_check::Rounds {
+        graph: graph.clone(),
+        connections: connections.clone(),
+        revocations: revocations.clone(),
+        announcer: connect::Announcer::new(&settings),
+        owner: owner.clone(),
+        interval: Duration::from_secs(settings.connections.health_check_interval_secs.max(1)),
+    };
+    tokio::spawn(rounds.run(shutdown.clone()));
     let task = tokio::spawn(async move {
         let build = |publisher, topology| {
             Ok(Deps {

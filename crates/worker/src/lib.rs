@@ -2,8 +2,14 @@
 //! (prefetch = concurrency); each delivery is acked only after its effect is recorded in Redis,
 //! so a killed worker loses nothing: its unacked shards are redelivered and counted once.
 
+pub mod budget;
+pub mod followup;
+pub mod isolate;
 pub mod metrics;
 pub mod normalize;
+pub mod permission;
+pub mod phone_diff;
+pub mod phone_fast;
 pub mod prepare;
 pub mod ramp;
 pub mod upload;
@@ -31,7 +37,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let graph = GraphClient::from_settings(&settings.graph)?;
     let pauses = AccountPauses::new(progress.connection(), &settings.namespace);
     let connections = Connections::new(progress.connection(), &settings.namespace, cipher);
-    let revocations = Revocations::new(connections, progress.connection(), &settings.namespace);
+    let revocations = Revocations::new(connections, progress.connection(), &settings.namespace)
+        .counting(&ops.registry)?;
     let task = tokio::spawn(async move {
         let build = |publisher, topology| {
             Ok(Deps {
@@ -39,7 +46,11 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 progress: progress.clone(),
                 publisher,
                 topology,
-                limiter: Deps::limiter(settings.worker.calls_per_second_per_account),
+                budget: budget::FleetBudget::new(
+                    progress.connection(),
+                    &settings.namespace,
+                    settings.worker.calls_per_second_per_account,
+                ),
                 revocations: revocations.clone(),
                 metrics: metrics.clone(),
                 max_attempts: settings.worker.max_attempts,

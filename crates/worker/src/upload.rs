@@ -2,13 +2,14 @@
 //! limit, upload, classify Meta's answer, record the effect in Redis and announce it. Returns one
 //! `Outcome`; the consumer loop alone acks, retries or rejects.
 
+use crate::isolate;
 use crate::metrics::{Metrics, PauseReason, RecordOutcome, ShardOutcome};
 use crate::normalize::Rules;
 use crate::prepare::{prepare, Prepared};
-use audience_export_core::amqp::{PublishError, Publisher, Topology};
+use audience_export_core::amqp::{header_str, PublishError, Publisher, Topology};
 use audience_export_core::connection::{ActiveToken, ConnectionError};
 use audience_export_core::consumer::{Handler, Outcome};
-use audience_export_core::contract::{AdAccountId, Event};
+use audience_export_core::contract::{Event, FOLLOW_UP, MESSAGE_KIND_HEADER};
 use audience_export_core::graph::{CallOutcome, ErrorClass, GraphClient, GraphError};
 use audience_export_core::pause::AccountPauses;
 use audience_export_core::progress::{
@@ -16,12 +17,14 @@ use audience_export_core::progress::{
 };
 use audience_export_core::revocation::{Refusal, RevocationError, Revocations, Unusable};
 use audience_export_core::Shard;
-use governor::{DefaultKeyedRateLimiter, Quota};
 use lapin::message::Delivery;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn, Instrument};
+
+/// The invalid reason of records Meta refused on their own (their request refused whole, and
+/// alone too): never sent, counted like the values normalization drops.
+pub const META_REFUSED: &str = "meta_refused";
 
 /// Everything a shard upload needs, shared by the worker's concurrent uploads.
 pub struct Deps {
@@ -29,8 +32,8 @@ pub struct Deps {
     pub progress: ProgressStore,
     pub publisher: Publisher,
     pub topology: Topology,
-    /// Per-ad-account budget of this process.
-    pub limiter: DefaultKeyedRateLimiter<AdAccountId>,
+    /// Each ad account's pace, shared by every worker of the fleet.
+    pub budget: crate::budget::FleetBudget,
     /// Each shard's token, from its workspace's connection, unless it is unusable.
     pub revocations: Revocations,
     pub metrics: Metrics,
@@ -60,14 +63,6 @@ impl Pacing {
     }
 }
 
-impl Deps {
-    pub fn limiter(calls_per_second: u32) -> DefaultKeyedRateLimiter<AdAccountId> {
-        let rate = NonZeroU32::new(calls_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
-        // No burst: after a pause, a worker resumes one call at a time rather than all at once.
-        governor::RateLimiter::keyed(Quota::per_second(rate).allow_burst(NonZeroU32::MIN))
-    }
-}
-
 /// Failures of our own infrastructure, as opposed to Meta's answers.
 #[derive(Debug, thiserror::Error)]
 enum InfraError {
@@ -85,6 +80,10 @@ enum InfraError {
 
 impl Handler for Deps {
     async fn handle(self: Arc<Self>, delivery: Arc<Delivery>) -> Outcome {
+        let kind = header_str(&delivery.properties, MESSAGE_KIND_HEADER);
+        if kind.as_deref() == Some(FOLLOW_UP) {
+            return crate::followup::handle(&self, &delivery.data).await;
+        }
         handle(&self, &delivery.data).await
     }
 
@@ -198,7 +197,7 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
 
     // The permit is taken on every attempt; then the fleet-wide pause is checked again, so a
     // pause set while this upload waited is honoured.
-    deps.limiter.until_key_ready(&shard.ad_account_id).await;
+    deps.budget.until_ready(&shard.ad_account_id).await;
     deps.ramp.until_ready(&shard.ad_account_id).await;
     if let Some(remaining) = deps.pauses.remaining(&shard.ad_account_id).await? {
         return Ok(defer(
@@ -222,28 +221,31 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
         }
     };
     let call = Instant::now();
-    let result = deps
-        .graph
-        .add_users(
-            &token.token,
-            &shard.audience_id,
-            field.schema(),
-            &prepared.data,
-        )
-        .await;
+    let result = isolate::send(deps, &token, &shard, &prepared.data).await;
     deps.metrics
         .upload_seconds
         .with(field)
         .observe(call.elapsed().as_secs_f64());
 
     match result {
-        Ok(answer) => {
+        Ok(sent) => {
             audience_export_core::crash_point("worker::uploaded");
-            deps.metrics.graph_requests.with(CallOutcome::Ok).inc();
-            if let Some(usage) = &answer.usage {
+            deps.metrics
+                .graph_requests
+                .with(CallOutcome::Ok)
+                .inc_by(sent.calls as u64);
+            if let Some(usage) = &sent.usage {
                 deps.metrics.usage(&shard.ad_account_id, usage.percent);
             }
-            if let Some(usage) = answer
+            if sent.refused > 0 {
+                warn!(
+                    message = "Meta refused some records of the shard; the others were sent.",
+                    refused = sent.refused,
+                    calls = sent.calls
+                );
+                counts.invalid.insert(META_REFUSED, sent.refused);
+            }
+            if let Some(usage) = sent
                 .usage
                 .filter(|u| u.percent >= deps.pacing.usage_threshold_pct)
             {
@@ -262,26 +264,27 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
                     );
                 }
             }
-            counts.uploaded = prepared.data.len() as u64;
-            counts.meta_received = answer.num_received;
-            counts.meta_invalid = answer.num_invalid_entries;
+            counts.uploaded = sent.uploaded;
+            counts.meta_received = sent.meta_received;
+            counts.meta_invalid = sent.meta_invalid;
+            counts.meta_invalid_reasons = sent.meta_invalid_reasons;
             let r = finish(deps, &shard, None, &counts).await;
             if r.is_ok() {
                 let records = &deps.metrics.records;
                 records
                     .with((field, RecordOutcome::Uploaded))
-                    .inc_by(prepared.data.len() as u64);
+                    .inc_by(sent.uploaded);
                 records
                     .with((field, RecordOutcome::Duplicate))
                     .inc_by(prepared.duplicates);
                 records
                     .with((field, RecordOutcome::Invalid))
-                    .inc_by(prepared.invalid.values().sum());
+                    .inc_by(prepared.invalid.values().sum::<u64>() + sent.refused);
                 deps.metrics.shards.with(ShardOutcome::Uploaded).inc();
                 info!(
                     message = "Shard uploaded.",
-                    entries = prepared.data.len(),
-                    meta_invalid = answer.num_invalid_entries
+                    entries = sent.uploaded,
+                    meta_invalid = sent.meta_invalid
                 );
             }
             r
@@ -338,6 +341,9 @@ async fn failed_call(
     warn!(message = "Upload failed for good.", class = class.as_str(), %error);
     let reason = error.explain(&shard.ad_account_id);
     deps.metrics.shards.with(ShardOutcome::Failed).inc();
+    if let Some(lost) = crate::permission::lost(deps, &shard, token, &error).await? {
+        return finish(deps, &shard, Some(&Failure::export(lost)), counts).await;
+    }
     if class != ErrorClass::TokenInvalid {
         return finish(deps, &shard, Some(&Failure::shard(reason)), counts).await;
     }

@@ -57,6 +57,9 @@ enum Command {
         /// Length of the emulator's rate-limit window, in seconds.
         #[arg(long, default_value_t = 30.0)]
         window_secs: f64,
+        /// Worker processes sharing the ad account's budget (1: the in-process worker).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
     },
     /// Meta's Python SDK against the fleet, on the same generated segment and the same emulator
     /// latency: (a) its format_params vs our prepare + encode, one core each; (b) its sequential
@@ -84,9 +87,14 @@ enum Command {
         members: u64,
         #[arg(long, default_value_t = 500)]
         latency_ms: u64,
+        /// Worker process counts to time; each speed-up is against the first.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 2, 4])]
+        workers: Vec<usize>,
     },
     /// Normalize + hash + encode one 10,000-record shard per field on one core, beside the raw
-    /// SHA-256 rate on the same (normalized) inputs (records/s).
+    /// SHA-256 rate on the same values once normalized (records/s). Phone twice: US numbers
+    /// with punctuation (default country US), and a mix of 60+ regions in every notation
+    /// (`phone-mixed`, the differential test's generator, each default country its own shard).
     Hashing {
         #[arg(long, default_value_t = 5)]
         runs: usize,
@@ -96,6 +104,14 @@ enum Command {
         /// Only this field (email, phone, madid).
         #[arg(long)]
         field: Option<Field>,
+    },
+    /// The worker's phone fast path against the `phonenumber` crate on generated numbers (60+
+    /// regions, every notation, with and without a default country): fails on any difference.
+    PhoneDiff {
+        #[arg(long, default_value_t = 1_000_000)]
+        count: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
 }
 
@@ -132,9 +148,10 @@ async fn main() -> anyhow::Result<()> {
             shards,
             latency_ms,
             window_secs,
+            workers,
         } => {
             for halve in [false, true] {
-                ratelimit(rate, shards, latency_ms, window_secs, halve).await?;
+                ratelimit(rate, shards, latency_ms, window_secs, halve, workers).await?;
             }
         }
         Command::Sdk {
@@ -151,10 +168,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Scaleout {
             members,
             latency_ms,
-        } => scaleout(members, latency_ms).await?,
+            workers,
+        } => scaleout(members, latency_ms, &workers).await?,
         Command::Hashing { runs, secs, field } => {
             hashing(runs, Duration::from_secs_f64(secs), field)
         }
+        Command::PhoneDiff { count, seed } => phone_diff(count, seed)?,
     }
     Ok(())
 }
@@ -342,40 +361,87 @@ fn rate(records: usize, secs: Duration, mut work: impl FnMut() -> usize) -> f64 
 }
 
 fn hashing(runs: usize, secs: Duration, only: Option<Field>) {
-    use audience_export_worker::normalize::Rules;
+    use audience_export_worker::normalize::{normalize, Rules};
+    use audience_export_worker::phone_diff::Samples;
     use audience_export_worker::prepare::prepare;
     use sha2::Digest;
-    let rules = Rules::new(PhoneCountry::parse("US").ok());
-    let shards: Vec<(Field, Vec<String>)> = vec![
+    let us = Rules::new(PhoneCountry::parse("US").ok());
+    // Each input: a label, its field, and its shards with their rules (one default country per
+    // shard, as a job has).
+    type Shards = Vec<(Rules, Vec<String>)>;
+    let mut mixed: std::collections::BTreeMap<Option<String>, Vec<String>> = Default::default();
+    for sample in Samples::new(42).take(RECORDS) {
+        let country = sample.default_country.map(|c| c.as_str().to_owned());
+        mixed.entry(country).or_default().push(sample.value);
+    }
+    let mixed: Shards = mixed
+        .into_iter()
+        .map(|(country, values)| {
+            let country = country.and_then(|c| PhoneCountry::parse(&c).ok());
+            (Rules::new(country), values)
+        })
+        .collect();
+    let inputs: Vec<(&str, Field, Shards)> = vec![
         (
+            "email",
             Field::Email,
-            (0..RECORDS)
-                .map(|i| format!(" User{i}.Name@Example.COM "))
-                .collect(),
+            vec![(
+                us,
+                (0..RECORDS)
+                    .map(|i| format!(" User{i}.Name@Example.COM "))
+                    .collect(),
+            )],
         ),
         (
+            "phone",
             Field::Phone,
-            (0..RECORDS)
-                .map(|i| format!("+1 (212) {:03}-{:04}", 200 + i % 700, i))
-                .collect(),
+            vec![(
+                us,
+                (0..RECORDS)
+                    .map(|i| format!("+1 (212) {:03}-{:04}", 200 + i % 700, i))
+                    .collect(),
+            )],
         ),
+        ("phone-mixed", Field::Phone, mixed),
         (
+            "madid",
             Field::Madid,
-            (0..RECORDS)
-                .map(|i| format!("6D92078A-8246-4BA4-AE5B-{i:012X}"))
-                .collect(),
+            vec![(
+                us,
+                (0..RECORDS)
+                    .map(|i| format!("6D92078A-8246-4BA4-AE5B-{i:012X}"))
+                    .collect(),
+            )],
         ),
     ];
-    for (field, raw) in shards.iter().filter(|(f, _)| only.is_none_or(|o| o == *f)) {
-        let normalized: Vec<String> = raw.iter().map(|r| r.trim().to_lowercase()).collect();
+    for (label, field, shards) in inputs
+        .iter()
+        .filter(|(_, f, _)| only.is_none_or(|o| o == *f))
+    {
+        let records: usize = shards.iter().map(|(_, values)| values.len()).sum();
+        // What raw SHA-256 is given: the same values, normalized (the invalid ones dropped).
+        let normalized: Vec<String> = shards
+            .iter()
+            .flat_map(|(rules, values)| {
+                values
+                    .iter()
+                    .filter_map(|v| normalize(*field, v, rules).ok())
+                    .map(|n| n.normalized)
+            })
+            .collect();
         let mut prepared = Vec::new();
         let mut raw_sha = Vec::new();
         for _ in 0..runs {
-            prepared.push(rate(RECORDS, secs, || {
-                let p = prepare(*field, raw, &rules);
-                audience_export_core::graph::users_form(field.schema(), &p.data).len()
+            prepared.push(rate(records, secs, || {
+                shards
+                    .iter()
+                    .map(|(rules, values)| {
+                        let p = prepare(*field, values, rules);
+                        audience_export_core::graph::users_form(field.schema(), &p.data).len()
+                    })
+                    .sum()
             }));
-            raw_sha.push(rate(RECORDS, secs, || {
+            raw_sha.push(rate(normalized.len(), secs, || {
                 normalized
                     .iter()
                     .map(|v| sha2::Sha256::digest(v.as_bytes())[0] as usize)
@@ -383,8 +449,25 @@ fn hashing(runs: usize, secs: Duration, only: Option<Field>) {
             }));
         }
         let (p, r) = (median(&mut prepared), median(&mut raw_sha));
-        println!("{field:<6} normalize+hash+encode {p:>12.0} records/s   raw SHA-256 {r:>12.0} records/s   ({:.0}% of raw)", 100.0 * p / r);
+        println!("{label:<11} normalize+hash+encode {p:>10.0} records/s   raw SHA-256 {r:>10.0} records/s   ({:.0}% of raw)", 100.0 * p / r);
     }
+}
+
+/// `ae-bench phone-diff`: the phone fast path against the crate on `count` generated numbers.
+fn phone_diff(count: usize, seed: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let report = audience_export_worker::phone_diff::run(count, seed);
+    println!("{}", report.summary());
+    println!("seed {seed}, {:.1} s", started.elapsed().as_secs_f64());
+    for d in &report.disagreements {
+        println!("disagreement: {d:?}");
+    }
+    anyhow::ensure!(
+        report.disagreement_count == 0,
+        "{} values normalized differently by the fast path and the crate",
+        report.disagreement_count
+    );
+    Ok(())
 }
 
 /// One export of `shards` 10-record email shards through the whole in-process fleet, the emulator
@@ -395,15 +478,24 @@ async fn ratelimit(
     latency_ms: u64,
     window_secs: f64,
     halve: bool,
+    workers: usize,
 ) -> anyhow::Result<()> {
     use audience_export_harness::app::{spawn_app_with, Roles, AD_ACCOUNT};
     use audience_export_harness::emulator::Latency;
-    let app = spawn_app_with(Roles::ALL, |s| {
+    let roles = Roles {
+        worker: workers <= 1,
+        ..Roles::ALL
+    };
+    let app = spawn_app_with(roles, |s| {
         s.producer.shard_size = 10;
         s.worker.calls_per_second_per_account = rate as u32;
         s.worker.usage_pause_ms = 1_000;
     })
     .await;
+    let processes: Vec<_> = (0..workers)
+        .filter(|_| workers > 1)
+        .map(|_| app.spawn_worker_process(&sibling("audience-worker")))
+        .collect();
     let budget = (rate as f64 * window_secs) as u64;
     app.emulator.configure(|c| {
         c.window_secs = window_secs;
@@ -436,10 +528,18 @@ async fn ratelimit(
     let report = app.finished("bench-rate", Duration::from_secs(1_800)).await;
     let elapsed = started.elapsed().as_secs_f64();
     let (calls, throttled) = app.emulator.account_stats(AD_ACCOUNT);
-    let uploads = calls - throttled - 1; // one call created the audience
+    let uploads = app
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/users") && c.error_code.is_none())
+        .count() as u64;
     let email = &report.audiences[0];
+    for p in processes {
+        stop_process(p).await;
+    }
     println!(
-        "{}: R = {rate} calls/s, {latency_ms} ms latency, {shards} shards: {uploads} uploads in {elapsed:.1} s = {:.2} calls/s = {:.0}% of R; throttled {throttled} of {calls} calls ({:.2}%); failed shards {}",
+        "{}, {workers} worker process(es): R = {rate} calls/s, {latency_ms} ms latency, {shards} shards: {uploads} uploads in {elapsed:.1} s = {:.2} calls/s = {:.0}% of R; throttled {throttled} of {calls} calls ({:.2}%); failed shards {}",
         if halve { "budget halved mid-export" } else { "steady budget" },
         uploads as f64 / elapsed,
         100.0 * uploads as f64 / elapsed / rate as f64,
@@ -721,11 +821,11 @@ async fn memory(members: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn scaleout(members: u64, latency_ms: u64) -> anyhow::Result<()> {
+async fn scaleout(members: u64, latency_ms: u64, counts: &[usize]) -> anyhow::Result<()> {
     use audience_export_harness::app::{spawn_app_with, Roles};
     use audience_export_harness::emulator::Latency;
     let mut seconds = Vec::new();
-    for workers in [1usize, 2] {
+    for &workers in counts {
         let app = spawn_app_with(
             Roles {
                 producer: true,
@@ -770,9 +870,12 @@ async fn scaleout(members: u64, latency_ms: u64) -> anyhow::Result<()> {
         seconds.push(elapsed);
         app.stop().await;
     }
-    println!(
-        "speed-up from a second worker: {:.2}x",
-        seconds[0] / seconds[1]
-    );
+    for (workers, secs) in counts.iter().zip(&seconds).skip(1) {
+        println!(
+            "speed-up of {workers} worker processes over {}: {:.2}x",
+            counts[0],
+            seconds[0] / secs
+        );
+    }
     Ok(())
 }

@@ -257,5 +257,22 @@ fn print_report(r: &FinishedReport, wall: Duration) {
         for (reason, n) in &a.invalid {
             println!("{:<8} {:>18}   invalid {reason}: {n}", "", "");
         }
+        if let (Some(lower), Some(upper)) = (
+            a.approximate_count_lower_bound,
+            a.approximate_count_upper_bound,
+        ) {
+            println!(
+                "{:<8} {:>18}   Meta shows about {lower} to {upper} people",
+                "", ""
+            );
+        }
+    }
+    if !r.excluded.is_empty() {
+        let excluded: Vec<String> = r
+            .excluded
+            .iter()
+            .map(|(a, n)| format!("{a}: {n}"))
+            .collect();
+        println!("\nLeft out by consent: {}", excluded.join(", "));
     }
 }

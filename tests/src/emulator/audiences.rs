@@ -28,9 +28,11 @@ impl State {
     ) -> Result<Value, GraphFailure> {
         self.account_for(token, ad_account)?;
         self.tos_checked(ad_account)?;
+        // Names past 200 characters are refused (Meta's limit is undocumented; 200 is the
+        // producer's assumption, `MAX_AUDIENCE_NAME_CHARS`).
         let name = p
             .get("name")
-            .filter(|n| !n.trim().is_empty())
+            .filter(|n| !n.trim().is_empty() && n.chars().count() <= 200)
             .ok_or_else(|| GraphFailure::bad_param("name"))?;
         let subtype = p.get("subtype").cloned().unwrap_or_else(|| "CUSTOM".into());
         let source = match subtype.as_str() {
@@ -55,6 +57,22 @@ impl State {
                     .ok_or_else(|| GraphFailure::missing_object(origin))?;
                 if size < 100 {
                     return Err(GraphFailure::lookalike_source_too_small());
+                }
+                // `lookalike_spec`: a ratio of 0.01 to 0.20 and a `country`, or countries in
+                // `location_spec.geo_locations.countries`.
+                let spec: Value = p
+                    .get("lookalike_spec")
+                    .and_then(|s| serde_json::from_str(s).ok())
+                    .ok_or_else(|| GraphFailure::bad_param("lookalike_spec"))?;
+                let ratio_ok = spec["ratio"]
+                    .as_f64()
+                    .is_some_and(|r| (0.01..=0.20).contains(&r));
+                let countries_ok = spec["country"].as_str().is_some_and(|c| c.len() == 2)
+                    || spec["location_spec"]["geo_locations"]["countries"]
+                        .as_array()
+                        .is_some_and(|c| !c.is_empty());
+                if !ratio_ok || !countries_ok {
+                    return Err(GraphFailure::bad_param("lookalike_spec"));
                 }
                 None
             }
@@ -84,8 +102,15 @@ impl State {
             .get(audience_id)
             .map(|a| a.ad_account.clone())
             .ok_or_else(|| GraphFailure::missing_object(audience_id))?;
-        self.account_for(token, &account)
-            .map_err(|_| GraphFailure::missing_object(audience_id))?;
+        // Without access to the owning account the audience answers as missing (100/33, as
+        // Meta's error reference describes); a disabled account answers as disabled.
+        self.account_for(token, &account).map_err(|f| {
+            if f == GraphFailure::ad_account_disabled(&account) {
+                f
+            } else {
+                GraphFailure::missing_object(audience_id)
+            }
+        })?;
         Ok(account)
     }
 
@@ -100,6 +125,15 @@ impl State {
     ) -> Result<Value, GraphFailure> {
         if let Some(refusal) = &checked.refusal {
             return Err(refusal.clone());
+        }
+        if !remove && !self.config.poison_entries.is_empty() {
+            let accepted = checked.accepted();
+            if let Some(entry) = accepted
+                .iter()
+                .find(|e| self.config.poison_entries.contains(e))
+            {
+                return Err(GraphFailure::payload_refused(entry));
+            }
         }
         let record = self.config.record_entries;
         let audience = self

@@ -20,6 +20,11 @@ pub fn router(state: Shared) -> Router {
         .route("/_emulator/tokens", post(add_token))
         .route("/_emulator/dialog/approvals", post(approve_dialog))
         .route("/_emulator/tokens/{token}/revoke", post(revoke))
+        .route(
+            "/_emulator/tokens/{token}/ad_accounts/{id}",
+            post(grant_access).delete(remove_access),
+        )
+        .route("/_emulator/ad_accounts/{id}/status", post(account_status))
         .route("/_emulator/ad_accounts", post(add_account))
         .route("/_emulator/ad_accounts/{id}", get(account))
         .route("/_emulator/ad_accounts/{id}/budget", post(budget))
@@ -85,6 +90,36 @@ async fn revoke(
     Json(json!({ "revoked": lock(&state).revoke(&token, r.subcode) }))
 }
 
+/// `DELETE /_emulator/tokens/{token}/ad_accounts/{id}`: the token loses the account.
+async fn remove_access(
+    AxState(state): AxState<Shared>,
+    Path((token, id)): Path<(String, String)>,
+) -> Json<Value> {
+    Json(json!({ "removed": lock(&state).remove_access(&token, &id) }))
+}
+
+/// `POST /_emulator/tokens/{token}/ad_accounts/{id}`: the token may use the account (again).
+async fn grant_access(
+    AxState(state): AxState<Shared>,
+    Path((token, id)): Path<(String, String)>,
+) -> Json<Value> {
+    Json(json!({ "granted": lock(&state).grant_access(&token, &id) }))
+}
+
+#[derive(Deserialize)]
+struct AccountStatus {
+    account_status: i64,
+}
+
+/// `POST /_emulator/ad_accounts/{id}/status` `{"account_status": 2}`: disables (or enables) it.
+async fn account_status(
+    AxState(state): AxState<Shared>,
+    Path(id): Path<String>,
+    Json(a): Json<AccountStatus>,
+) -> Json<Value> {
+    Json(json!({ "ok": lock(&state).set_account_status(&id, a.account_status) }))
+}
+
 async fn add_account(
     AxState(state): AxState<Shared>,
     Json(seed): Json<AdAccountSeed>,
@@ -97,7 +132,7 @@ async fn account(AxState(state): AxState<Shared>, Path(id): Path<String>) -> Jso
     let s = lock(&state);
     match s.ad_accounts.get(&id) {
         Some(a) => Json(
-            json!({ "id": id, "calls": a.total_calls, "throttled": a.throttled, "budget": a.budget, "tos_accepted": a.tos_accepted }),
+            json!({ "id": id, "calls": a.total_calls, "throttled": a.throttled, "budget": a.budget, "tos_accepted": a.tos_accepted, "account_status": a.status }),
         ),
         None => Json(json!({ "error": "unknown ad account" })),
     }

@@ -131,6 +131,25 @@ impl Emulator {
         self.with(|s| s.add_ad_account(seed))
     }
 
+    /// Takes `ad_account` out of `token`'s access, as a Business Manager admin removing whoever
+    /// connected does: `/me/adaccounts` no longer lists it, calls on it answer code 200, uploads
+    /// to its audiences code 100 subcode 33. False for an unknown token or an account it could
+    /// not use anyway.
+    pub fn remove_access(&self, token: &str, ad_account: &str) -> bool {
+        self.with(|s| s.remove_access(token, ad_account))
+    }
+
+    /// Gives `token` the use of `ad_account` (again).
+    pub fn grant_access(&self, token: &str, ad_account: &str) -> bool {
+        self.with(|s| s.grant_access(token, ad_account))
+    }
+
+    /// Sets `ad_account`'s `account_status`: 2 disables it (still listed, with that status; calls
+    /// on it refused), 1 enables it again.
+    pub fn set_account_status(&self, ad_account: &str, status: i64) -> bool {
+        self.with(|s| s.set_account_status(ad_account, status))
+    }
+
     /// Every later call with `token` answers code 190 with `subcode`.
     pub fn revoke(&self, token: &str, subcode: i64) -> bool {
         self.with(|s| s.revoke(token, subcode))

@@ -45,6 +45,10 @@ pub struct Config {
     /// account is over its budget. Off, it is 0: a client then waits its own pause, which lets a
     /// test with a 2-second window throttle for real without a minute-long wait.
     pub regain_in_headers: bool,
+    /// Entries (as sent: hashes, MADIDs) for which Meta refuses a whole add-users request
+    /// (code 100), the payload-level refusal one bad record can cause: what the workers'
+    /// isolation of bad records is tested against.
+    pub poison_entries: Vec<String>,
 }
 
 impl Default for Config {
@@ -69,6 +73,7 @@ impl Default for Config {
             slow_ms: 2_000,
             record_entries: true,
             regain_in_headers: true,
+            poison_entries: Vec::new(),
         }
     }
 }

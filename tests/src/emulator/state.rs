@@ -27,6 +27,8 @@ pub(super) struct Token {
 
 pub(super) struct AdAccount {
     pub tos_accepted: bool,
+    /// Meta's `account_status`: 1 active, 2 disabled, 101 closed, ... (`accounts.rs`).
+    pub status: i64,
     pub budget: u64,
     pub recent: VecDeque<Instant>,
     pub total_calls: u64,
@@ -120,12 +122,47 @@ impl State {
             seed.id,
             AdAccount {
                 tos_accepted: seed.tos_accepted,
+                status: ACTIVE,
                 budget,
                 recent: VecDeque::new(),
                 total_calls: 0,
                 throttled: 0,
             },
         );
+    }
+
+    /// Takes `ad_account` out of what `token` may use, as a Business Manager admin removing
+    /// the person (or system user) from the account does; false for an unknown token.
+    pub fn remove_access(&mut self, token: &str, ad_account: &str) -> bool {
+        self.tokens
+            .get_mut(token)
+            .is_some_and(|t| t.ad_accounts.remove(ad_account))
+    }
+
+    /// Gives `token` the use of `ad_account` (again); false for an unknown token or account.
+    pub fn grant_access(&mut self, token: &str, ad_account: &str) -> bool {
+        if !self.ad_accounts.contains_key(ad_account) {
+            return false;
+        }
+        match self.tokens.get_mut(token) {
+            Some(t) => {
+                t.ad_accounts.insert(ad_account.to_owned());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sets an ad account's `account_status` (2 disables it, 1 enables it again); false for an
+    /// unknown account.
+    pub fn set_account_status(&mut self, ad_account: &str, status: i64) -> bool {
+        match self.ad_accounts.get_mut(ad_account) {
+            Some(a) => {
+                a.status = status;
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn revoke(&mut self, token: &str, subcode: i64) -> bool {
@@ -160,6 +197,9 @@ impl State {
         self.next_id.to_string()
     }
 }
+
+/// `account_status` of an ad account in good standing.
+pub(super) const ACTIVE: i64 = 1;
 
 pub(super) fn now_secs() -> u64 {
     std::time::SystemTime::now()

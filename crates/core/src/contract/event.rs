@@ -23,6 +23,10 @@ pub enum Event {
     /// The producer confirmed every shard and wrote the plan's totals.
     #[serde(rename = "export.sealed")]
     ExportSealed { export_id: ExportId },
+    /// A worker read back what Meta shows of a complete export's audiences (approximate sizes)
+    /// and made the lookalikes its job asked for: the finalizer may finish it now.
+    #[serde(rename = "export.followed_up")]
+    ExportFollowedUp { export_id: ExportId },
     /// The producer refused a job; the finalizer records it and tells the requester.
     #[serde(rename = "export.rejected")]
     ExportRejected {
@@ -47,6 +51,30 @@ pub enum Event {
         subcode: Option<i64>,
         /// Meta's error message.
         message: String,
+    },
+    /// A selected ad account of a workspace can no longer be exported to while the connection
+    /// stays valid: Meta refused the connection's access to it (codes 10, 200-299; e.g. its
+    /// Business Manager admin removed whoever connected), or the connection health check found it
+    /// gone from the token's `/me/adaccounts` or disabled. Published by the worker or producer
+    /// that found it, each time one does (`at_ms` names the loss: repeats carry the same); the
+    /// finalizer tells whoever connected the workspace once, and new exports to the account are
+    /// refused until it is selected again.
+    #[serde(rename = "ad_account.unusable")]
+    AdAccountUnusable {
+        workspace_id: WorkspaceId,
+        ad_account_id: AdAccountId,
+        /// The export whose call was refused, if any.
+        export_id: Option<ExportId>,
+        /// `permission_lost`, `not_listed` or `disabled`.
+        kind: crate::connection::UnusableKind,
+        /// Meta's error code, when a call was refused; null for what the health check read.
+        code: Option<i64>,
+        /// Meta's error subcode.
+        subcode: Option<i64>,
+        /// Meta's message, or what the health check read.
+        reason: String,
+        /// When the account was marked unusable, in milliseconds since the Unix epoch.
+        at_ms: u64,
     },
     /// A workspace's connection changed state, for the upstream platform to show where the
     /// connection is used: `valid` (connected or reconnected), `invalid` (with Meta's reason),
@@ -77,8 +105,10 @@ impl Event {
         match self {
             Event::ShardCompleted { .. } => "shard.completed",
             Event::ExportSealed { .. } => "export.sealed",
+            Event::ExportFollowedUp { .. } => "export.followed_up",
             Event::ExportRejected { .. } => "export.rejected",
             Event::ConnectionInvalidated { .. } => "connection.invalidated",
+            Event::AdAccountUnusable { .. } => "ad_account.unusable",
             Event::ConnectionChanged { .. } => "connection.changed",
             Event::ExportFinished(_) => "export.finished",
         }

@@ -47,6 +47,45 @@ pub struct ExportJob {
     /// upload nothing: Meta is called only to check the connection.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// Once the export succeeded, a lookalike of each of its audiences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookalike: Option<Lookalike>,
+}
+
+/// What lookalike to make of each exported audience: Meta finds people like them in
+/// `countries`, the closest `ratio` (0.01 to 0.20) of each country's population.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lookalike {
+    /// ISO 3166-1 alpha-2 codes, e.g. `["US"]`.
+    #[schemars(length(min = 1, max = 25), inner(regex(pattern = r"^[A-Z]{2}$")))]
+    pub countries: Vec<String>,
+    #[schemars(range(min = 0.01, max = 0.2))]
+    pub ratio: f64,
+}
+
+impl Lookalike {
+    fn validate(&self) -> Result<(), String> {
+        if self.countries.is_empty() || self.countries.len() > 25 {
+            return Err("lookalike.countries must name 1 to 25 countries".into());
+        }
+        if let Some(bad) = self
+            .countries
+            .iter()
+            .find(|c| c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            return Err(format!(
+                "lookalike.countries: `{bad}` is not an ISO 3166-1 alpha-2 code (two capital letters, e.g. US)"
+            ));
+        }
+        if !(0.01..=0.20).contains(&self.ratio) {
+            return Err(format!(
+                "lookalike.ratio {} is outside Meta's 0.01 to 0.20",
+                self.ratio
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_version() -> u32 {
@@ -217,6 +256,14 @@ impl ExportJob {
             }
         }
         self.consent().validate().map_err(JobError::Invalid)?;
+        if let Some(lookalike) = &self.lookalike {
+            lookalike.validate().map_err(JobError::Invalid)?;
+            if self.dry_run {
+                return invalid(
+                    "a dry run creates no audience, so no lookalike: drop `lookalike` or `dry_run`",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -378,6 +425,28 @@ mod tests {
                     v["consent"] = serde_json::json!({"require": ["x"], "exclude": ["x"]})
                 }),
                 "names `x` twice",
+            ),
+            (
+                "lookalike ratio out of range",
+                Box::new(|v| {
+                    v["lookalike"] = serde_json::json!({"countries": ["US"], "ratio": 0.5})
+                }),
+                "outside Meta's 0.01 to 0.20",
+            ),
+            (
+                "lookalike country lowercase",
+                Box::new(|v| {
+                    v["lookalike"] = serde_json::json!({"countries": ["us"], "ratio": 0.01})
+                }),
+                "`us` is not an ISO 3166-1 alpha-2 code",
+            ),
+            (
+                "lookalike in a dry run",
+                Box::new(|v| {
+                    v["lookalike"] = serde_json::json!({"countries": ["US"], "ratio": 0.01});
+                    v["dry_run"] = serde_json::json!(true);
+                }),
+                "no lookalike",
             ),
             (
                 "consent with an unknown key",

@@ -15,7 +15,7 @@ pub use event::{
 pub use field::Field;
 pub use ids::{AdAccountId, ExportId, IdError, PhoneCountry, WorkspaceId};
 pub use job::{
-    looks_like_email, Compression, Consent, ExportJob, JobError, Notify, Segment, Source,
-    SourceFormat, CONTRACT_VERSION, DO_NOT_SELL_OR_SHARE, MAX_ATTRIBUTE_LEN,
+    looks_like_email, Compression, Consent, ExportJob, JobError, Lookalike, Notify, Segment,
+    Source, SourceFormat, CONTRACT_VERSION, DO_NOT_SELL_OR_SHARE, MAX_ATTRIBUTE_LEN,
 };
-pub use shard::{shard_key, Shard};
+pub use shard::{shard_key, FollowUp, Shard, FOLLOW_UP, MESSAGE_KIND_HEADER};

@@ -48,3 +48,16 @@ pub fn shard_key(plan: &str, field: Field, index: u32) -> String {
         format!("{plan}:{field}:{index}")
     }
 }
+
+/// The header that marks a follow-up on the shards queue (`FOLLOW_UP`): the workers, which hold
+/// the tokens, read back a complete export's audience sizes and make its lookalikes. It rides
+/// the shard queue so no other queue, consumer or autoscaling rule is needed.
+pub const MESSAGE_KIND_HEADER: &str = "x-message-kind";
+pub const FOLLOW_UP: &str = "follow-up";
+
+/// A complete export's follow-up, asked by the finalizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FollowUp {
+    pub export_id: ExportId,
+}

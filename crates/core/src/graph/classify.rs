@@ -100,6 +100,12 @@ pub fn classify(
         (Some(4 | 17 | 32 | 613 | 341), _) | (Some(80_000..=80_014), _) => Throttled,
         (Some(368), _) => Blocked,
         (Some(1 | 2), _) => Transient,
+        // Two documented subcodes of 200 are not about access (Meta's Marketing API error
+        // reference): 1870034 is the Custom Audience terms, 1870047 a removal that would leave
+        // the audience too small. Every other 10 and 200-299 is: the ad account is marked
+        // unusable on it (`revocation`), so these two must not pass for it.
+        (Some(200), Some(1_870_034)) => TermsNotAccepted,
+        (Some(200), Some(1_870_047)) => BadRequest,
         (Some(10 | 200..=299), _) => PermissionLost,
         (Some(2655 | 2663), _) | (_, Some(1_870_090)) => TermsNotAccepted,
         (Some(100), Some(33 | 1_487_366 | 1_487_301)) => AudienceGone,
@@ -136,6 +142,10 @@ mod tests {
             (400, Some(10), None, false, PermissionLost),
             (403, Some(200), None, false, PermissionLost),
             (400, Some(294), None, false, PermissionLost),
+            (400, Some(273), None, false, PermissionLost),
+            (400, Some(200), Some(1_885_016), false, PermissionLost),
+            (400, Some(200), Some(1_870_034), false, TermsNotAccepted),
+            (400, Some(200), Some(1_870_047), false, BadRequest),
             (400, Some(2655), None, false, TermsNotAccepted),
             (400, Some(100), Some(1_870_090), false, TermsNotAccepted),
             (400, Some(100), Some(33), false, AudienceGone),

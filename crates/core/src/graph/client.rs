@@ -76,12 +76,20 @@ impl GraphError {
         let said = self.user_message();
         let act = ad_account.act();
         match self.class() {
-            ErrorClass::TokenInvalid => format!("token invalid: Meta refused the Facebook connection ({said}). Reconnect Facebook for this workspace."),
+            ErrorClass::TokenInvalid => self.token_reason(),
             ErrorClass::PermissionLost => format!("permission lost: the connected user can no longer manage ad account {act} ({said}). Ask an admin of the ad account to grant access again."),
             ErrorClass::TermsNotAccepted => format!("terms not accepted: accept the Custom Audience terms for {act} at {}", ad_account.terms_url()),
             ErrorClass::AudienceGone => format!("audience gone: the audience was deleted or is no longer shared with this account ({said})."),
             _ => said,
         }
+    }
+
+    /// The sentence for a refused token (class `TokenInvalid`): it names no ad account.
+    pub fn token_reason(&self) -> String {
+        format!(
+            "token invalid: Meta refused the Facebook connection ({}). Reconnect Facebook for this workspace.",
+            self.user_message()
+        )
     }
 
     /// The usage headers of the answer that failed, if any.
@@ -153,6 +161,39 @@ pub struct TokenInfo {
     /// `USER`, `SYSTEM_USER`, `PAGE`, `APP`.
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
+    /// Why the token is not valid, when Meta says (`is_valid: false`).
+    #[serde(default)]
+    pub error: Option<TokenInfoError>,
+}
+
+/// `debug_token`'s `data.error`: the code (190) and message of an invalid token.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TokenInfoError {
+    #[serde(default)]
+    pub code: Option<i64>,
+    #[serde(default)]
+    pub subcode: Option<i64>,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// One entry of `/me/adaccounts`: an ad account the token can use, and its `account_status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedAdAccount {
+    pub id: AdAccountId,
+    /// Meta's `account_status`: 1 active, 2 disabled, 3 unsettled, 7 pending risk review, 8
+    /// pending settlement, 9 in grace period, 100 pending closure, 101 closed (the Marketing
+    /// API's ad account reference; the same values as the Business SDKs' constants). None when
+    /// Meta left it out.
+    pub account_status: Option<i64>,
+}
+
+impl ListedAdAccount {
+    /// Disabled or (being) closed: Custom Audiences cannot be exported to it. Unsettled, risk
+    /// review, settlement and grace period stop ads, not audiences: those stay usable.
+    pub fn is_disabled(&self) -> bool {
+        matches!(self.account_status, Some(2 | 100 | 101))
+    }
 }
 
 #[derive(Deserialize)]
@@ -194,6 +235,8 @@ struct AdAccountEntry {
     account_id: Option<String>,
     #[serde(default)]
     id: String,
+    #[serde(default)]
+    account_status: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -278,6 +321,64 @@ impl GraphClient {
         let body = self.post(&url, token, form).await?;
         let created: IdResponse = decode(200, &body)?;
         Ok(created.id)
+    }
+
+    /// Creates a lookalike of `origin` (`subtype=LOOKALIKE`) as the job's `lookalike` says: one
+    /// country goes as `lookalike_spec.country`, several as its `location_spec`.
+    pub async fn create_lookalike(
+        &self,
+        token: &SecretString,
+        ad_account: &AdAccountId,
+        name: &str,
+        description: &str,
+        origin: &str,
+        like: &crate::contract::Lookalike,
+    ) -> Result<String, GraphError> {
+        let url = format!("{}/{}/customaudiences", self.base, ad_account.act());
+        let spec = match like.countries.as_slice() {
+            [country] => serde_json::json!({ "country": country, "ratio": like.ratio }),
+            countries => serde_json::json!({
+                "ratio": like.ratio,
+                "location_spec": { "geo_locations": { "countries": countries } },
+            }),
+        };
+        let form = vec![
+            ("name", name.to_owned()),
+            ("description", description.to_owned()),
+            ("subtype", "LOOKALIKE".to_owned()),
+            ("origin_audience_id", origin.to_owned()),
+            ("lookalike_spec", spec.to_string()),
+        ];
+        let body = self.post(&url, token, form).await?;
+        let created: IdResponse = decode(200, &body)?;
+        Ok(created.id)
+    }
+
+    /// The size Meta shows for an audience: `approximate_count_lower_bound` and
+    /// `_upper_bound` (Meta reveals no exact count). Absent bounds (an audience still being
+    /// processed answers -1 or nothing) are None.
+    pub async fn audience_size(
+        &self,
+        token: &SecretString,
+        audience_id: &str,
+    ) -> Result<(Option<u64>, Option<u64>), GraphError> {
+        #[derive(Deserialize)]
+        struct Size {
+            approximate_count_lower_bound: Option<i64>,
+            approximate_count_upper_bound: Option<i64>,
+        }
+        let url = format!("{}/{audience_id}", self.base);
+        let query = [(
+            "fields",
+            "approximate_count_lower_bound,approximate_count_upper_bound",
+        )];
+        let body = self.get(&url, token, &query).await?;
+        let size: Size = decode(200, &body)?;
+        let bound = |b: Option<i64>| b.and_then(|n| u64::try_from(n).ok());
+        Ok((
+            bound(size.approximate_count_lower_bound),
+            bound(size.approximate_count_upper_bound),
+        ))
     }
 
     /// The id of the ad account's custom audience whose description is `description`, if there
@@ -413,22 +514,34 @@ impl GraphClient {
 
     /// The ad accounts `token` may use, every page of them.
     pub async fn ad_accounts(&self, token: &SecretString) -> Result<Vec<AdAccountId>, GraphError> {
+        let listed = self.listed_ad_accounts(token).await?;
+        Ok(listed.into_iter().map(|a| a.id).collect())
+    }
+
+    /// The ad accounts `token` may use with their `account_status`, every page of them, sorted
+    /// by id: what the connection health check compares the selection with.
+    pub async fn listed_ad_accounts(
+        &self,
+        token: &SecretString,
+    ) -> Result<Vec<ListedAdAccount>, GraphError> {
         let url = format!("{}/me/adaccounts", self.base);
         let mut accounts = Vec::new();
-        let query = [("fields", "account_id"), ("limit", "500")];
+        let query = [("fields", "account_id,account_status"), ("limit", "500")];
         // Bounded: 50 pages of 500 is far beyond any real business.
         self.pages(&url, token, &query, 50, |page: Vec<AdAccountEntry>| {
             // An id Meta spells in a way we cannot read is not one a job could name either.
-            accounts.extend(
-                page.into_iter().filter_map(|a| {
-                    AdAccountId::parse(a.account_id.as_deref().unwrap_or(&a.id)).ok()
-                }),
-            );
+            accounts.extend(page.into_iter().filter_map(|a| {
+                let id = AdAccountId::parse(a.account_id.as_deref().unwrap_or(&a.id)).ok()?;
+                Some(ListedAdAccount {
+                    id,
+                    account_status: a.account_status,
+                })
+            }));
             true
         })
         .await?;
-        accounts.sort();
-        accounts.dedup();
+        accounts.sort_by(|a, b| a.id.cmp(&b.id));
+        accounts.dedup_by(|a, b| a.id == b.id);
         Ok(accounts)
     }
 

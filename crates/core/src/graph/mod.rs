@@ -7,5 +7,8 @@ mod client;
 mod usage;
 
 pub use classify::{classify, CallOutcome, ErrorClass};
-pub use client::{users_form, AddUsersResponse, GraphClient, GraphError, MetaError};
+pub use client::{
+    users_form, AddUsersResponse, GraphClient, GraphError, ListedAdAccount, MetaError, TokenInfo,
+    TokenInfoError,
+};
 pub use usage::Usage;

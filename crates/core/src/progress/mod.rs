@@ -7,8 +7,8 @@
 mod schema;
 
 pub use schema::{
-    CorruptEntry, ExportProgress, FieldProgress, FieldTotals, PlanTotals, ProgressStatus,
-    ShardCounts,
+    reason_key, CorruptEntry, ExportProgress, FieldProgress, FieldTotals, PlanTotals,
+    ProgressStatus, ShardCounts,
 };
 
 use crate::contract::{ExportId, Field, WorkspaceId};
@@ -472,6 +472,79 @@ impl ProgressStore {
             .set_once(export_id, FieldKey::AudienceId.of(field), id)
             .await?
             .0)
+    }
+
+    /// Records Meta's approximate size of a field's audience (the follow-up's readback).
+    pub async fn set_size(
+        &self,
+        export_id: &ExportId,
+        field: Field,
+        lower: Option<u64>,
+        upper: Option<u64>,
+    ) -> Result<()> {
+        let mut c = self.redis.clone();
+        let key = self.key(export_id, "progress");
+        let mut pipe = redis::pipe();
+        for (entry, bound) in [
+            (FieldKey::ApproxLower, lower),
+            (FieldKey::ApproxUpper, upper),
+        ] {
+            match bound {
+                Some(n) => pipe.hset(&key, entry.of(field), n).ignore(),
+                None => pipe.hdel(&key, entry.of(field)).ignore(),
+            };
+        }
+        let _: () = pipe.query_async(&mut c).await?;
+        Ok(())
+    }
+
+    /// Records the name of a field's lookalike before its create call (`intend_audience`'s
+    /// rule): the first name recorded, and whether this call recorded it.
+    pub async fn intend_lookalike(
+        &self,
+        export_id: &ExportId,
+        field: Field,
+        name: &str,
+    ) -> Result<(String, bool)> {
+        self.set_once(export_id, FieldKey::LookalikeName.of(field), name)
+            .await
+    }
+
+    /// Records a field's lookalike (its id, or Meta's reason for not making it) once.
+    pub async fn set_lookalike(
+        &self,
+        export_id: &ExportId,
+        field: Field,
+        made: std::result::Result<&str, &str>,
+    ) -> Result<()> {
+        let (entry, value) = match made {
+            Ok(id) => (FieldKey::LookalikeId, id),
+            Err(reason) => (FieldKey::LookalikeError, reason),
+        };
+        self.set_once(export_id, entry.of(field), value).await?;
+        Ok(())
+    }
+
+    /// Records activity on an export (what the sweep measures) without changing anything else.
+    pub async fn touch(&self, export_id: &ExportId, now_ms: u64) -> Result<()> {
+        let mut c = self.redis.clone();
+        let _: () = c
+            .hset(
+                self.key(export_id, "progress"),
+                Key::UpdatedAtMs.name(),
+                now_ms,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records that the follow-up is done (whatever it could read or make).
+    pub async fn mark_followed_up(&self, export_id: &ExportId) -> Result<()> {
+        let mut c = self.redis.clone();
+        let _: () = c
+            .hset(self.key(export_id, "progress"), Key::FollowedUp.name(), 1)
+            .await?;
+        Ok(())
     }
 
     /// Records the plan's identity unless one is recorded; returns the recorded fingerprint and

@@ -42,10 +42,13 @@ pub(super) enum Key {
     EmailedAtMs,
     /// `1` when the stop was a cancellation (`CANCEL`): the export finishes `cancelled`.
     Cancelled,
+    /// `1` once a worker read back the audiences' sizes and made the lookalikes (the follow-up
+    /// of a complete export): the finalizer finishes it then.
+    FollowedUp,
 }
 
 impl Key {
-    const ALL: [Key; 17] = [
+    const ALL: [Key; 18] = [
         Key::Status,
         Key::Reason,
         Key::StopReason,
@@ -63,6 +66,7 @@ impl Key {
         Key::UpdatedAtMs,
         Key::EmailedAtMs,
         Key::Cancelled,
+        Key::FollowedUp,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -84,6 +88,7 @@ impl Key {
             Key::UpdatedAtMs => "updated_at_ms",
             Key::EmailedAtMs => "emailed_at_ms",
             Key::Cancelled => "cancelled",
+            Key::FollowedUp => "followed_up",
         }
     }
 }
@@ -107,17 +112,49 @@ pub(super) enum FieldKey {
     /// the broker confirmed: a resumed plan re-reads the segment and publishes only this field's
     /// values from later lines. With `Shards` (the shards confirmed so far), the checkpoint.
     CheckpointLine,
+    /// Meta's approximate size of the audience, read back by the follow-up.
+    ApproxLower,
+    ApproxUpper,
+    /// The lookalike's name, recorded before its create call (the intent, as for audiences).
+    LookalikeName,
+    LookalikeId,
+    /// Why Meta did not make the lookalike.
+    LookalikeError,
 }
 
 /// Invalid values of a field are counted per reason, as `<field>:invalid:<reason>`.
 const INVALID: &str = "invalid:";
+
+/// Entries Meta refused inside accepted requests are counted per Meta's reason, as
+/// `<field>:meta_invalid:<reason>` (the reason made a key by `reason_key`).
+const META_INVALID: &str = "meta_invalid:";
+
+/// Meta's reason for an invalid entry ("Invalid format") as a hash-entry and report key
+/// (`invalid_format`): lowercase ASCII letters and digits joined by `_`, at most 48 bytes.
+pub fn reason_key(reason: &str) -> String {
+    let mut key = String::new();
+    for word in reason
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        if !key.is_empty() {
+            key.push('_');
+        }
+        key.push_str(&word.to_ascii_lowercase());
+    }
+    key.truncate(48);
+    if key.is_empty() {
+        key.push_str("unspecified");
+    }
+    key
+}
 
 /// Members left out by the consent filter are counted per attribute (the first that excluded
 /// them), as `excluded:<attribute>` (attribute names are checked to hold no `:`).
 const EXCLUDED: &str = "excluded:";
 
 impl FieldKey {
-    const ALL: [FieldKey; 13] = [
+    const ALL: [FieldKey; 18] = [
         FieldKey::AudienceId,
         FieldKey::AudienceName,
         FieldKey::WithValue,
@@ -131,6 +168,11 @@ impl FieldKey {
         FieldKey::ShardsFailed,
         FieldKey::LastError,
         FieldKey::CheckpointLine,
+        FieldKey::ApproxLower,
+        FieldKey::ApproxUpper,
+        FieldKey::LookalikeName,
+        FieldKey::LookalikeId,
+        FieldKey::LookalikeError,
     ];
 
     fn suffix(self) -> &'static str {
@@ -148,6 +190,11 @@ impl FieldKey {
             FieldKey::ShardsFailed => "shards_failed",
             FieldKey::LastError => "last_error",
             FieldKey::CheckpointLine => "ckpt_line",
+            FieldKey::ApproxLower => "approx_lower",
+            FieldKey::ApproxUpper => "approx_upper",
+            FieldKey::LookalikeName => "lookalike_name",
+            FieldKey::LookalikeId => "lookalike_id",
+            FieldKey::LookalikeError => "lookalike_error",
         }
     }
 
@@ -271,6 +318,8 @@ pub struct ShardCounts {
     pub meta_received: u64,
     /// Meta's `num_invalid_entries`.
     pub meta_invalid: u64,
+    /// Meta's `invalid_entry_samples`, counted by `reason_key` of their reason (never a value).
+    pub meta_invalid_reasons: BTreeMap<String, u64>,
 }
 
 impl ShardCounts {
@@ -291,6 +340,11 @@ impl ShardCounts {
         for (reason, &n) in &self.invalid {
             if n > 0 {
                 out.push((invalid_name(field, reason), n));
+            }
+        }
+        for (reason, &n) in &self.meta_invalid_reasons {
+            if n > 0 {
+                out.push((format!("{field}:{META_INVALID}{}", reason_key(reason)), n));
             }
         }
         out
@@ -321,6 +375,8 @@ pub struct ExportProgress {
     pub emailed_at_ms: Option<u64>,
     /// The stop (`stop_reason`) was a cancellation.
     pub cancelled: bool,
+    /// The follow-up (sizes, lookalikes) is done.
+    pub followed_up: bool,
     pub fields: BTreeMap<Field, FieldProgress>,
     /// Entries this build does not know: written by a newer build during a rolling upgrade.
     /// Kept out of reports, never an error.
@@ -344,8 +400,15 @@ pub struct FieldProgress {
     pub last_error: Option<String>,
     /// Invalid values by reason.
     pub invalid: BTreeMap<String, u64>,
+    /// Entries Meta found invalid, by its reason (from its samples).
+    pub meta_invalid_reasons: BTreeMap<String, u64>,
     /// The planning checkpoint's line (see `FieldKey::CheckpointLine`).
     pub checkpoint_line: u64,
+    pub approx_lower: Option<u64>,
+    pub approx_upper: Option<u64>,
+    pub lookalike_name: Option<String>,
+    pub lookalike_id: Option<String>,
+    pub lookalike_error: Option<String>,
 }
 
 /// The progress hash holds something this build cannot read as its schema says.
@@ -404,6 +467,7 @@ impl ExportProgress {
                     Key::UpdatedAtMs => p.updated_at_ms = Some(count()?),
                     Key::EmailedAtMs => p.emailed_at_ms = Some(count()?),
                     Key::Cancelled => p.cancelled = value == "1",
+                    Key::FollowedUp => p.followed_up = value == "1",
                 }
                 continue;
             }
@@ -421,6 +485,10 @@ impl ExportProgress {
             let f = p.fields.entry(field).or_default();
             if let Some(reason) = rest.strip_prefix(INVALID) {
                 f.invalid.insert(reason.to_owned(), count()?);
+                continue;
+            }
+            if let Some(reason) = rest.strip_prefix(META_INVALID) {
+                f.meta_invalid_reasons.insert(reason.to_owned(), count()?);
                 continue;
             }
             let Some(key) = FieldKey::ALL.into_iter().find(|k| k.suffix() == rest) else {
@@ -441,6 +509,11 @@ impl ExportProgress {
                 FieldKey::ShardsFailed => f.shards_failed = count()?,
                 FieldKey::LastError => f.last_error = Some(value.clone()),
                 FieldKey::CheckpointLine => f.checkpoint_line = count()?,
+                FieldKey::ApproxLower => f.approx_lower = Some(count()?),
+                FieldKey::ApproxUpper => f.approx_upper = Some(count()?),
+                FieldKey::LookalikeName => f.lookalike_name = Some(value.clone()),
+                FieldKey::LookalikeId => f.lookalike_id = Some(value.clone()),
+                FieldKey::LookalikeError => f.lookalike_error = Some(value.clone()),
             }
         }
         p.unknown.sort();
@@ -632,6 +705,7 @@ mod tests {
             uploaded: 93,
             meta_received: 93,
             meta_invalid: 5,
+            meta_invalid_reasons: [("Invalid format".to_owned(), 5)].into(),
         };
         entries.extend(
             counts
@@ -659,6 +733,7 @@ mod tests {
         );
         assert_eq!((email.meta_received, email.meta_invalid), (93, 5));
         assert_eq!(email.invalid.get("email_format"), Some(&2));
+        assert_eq!(email.meta_invalid_reasons.get("invalid_format"), Some(&5));
         assert_eq!(p.field(Field::Madid).with_value, 7);
         assert_eq!(p.field(Field::Phone), FieldProgress::default());
     }
@@ -691,6 +766,14 @@ mod tests {
         let err = ExportProgress::decode(hash(&[("status".into(), "paused".into())]))
             .expect_err("corrupt");
         assert!(err.to_string().contains("a status"));
+    }
+
+    #[test]
+    fn meta_reasons_become_plain_keys() {
+        assert_eq!(reason_key("Invalid format"), "invalid_format");
+        assert_eq!(reason_key("  (#100) Bad: value!! "), "100_bad_value");
+        assert_eq!(reason_key("::"), "unspecified");
+        assert!(reason_key(&"long reason ".repeat(20)).len() <= 48);
     }
 
     #[test]

@@ -1,0 +1,985 @@
+//! The phone fast path: the `phonenumber` crate's parse, validity check and E.164 formatting,
+//! step for step, for numbers written with digits, spaces, `-`, `.`, `(`, `)`, `/` and a leading
+//! `+`. Anything else (letters, extensions, `*`, `#`, `;`, `tel:` URIs, other scripts, values
+//! over 48 bytes) is not handled here: the caller asks the crate (`Fast::Defer`).
+//!
+//! Why it is fast: the crate keeps its compiled regexes in one LRU cache of 100 behind a global
+//! mutex, looked up by pattern text on every match (and recompiled when numbers of many countries
+//! evict each other), formats through its format-selection regexes even for E.164, and
+//! allocates at every step. Here each region's patterns (the crate's own metadata,
+//! `phonenumber::metadata::DATABASE`) are compiled once, on first use, into anchored
+//! `regex_automata` matchers; each thread keeps its own search caches; the numbering-plan check
+//! (`number_type(..) != Unknown`) is one multi-pattern search over the type patterns that apply
+//! to the number's length; numbers live in stack buffers.
+//!
+//! What must never change: the result. Every step below names the crate function it mirrors
+//! (phonenumber 0.3.10, `parser/mod.rs`, `parser/helper.rs`, `validator.rs`), quirks included:
+//! descriptors match a *prefix* of the number (`find` with `start == 0`), the general
+//! descriptor's possible lengths are empty (so a national number starting with the default
+//! country's code always loses it), the national prefix is stripped twice. The differential
+//! test (`phone_diff`) compares this path with the crate on generated numbers of every notation;
+//! a shape this path does not reproduce exactly must be deferred, never approximated.
+
+use crate::normalize::Invalid;
+use phonenumber::country;
+use phonenumber::metadata::{Metadata, DATABASE};
+use regex_automata::util::captures::Captures;
+use regex_automata::util::syntax;
+use regex_automata::{meta, Anchored, Input, MatchKind};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Longest value (bytes, after trimming) the fast path takes; longer ones go to the crate.
+const MAX_INPUT: usize = 48;
+/// Room for a national number: the input's digits plus what a transform rule adds.
+const BUF: usize = 64;
+/// The crate's `MIN_LENGTH_FOR_NSN` and `MAX_LENGTH_FOR_NSN`.
+const MIN_NSN: usize = 2;
+const MAX_NSN: usize = 17;
+
+/// What the fast path made of a value.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fast {
+    /// The crate's answer: the E.164 digits (no `+`) were appended to the output, or the reason
+    /// the value is not sent.
+    Done(Result<(), Invalid>),
+    /// Not a shape this path reproduces: ask the crate.
+    Defer,
+}
+
+/// Appends the E.164 digits of `value` (already trimmed) to `out`, exactly as
+/// `normalize::phone_with_crate` would produce them, or says why it is invalid; or defers.
+/// `out` is left as it was unless the answer is `Done(Ok(()))`.
+pub fn e164(value: &str, default_country: Option<country::Id>, out: &mut Vec<u8>) -> Fast {
+    let table = table();
+    let default = match default_country {
+        Some(id) => match table.plan_for(id) {
+            Some(plan) => Some(plan),
+            None => return Fast::Defer,
+        },
+        None => None,
+    };
+    CACHES.with(|caches| {
+        let mut caches = caches.borrow_mut();
+        let mut run = Run {
+            table,
+            caches: &mut caches,
+        };
+        match run.phone(value, default) {
+            Ok(number) => {
+                number.write(out);
+                Fast::Done(Ok(()))
+            }
+            Err(Stop::Invalid(reason)) => Fast::Done(Err(reason)),
+            Err(Stop::Defer) => Fast::Defer,
+        }
+    })
+}
+
+/// Why a step stopped: the crate's verdict, or a shape left to the crate.
+enum Stop {
+    Invalid(Invalid),
+    Defer,
+}
+
+/// What any parse error of the crate becomes.
+const FORMAT: Stop = Stop::Invalid(Invalid::PhoneFormat);
+
+type Step<T> = Result<T, Stop>;
+
+/// A valid number: its country code and national significant number.
+struct E164 {
+    code: u16,
+    national: Buf,
+}
+
+impl E164 {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut code = [0u8; 5];
+        let mut i = code.len();
+        let mut c = self.code;
+        loop {
+            i -= 1;
+            code[i] = b'0' + (c % 10) as u8;
+            c /= 10;
+            if c == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&code[i..]);
+        out.extend_from_slice(self.national.bytes());
+    }
+}
+
+/// A short byte string on the stack (digits, mostly).
+#[derive(Clone, Copy)]
+struct Buf {
+    len: usize,
+    bytes: [u8; BUF],
+}
+
+impl Buf {
+    fn new() -> Buf {
+        Buf {
+            len: 0,
+            bytes: [0; BUF],
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    fn push(&mut self, b: u8) -> Step<()> {
+        if self.len == BUF {
+            return Err(Stop::Defer);
+        }
+        self.bytes[self.len] = b;
+        self.len += 1;
+        Ok(())
+    }
+
+    fn extend(&mut self, bytes: &[u8]) -> Step<()> {
+        for &b in bytes {
+            self.push(b)?;
+        }
+        Ok(())
+    }
+
+    /// Only the ASCII digits of `bytes`: the crate's `helper::normalize` on our alphabet (digits
+    /// kept, punctuation dropped; no letters or other scripts reach this path).
+    fn digits_of(bytes: &[u8]) -> Step<Buf> {
+        let mut out = Buf::new();
+        for &b in bytes {
+            if b.is_ascii_digit() {
+                out.push(b)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn drop_front(&mut self, n: usize) {
+        self.bytes.copy_within(n..self.len, 0);
+        self.len -= n;
+    }
+
+    fn starts_with(&self, prefix: &[u8]) -> bool {
+        self.bytes().starts_with(prefix)
+    }
+}
+
+/// Where the crate says the country code came from (`country::Source`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Plus,
+    Idd,
+    Number,
+    Default,
+}
+
+/// The crate's `helper::Number` after `country_code`.
+struct Number {
+    national: Buf,
+    /// The country code's digits, from an RFC 3966 `+<code>` prefix.
+    prefix: Option<Buf>,
+    source: Source,
+}
+
+/// Bytes of the fast path's alphabet after the first: digits and the punctuation the crate
+/// drops.
+fn allowed(b: u8) -> bool {
+    b.is_ascii_digit() || matches!(b, b' ' | b'-' | b'.' | b'(' | b')' | b'/')
+}
+
+/// The RFC 3966 parser's separators (`rfc3966::separator`).
+fn rfc_separator(b: u8) -> bool {
+    matches!(b, b'-' | b'.' | b'(' | b')')
+}
+
+/// One value's run: the tables and this thread's search caches.
+struct Run<'t, 'c> {
+    table: &'t Table,
+    caches: &'c mut Caches,
+}
+
+impl Run<'_, '_> {
+    /// `normalize::phone_with_crate`.
+    fn phone(&mut self, value: &str, default: Option<usize>) -> Step<E164> {
+        let bytes = value.as_bytes();
+        if bytes.is_empty() || bytes.len() > MAX_INPUT {
+            return Err(Stop::Defer);
+        }
+        // `international_form`, on the value as written.
+        let mut s = Buf::new();
+        let country = if bytes[0] == b'+' {
+            s.extend(bytes)?;
+            None
+        } else if let Some(rest) = bytes.strip_prefix(b"00") {
+            s.push(b'+')?;
+            s.extend(rest)?;
+            None
+        } else if let Some(end) = match default {
+            Some(plan) => match &self.table.plans[plan].compiled()?.idd {
+                Some(idd) => idd.end_at_start(self.caches, bytes),
+                None => None,
+            },
+            None => None,
+        }
+        .filter(|&end| end > 0)
+        {
+            s.push(b'+')?;
+            s.extend(&bytes[end..])?;
+            None
+        } else if default.is_some() {
+            s.extend(bytes)?;
+            default
+        } else {
+            let digit = value.chars().any(|c| c.is_ascii_digit());
+            return Err(Stop::Invalid(
+                if digit && !value.chars().any(char::is_alphabetic) {
+                    Invalid::PhoneNoCountry
+                } else {
+                    Invalid::PhoneFormat
+                },
+            ));
+        };
+        if !bytes[1..].iter().all(|&b| allowed(b)) || !(bytes[0] == b'+' || allowed(bytes[0])) {
+            return Err(Stop::Defer);
+        }
+        let number = self.parse(s.bytes(), country)?;
+        if !self.is_valid(number.code, &number.national)? {
+            return Err(Stop::Invalid(Invalid::PhoneInvalid));
+        }
+        Ok(number)
+    }
+
+    /// `parser::parse_with`, on a string of the fast path's alphabet (a `+` only first).
+    fn parse(&mut self, s: &[u8], country: Option<usize>) -> Step<E164> {
+        // `alt((rfc3966::phone_number, natural::phone_number))`.
+        let (raw, raw_prefix) = match rfc3966(s) {
+            Some(found) => found,
+            None => (natural(s).ok_or(FORMAT)?, None),
+        };
+        if !viable(raw) {
+            return Err(FORMAT);
+        }
+        let mut number = self.international_prefix(country, raw, raw_prefix)?;
+        let code = self.country_code(country, &mut number)?;
+
+        // The metadata that decides the national prefix: the default country's, or the one the
+        // number's own digits point to.
+        let meta = match country {
+            Some(plan) => Some(plan),
+            None => {
+                let national = number.national.bytes();
+                let zeros = national.iter().take_while(|&&b| b == b'0').count();
+                self.source_for(code, &national[zeros..])?
+                    .map(|(plan, _)| plan)
+            }
+        };
+        if let Some(plan) = meta {
+            let mut potential = self.national_number(plan, number.national)?;
+            let p = &self.table.plans[plan];
+            if let Some(prefix) = p.meta.national_prefix() {
+                if potential.starts_with(prefix.as_bytes()) {
+                    potential.drop_front(prefix.len());
+                }
+            }
+            if p.length(potential.len) != Validation::TooShort {
+                number.national = potential;
+            }
+        }
+        let national = number.national;
+        if national.len < MIN_NSN || national.len > MAX_NSN {
+            return Err(FORMAT);
+        }
+        // `NationalNumber::from_str`: leading zeros counted, the rest a u64 under 2^56.
+        let zeros = national.bytes().iter().take_while(|&&b| b == b'0').count();
+        let rest = &national.bytes()[zeros..];
+        if rest.is_empty() {
+            return Err(FORMAT);
+        }
+        let value = rest.iter().fold(0u64, |v, &d| v * 10 + u64::from(d - b'0'));
+        if value >= 1 << 56 {
+            return Err(FORMAT);
+        }
+        Ok(E164 { code, national })
+    }
+
+    /// `helper::international_prefix` (with `helper::normalize`).
+    fn international_prefix(
+        &mut self,
+        country: Option<usize>,
+        raw: &[u8],
+        raw_prefix: Option<&[u8]>,
+    ) -> Step<Number> {
+        if let Some(prefix) = raw_prefix {
+            return Ok(Number {
+                national: Buf::digits_of(raw)?,
+                prefix: Some(Buf::digits_of(prefix)?),
+                source: Source::Plus,
+            });
+        }
+        let idd = match country {
+            Some(plan) => self.table.plans[plan].compiled()?.idd.as_ref(),
+            None => None,
+        };
+        let pluses = raw.iter().take_while(|&&b| b == b'+').count();
+        let mut number = Number {
+            national: Buf::digits_of(&raw[pluses..])?,
+            prefix: None,
+            source: if pluses > 0 {
+                Source::Plus
+            } else {
+                Source::Default
+            },
+        };
+        if let Some(idd) = idd {
+            if let Some(end) = idd.end_at_start(self.caches, number.national.bytes()) {
+                if !number.national.bytes()[end..].starts_with(b"0") {
+                    if number.source != Source::Plus {
+                        number.source = Source::Idd;
+                    }
+                    number.national.drop_front(end);
+                }
+            }
+        }
+        Ok(number)
+    }
+
+    /// `helper::country_code`: the country calling code, stripped from the national number
+    /// where the number carries it.
+    fn country_code(&mut self, country: Option<usize>, number: &mut Number) -> Step<u16> {
+        match number.source {
+            Source::Plus | Source::Idd | Source::Number => {
+                if number.national.len <= MIN_NSN {
+                    return Err(FORMAT);
+                }
+                if let Some(prefix) = &number.prefix {
+                    let code = std::str::from_utf8(prefix.bytes())
+                        .ok()
+                        .and_then(|p| p.parse::<u16>().ok())
+                        .ok_or(FORMAT)?;
+                    return match self.table.code(code) {
+                        Some(_) => Ok(code),
+                        None => Err(FORMAT),
+                    };
+                }
+                if number.national.starts_with(b"0") {
+                    return Err(FORMAT);
+                }
+                let mut code = 0u16;
+                for len in 1..=3 {
+                    code = code * 10 + u16::from(number.national.bytes()[len - 1] - b'0');
+                    if self.table.code(code).is_some() {
+                        number.national.drop_front(len);
+                        return Ok(code);
+                    }
+                }
+                Err(FORMAT)
+            }
+            Source::Default => {
+                let plan = country.ok_or(FORMAT)?;
+                let p = &self.table.plans[plan];
+                let code = p.meta.country_code();
+                if number.national.starts_with(p.code_digits.as_bytes())
+                    && (!self.general_is_match(plan, number.national.bytes())?
+                        || !p.length(number.national.len).is_possible())
+                {
+                    number.source = Source::Number;
+                    number.national.drop_front(p.code_digits.len());
+                }
+                Ok(code)
+            }
+        }
+    }
+
+    /// `helper::national_number`: the national prefix (and carrier code) stripped, or the
+    /// transform rule applied, as the region's `national_prefix_for_parsing` says.
+    fn national_number(&mut self, plan: usize, national: Buf) -> Step<Buf> {
+        let p = &self.table.plans[plan];
+        let compiled = p.compiled()?;
+        let Some(parsing) = &compiled.npfp else {
+            let mut national = national;
+            if let Some(prefix) = p.meta.national_prefix() {
+                if national.starts_with(prefix.as_bytes()) {
+                    national.drop_front(prefix.len());
+                }
+            }
+            return Ok(national);
+        };
+        let Some(end) = parsing.end_at_start(self.caches, national.bytes()) else {
+            return Ok(national);
+        };
+        let transform = p.meta.national_prefix_transform_rule();
+        let stripped = |national: Buf| {
+            let mut national = national;
+            national.drop_front(end);
+            national
+        };
+        let Some(transform) = transform else {
+            return Ok(stripped(national));
+        };
+        let text = std::str::from_utf8(national.bytes()).map_err(|_| Stop::Defer)?;
+        let mut caps = parsing.re.create_captures();
+        parsing.re.search_captures_with(
+            self.caches.get(parsing),
+            &Input::new(text).anchored(Anchored::Yes),
+            &mut caps,
+        );
+        let last = caps.group_len().saturating_sub(1);
+        if caps.get_group(last).is_none() {
+            return Ok(stripped(national));
+        }
+        let viable = self.general_is_match(plan, national.bytes())?;
+        let transformed = replace_first(&caps, text, transform);
+        if viable && !self.general_is_match(plan, transformed.as_bytes())? {
+            return Ok(national);
+        }
+        let mut out = Buf::new();
+        out.extend(transformed.as_bytes())?;
+        Ok(out)
+    }
+
+    /// `validator::is_valid_with`: the region the number belongs to, and whether the number is
+    /// one of that region's types.
+    fn is_valid(&mut self, code: u16, national: &Buf) -> Step<bool> {
+        match self.source_for(code, national.bytes())? {
+            None => Ok(false),
+            Some((_, true)) => Ok(true),
+            Some((plan, false)) => self.typed(plan, national.bytes()),
+        }
+    }
+
+    /// `validator::source_for`, resolved to the metadata it names; with whether the region was
+    /// chosen because the number is one of its types (then `typed` is known to be true).
+    fn source_for(&mut self, code: u16, national: &[u8]) -> Step<Option<(usize, bool)>> {
+        let table = self.table;
+        let Some(entry) = table.code(code) else {
+            return Ok(None);
+        };
+        match &entry.regions {
+            Regions::NonGeographic => Ok(Some((entry.first, false))),
+            Regions::Single(plan) => Ok(plan.map(|p| (p, false))),
+            Regions::Unsupported => Err(Stop::Defer),
+            Regions::Many(plans) => {
+                for &plan in plans {
+                    match &table.plans[plan].compiled()?.leading {
+                        Some(leading) => {
+                            if leading.matches_at_start(self.caches, national) {
+                                return Ok(Some((plan, false)));
+                            }
+                        }
+                        None => {
+                            if self.typed(plan, national)? {
+                                return Ok(Some((plan, true)));
+                            }
+                        }
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// `validator::number_type(meta, national) != Type::Unknown`: the general pattern and at
+    /// least one type's (premium rate, toll free, shared cost, VoIP, personal, pager, UAN,
+    /// voicemail, fixed line, mobile), each with its possible lengths.
+    fn typed(&mut self, plan: usize, national: &[u8]) -> Step<bool> {
+        if !self.general_is_match(plan, national)? {
+            return Ok(false);
+        }
+        match self.table.plans[plan].types_for_length(national.len())? {
+            Some(types) => Ok(types.matches_at_start(self.caches, national)),
+            None => Ok(false),
+        }
+    }
+
+    /// `Descriptor::is_match` of the general descriptor.
+    fn general_is_match(&mut self, plan: usize, national: &[u8]) -> Step<bool> {
+        let p = &self.table.plans[plan];
+        let lengths = p.meta.descriptors().general().possible_length();
+        if !lengths.is_empty() && !lengths.contains(&(national.len() as u16)) {
+            return Ok(false);
+        }
+        Ok(p.compiled()?
+            .general
+            .matches_at_start(self.caches, national))
+    }
+}
+
+/// `Regex::replace` (the first match, here at the start) with `$n` references expanded.
+fn replace_first(caps: &Captures, text: &str, replacement: &str) -> String {
+    let (start, end) = caps.get_match().map_or((0, 0), |m| (m.start(), m.end()));
+    let mut out = String::with_capacity(text.len() + replacement.len());
+    out.push_str(&text[..start]);
+    caps.interpolate_string_into(text, replacement, &mut out);
+    out.push_str(&text[end..]);
+    out
+}
+
+/// `rfc3966::phone_number`, tried first: on our alphabet it takes a value without spaces made of
+/// digits and `-.()`, optionally after `+<code>` (the code running to the first separator).
+/// Returns the national part and the code's text.
+fn rfc3966(s: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    if s.contains(&b' ') {
+        return None;
+    }
+    let (national, prefix) = match s.strip_prefix(b"+") {
+        Some(rest) => {
+            let k = rest
+                .iter()
+                .position(|&b| rfc_separator(b))
+                .unwrap_or(rest.len());
+            if k == 0 {
+                // `take_till1` fails, `opt` rewinds, and the national part cannot start with `+`.
+                return None;
+            }
+            (&rest[k..], Some(&rest[..k]))
+        }
+        None => (s, None),
+    };
+    let taken = national
+        .iter()
+        .take_while(|&&b| b.is_ascii_digit() || rfc_separator(b))
+        .count();
+    // `take_while1`, then `check`: nothing may follow (no `;` parameters in our alphabet).
+    (taken > 0 && taken == national.len()).then_some((national, prefix))
+}
+
+/// `natural::phone_number` (`helper::extract`, then no extension in our alphabet): from the
+/// first `+` or digit, without the trailing punctuation.
+fn natural(s: &[u8]) -> Option<&[u8]> {
+    let start = s.iter().position(|&b| b == b'+' || b.is_ascii_digit())?;
+    let mut end = s.len();
+    while end > start && !s[end - 1].is_ascii_digit() {
+        end -= 1;
+    }
+    (end > start).then(|| &s[start..end])
+}
+
+/// `validator::is_viable` (`valid::phone_number`): two digits alone, or `+`s then at least three
+/// digits among punctuation.
+fn viable(s: &[u8]) -> bool {
+    if s.len() < MIN_NSN {
+        return false;
+    }
+    if s.len() == 2 && s.iter().all(u8::is_ascii_digit) {
+        return true;
+    }
+    let pluses = s.iter().take_while(|&&b| b == b'+').count();
+    let rest = &s[pluses..];
+    !rest.contains(&b'+') && rest.iter().filter(|b| b.is_ascii_digit()).count() >= 3
+}
+
+/// `validator::Validation`, the part `length` returns.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Validation {
+    IsPossible,
+    IsPossibleLocalOnly,
+    TooShort,
+    InvalidLength,
+    TooLong,
+}
+
+impl Validation {
+    fn is_possible(self) -> bool {
+        matches!(
+            self,
+            Validation::IsPossible | Validation::IsPossibleLocalOnly
+        )
+    }
+}
+
+/// One compiled pattern, with its slot in every thread's caches.
+struct Pattern {
+    re: meta::Regex,
+    slot: usize,
+}
+
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+impl Pattern {
+    /// Compiles as `regex_cache` does for the crate (`RegexBuilder` with `ignore_whitespace`,
+    /// the `regex` crate's defaults); several patterns match where any of them does.
+    fn compile(patterns: &[&str]) -> Option<Pattern> {
+        let re = meta::Builder::new()
+            .configure(
+                meta::Config::new()
+                    .nfa_size_limit(Some(10 * (1 << 20)))
+                    .hybrid_cache_capacity(2 * (1 << 20))
+                    .match_kind(MatchKind::LeftmostFirst)
+                    .utf8_empty(true),
+            )
+            .syntax(syntax::Config::new().utf8(true).ignore_whitespace(true))
+            .build_many(patterns)
+            .ok()?;
+        Some(Pattern {
+            re,
+            slot: NEXT_SLOT.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// The crate's `regex.find(text).map(|m| m.start() == 0)`: a match that starts at 0 exists.
+    fn matches_at_start(&self, caches: &mut Caches, hay: &[u8]) -> bool {
+        self.re
+            .is_match_with(caches.get(self), &Input::new(hay).anchored(Anchored::Yes))
+    }
+
+    /// The end of the crate's `regex.find(text)` when that match starts at 0. The leftmost
+    /// match starts at 0 exactly when an anchored one exists, and then it is that one.
+    fn end_at_start(&self, caches: &mut Caches, hay: &[u8]) -> Option<usize> {
+        self.re
+            .search_with(caches.get(self), &Input::new(hay).anchored(Anchored::Yes))
+            .map(|m| m.end())
+    }
+}
+
+/// This thread's search caches, one per pattern it has used: no pool, no lock.
+#[derive(Default)]
+struct Caches(Vec<Option<meta::Cache>>);
+
+impl Caches {
+    fn get(&mut self, pattern: &Pattern) -> &mut meta::Cache {
+        if self.0.len() <= pattern.slot {
+            self.0.resize_with(pattern.slot + 1, || None);
+        }
+        self.0[pattern.slot].get_or_insert_with(|| pattern.re.create_cache())
+    }
+}
+
+thread_local! {
+    static CACHES: RefCell<Caches> = RefCell::new(Caches::default());
+}
+
+/// One metadata entry (a region, or a non-geographic code) and its compiled patterns.
+struct Plan {
+    meta: &'static Metadata,
+    code_digits: String,
+    /// The type descriptors `number_type` tries, as (possible lengths, pattern).
+    types: Vec<(&'static [u16], &'static str)>,
+    compiled: OnceLock<Option<Compiled>>,
+    /// Per national-number length: the type patterns that apply at that length, as one
+    /// multi-pattern matcher (`None` inside: no type applies).
+    by_length: Vec<OnceLock<Option<Arc<Pattern>>>>,
+    /// The matchers built so far, by the set of types they cover: lengths share them.
+    by_mask: Mutex<Vec<(u32, Arc<Pattern>)>>,
+}
+
+struct Compiled {
+    general: Pattern,
+    idd: Option<Pattern>,
+    npfp: Option<Pattern>,
+    leading: Option<Pattern>,
+}
+
+impl Plan {
+    fn new(meta: &'static Metadata) -> Plan {
+        let d = meta.descriptors();
+        // The order of `validator::number_type`; only whether one matches counts.
+        let types = [
+            d.premium_rate(),
+            d.toll_free(),
+            d.shared_cost(),
+            d.voip(),
+            d.personal_number(),
+            d.pager(),
+            d.uan(),
+            d.voicemail(),
+            d.fixed_line(),
+            d.mobile(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|d| (d.possible_length(), d.national_number().as_str()))
+        .collect();
+        Plan {
+            meta,
+            code_digits: meta.country_code().to_string(),
+            types,
+            compiled: OnceLock::new(),
+            by_length: (0..=BUF).map(|_| OnceLock::new()).collect(),
+            by_mask: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The region's patterns, compiled on first use; a pattern this engine refuses leaves the
+    /// region to the crate.
+    fn compiled(&self) -> Step<&Compiled> {
+        self.compiled
+            .get_or_init(|| {
+                let one = |p: Option<&str>| match p {
+                    None => Some(None),
+                    Some(p) => Pattern::compile(&[p]).map(Some),
+                };
+                let m = self.meta;
+                Some(Compiled {
+                    general: Pattern::compile(&[m
+                        .descriptors()
+                        .general()
+                        .national_number()
+                        .as_str()])?,
+                    idd: one(m.international_prefix().map(|r| r.as_str()))?,
+                    npfp: one(m.national_prefix_for_parsing().map(|r| r.as_str()))?,
+                    leading: one(m.leading_digits().map(|r| r.as_str()))?,
+                })
+            })
+            .as_ref()
+            .ok_or(Stop::Defer)
+    }
+
+    /// The matcher of the type patterns whose possible lengths allow `len` (or that state
+    /// none); `None` when no type applies.
+    fn types_for_length(&self, len: usize) -> Step<Option<&Pattern>> {
+        let slot = self.by_length.get(len).ok_or(Stop::Defer)?;
+        let found = slot.get_or_init(|| {
+            let mask = self
+                .types
+                .iter()
+                .enumerate()
+                .filter(|(_, (lengths, _))| lengths.is_empty() || lengths.contains(&(len as u16)))
+                .fold(0u32, |mask, (i, _)| mask | 1 << i);
+            if mask == 0 {
+                return None;
+            }
+            let mut built = self.by_mask.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, pattern)) = built.iter().find(|(m, _)| *m == mask) {
+                return Some(pattern.clone());
+            }
+            let patterns: Vec<&str> = self
+                .types
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, (_, p))| *p)
+                .collect();
+            let pattern = Arc::new(Pattern::compile(&patterns)?);
+            built.push((mask, pattern.clone()));
+            Some(pattern)
+        });
+        match found {
+            Some(pattern) => Ok(Some(pattern)),
+            // Either no type applies, or the patterns did not compile: tell the two apart.
+            None if self
+                .types
+                .iter()
+                .any(|(lengths, _)| lengths.is_empty() || lengths.contains(&(len as u16))) =>
+            {
+                Err(Stop::Defer)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// `validator::length(meta, number, Type::Unknown)`: the general descriptor's lengths.
+    fn length(&self, len: usize) -> Validation {
+        let general = self.meta.descriptors().general();
+        let possible = general.possible_length();
+        let local = general.possible_local_length();
+        let len = len as u16;
+        let (Some(&min), Some(&max)) = (possible.first(), possible.last()) else {
+            return Validation::InvalidLength;
+        };
+        if local.contains(&len) {
+            Validation::IsPossibleLocalOnly
+        } else if len == min {
+            Validation::IsPossible
+        } else if len < min {
+            Validation::TooShort
+        } else if len > max {
+            Validation::TooLong
+        } else if possible.contains(&len) {
+            Validation::IsPossible
+        } else {
+            Validation::InvalidLength
+        }
+    }
+}
+
+/// The regions a country code names (`Database::region`), resolved to plans.
+enum Regions {
+    /// `"001"`: the code's first metadata (`by_code(code)[0]`).
+    NonGeographic,
+    /// One region: its metadata, or none when the crate cannot name the region.
+    Single(Option<usize>),
+    /// Several, main country first.
+    Many(Vec<usize>),
+    /// A layout this path does not reproduce (a region id the crate would panic on).
+    Unsupported,
+}
+
+struct CodeEntry {
+    /// `by_code(code)[0]`.
+    first: usize,
+    regions: Regions,
+}
+
+struct Table {
+    plans: Vec<Plan>,
+    codes: Vec<Option<CodeEntry>>,
+    /// Region ids (two capital letters) to plans, indexed by the letters.
+    by_letters: Vec<Option<usize>>,
+}
+
+impl Table {
+    fn build() -> Table {
+        let mut plans: Vec<Plan> = Vec::new();
+        let index_of = |meta: &'static Metadata, plans: &mut Vec<Plan>| -> usize {
+            match plans.iter().position(|p| std::ptr::eq(p.meta, meta)) {
+                Some(i) => i,
+                None => {
+                    plans.push(Plan::new(meta));
+                    plans.len() - 1
+                }
+            }
+        };
+        let database: &'static phonenumber::metadata::Database = &DATABASE;
+        let mut codes: Vec<Option<CodeEntry>> = (0..1000).map(|_| None).collect();
+        for code in 0..1000u16 {
+            let Some(metas) = database.by_code(&code) else {
+                continue;
+            };
+            let Some(&first) = metas.first() else {
+                continue;
+            };
+            let first = index_of(first, &mut plans);
+            for &m in &metas {
+                index_of(m, &mut plans);
+            }
+            let by_id =
+                |id: &str, plans: &mut Vec<Plan>| database.by_id(id).map(|m| index_of(m, plans));
+            let regions = match database.region(&code).as_deref() {
+                None | Some([]) => Regions::Unsupported,
+                Some(["001"]) => Regions::NonGeographic,
+                Some([id]) => Regions::Single(match id.parse::<country::Id>() {
+                    Ok(_) => by_id(id, &mut plans),
+                    Err(_) => None,
+                }),
+                Some(ids) => {
+                    let resolved: Option<Vec<usize>> = ids
+                        .iter()
+                        .map(|id| {
+                            id.parse::<country::Id>().ok()?;
+                            by_id(id, &mut plans)
+                        })
+                        .collect();
+                    resolved.map_or(Regions::Unsupported, Regions::Many)
+                }
+            };
+            codes[usize::from(code)] = Some(CodeEntry { first, regions });
+        }
+        let mut by_letters = vec![None; 26 * 26];
+        for (i, plan) in plans.iter().enumerate() {
+            if let Some(slot) = letters(plan.meta.id()) {
+                if database
+                    .by_id(plan.meta.id())
+                    .is_some_and(|m| std::ptr::eq(m, plan.meta))
+                {
+                    by_letters[slot] = Some(i);
+                }
+            }
+        }
+        Table {
+            plans,
+            codes,
+            by_letters,
+        }
+    }
+
+    fn code(&self, code: u16) -> Option<&CodeEntry> {
+        self.codes.get(usize::from(code))?.as_ref()
+    }
+
+    /// `database.by_id(country)`.
+    fn plan_for(&self, id: country::Id) -> Option<usize> {
+        self.by_letters[letters(id.as_ref())?]
+    }
+}
+
+fn letters(id: &str) -> Option<usize> {
+    match id.as_bytes() {
+        &[a @ b'A'..=b'Z', b @ b'A'..=b'Z'] => {
+            Some(usize::from(a - b'A') * 26 + usize::from(b - b'A'))
+        }
+        _ => None,
+    }
+}
+
+fn table() -> &'static Table {
+    static TABLE: OnceLock<Table> = OnceLock::new();
+    TABLE.get_or_init(Table::build)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3966_takes_values_without_spaces_and_splits_a_plus_code() {
+        assert_eq!(
+            rfc3966(b"+1-212-736-5000"),
+            Some((&b"-212-736-5000"[..], Some(&b"1"[..])))
+        );
+        assert_eq!(rfc3966(b"212.736.5000"), Some((&b"212.736.5000"[..], None)));
+        assert_eq!(
+            rfc3966(b"+12127365000"),
+            None,
+            "no national part after the code"
+        );
+        assert_eq!(rfc3966(b"+-1"), None);
+        assert_eq!(rfc3966(b"212 736 5000"), None, "spaces are not RFC 3966");
+        assert_eq!(rfc3966(b"301/23456"), None, "`/` is not a separator there");
+    }
+
+    #[test]
+    fn natural_starts_at_the_first_digit_or_plus_and_drops_trailing_punctuation() {
+        assert_eq!(natural(b"(212) 736-5000"), Some(&b"212) 736-5000"[..]));
+        assert_eq!(natural(b"212-736-5000.)"), Some(&b"212-736-5000"[..]));
+        assert_eq!(natural(b"+"), None);
+        assert_eq!(natural(b"(-)"), None);
+    }
+
+    #[test]
+    fn viability_is_two_digits_or_three_after_pluses() {
+        assert!(viable(b"00"));
+        assert!(viable(b"1-2-3"));
+        assert!(viable(b"++123"));
+        assert!(!viable(b"1"));
+        assert!(!viable(b"1-2"));
+        assert!(!viable(b"12+3"));
+    }
+
+    #[test]
+    fn every_region_of_the_database_has_a_plan_and_compiles() {
+        let table = table();
+        assert!(table.plans.len() > 240, "{}", table.plans.len());
+        for plan in &table.plans {
+            assert!(plan.compiled().is_ok(), "{}", plan.meta.id());
+        }
+        assert!(table
+            .codes
+            .iter()
+            .flatten()
+            .all(|c| !matches!(c.regions, Regions::Unsupported)));
+    }
+
+    #[test]
+    fn longer_or_other_values_are_deferred() {
+        let us = Some(country::Id::US);
+        let mut out = Vec::new();
+        for value in [
+            "212-736-5000 ext. 42",
+            "212-736-5000 x42",
+            "tel:+1-212-736-5000",
+            "+1 212 736 5000 +1",
+            "２１２７３６５０００",
+            "1-800-FLOWERS",
+            "212\t736 5000",
+            "+1 212 736 5000 0000 0000 0000 0000 0000 0000 0000",
+        ] {
+            assert_eq!(e164(value, us, &mut out), Fast::Defer, "{value:?}");
+        }
+        assert!(out.is_empty());
+    }
+}
