@@ -14,6 +14,7 @@ bench="$(scripts/target-dir.sh)/release/ae-bench"
 if [ "$mode" = quick ]; then
   commands=(
     "taskset -c 0 $bench hashing --runs 3 --secs 0.5"
+    "$bench phone-diff --count 200000 --seed 42"
     "$bench emulator --runs 1 --secs 2 --shards 10"
     "$bench ratelimit --rate 20 --shards 100 --latency-ms 200 --window-secs 30"
     "$bench ratelimit --rate 20 --shards 100 --latency-ms 200 --window-secs 30 --workers 4"
@@ -24,6 +25,7 @@ if [ "$mode" = quick ]; then
 else
   commands=(
     "taskset -c 0 $bench hashing --runs 5 --secs 1"
+    "$bench phone-diff --count 1000000 --seed 42"
     "$bench emulator --runs 3 --secs 3 --shards 40"
     "$bench ratelimit --rate 20 --shards 500 --latency-ms 200 --window-secs 30"
     "$bench ratelimit --rate 20 --shards 300 --latency-ms 200 --window-secs 30 --workers 4"

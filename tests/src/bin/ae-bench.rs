@@ -43,7 +43,8 @@ enum Command {
         clients: usize,
     },
     /// The fleet against an emulator enforcing R calls/s per ad account: achieved rate / R,
-    /// throttled calls and failed shards, then the same with the budget halved mid-export.
+    /// throttled calls and failed shards, then the same with the budget halved mid-export, then
+    /// doubled mid-export (each change: the rest's time / what the new budget allows).
     Ratelimit {
         /// R: the ad account's budget, in calls per second (also the workers' configured rate).
         #[arg(long, default_value_t = 20)]
@@ -150,8 +151,8 @@ async fn main() -> anyhow::Result<()> {
             window_secs,
             workers,
         } => {
-            for halve in [false, true] {
-                ratelimit(rate, shards, latency_ms, window_secs, halve, workers).await?;
+            for change in [1.0, 0.5, 2.0] {
+                ratelimit(rate, shards, latency_ms, window_secs, change, workers).await?;
             }
         }
         Command::Sdk {
@@ -471,13 +472,16 @@ fn phone_diff(count: usize, seed: u64) -> anyhow::Result<()> {
 }
 
 /// One export of `shards` 10-record email shards through the whole in-process fleet, the emulator
-/// allowing `rate` calls/s per ad account (as `rate × window` calls per sliding window).
+/// allowing `rate` calls/s per ad account (as `rate × window` calls per sliding window). A
+/// `change` other than 1 multiplies the budget once half the shards are done; then the rest's
+/// time (from the change to the finished event) is compared with what the new budget allows:
+/// the shards not done at the change / (new budget / window), one call each.
 async fn ratelimit(
     rate: u64,
     shards: u64,
     latency_ms: u64,
     window_secs: f64,
-    halve: bool,
+    change: f64,
     workers: usize,
 ) -> anyhow::Result<()> {
     use audience_export_harness::app::{spawn_app_with, Roles, AD_ACCOUNT};
@@ -516,17 +520,22 @@ async fn ratelimit(
             .as_bytes(),
     )
     .await;
-    if halve {
+    let mut changed = None;
+    if change != 1.0 {
         let half = eventually(Duration::from_secs(600), || async {
             let s = app.progress_of("bench-rate").await;
-            (s.shards_done >= shards / 2).then_some(())
+            (s.shards_done >= shards / 2).then_some(s.shards_done)
         })
         .await;
         anyhow::ensure!(half.is_some(), "half the export did not finish");
-        app.emulator.set_budget(AD_ACCOUNT, budget / 2);
+        app.emulator
+            .set_budget(AD_ACCOUNT, (budget as f64 * change) as u64);
+        let done = app.progress_of("bench-rate").await.shards_done;
+        changed = Some((Instant::now(), done));
     }
     let report = app.finished("bench-rate", Duration::from_secs(1_800)).await;
     let elapsed = started.elapsed().as_secs_f64();
+    let finished = Instant::now();
     let (calls, throttled) = app.emulator.account_stats(AD_ACCOUNT);
     let uploads = app
         .emulator
@@ -538,13 +547,46 @@ async fn ratelimit(
     for p in processes {
         stop_process(p).await;
     }
+    let after_change = changed.map(|(at, done)| {
+        let new_rate = rate as f64 * change;
+        let rest = finished.duration_since(at).as_secs_f64();
+        let allowed = shards.saturating_sub(done) as f64 / new_rate;
+        // When the fleet first sent 95% of the new rate over one second (successful uploads).
+        let times: Vec<Instant> = app
+            .emulator
+            .calls()
+            .iter()
+            .filter(|c| c.path.ends_with("/users") && c.error_code.is_none() && c.at >= at)
+            .map(|c| c.at)
+            .collect();
+        let needed = (0.95 * new_rate).ceil() as usize;
+        let reached = (needed >= 1 && times.len() >= needed)
+            .then(|| {
+                times
+                    .windows(needed)
+                    .find(|w| w[needed - 1].duration_since(w[0]) <= Duration::from_secs(1))
+                    .map(|w| w[needed - 1].duration_since(at).as_secs_f64())
+            })
+            .flatten();
+        format!(
+            "; after the change: {} shards in {rest:.1} s where {new_rate:.0} calls/s allows {allowed:.1} s: ratio {:.2}; 95% of the new rate over 1 s {}",
+            shards.saturating_sub(done),
+            rest / allowed.max(f64::EPSILON),
+            reached.map_or("never reached".to_owned(), |s| format!("reached {s:.1} s after it")),
+        )
+    });
     println!(
-        "{}, {workers} worker process(es): R = {rate} calls/s, {latency_ms} ms latency, {shards} shards: {uploads} uploads in {elapsed:.1} s = {:.2} calls/s = {:.0}% of R; throttled {throttled} of {calls} calls ({:.2}%); failed shards {}",
-        if halve { "budget halved mid-export" } else { "steady budget" },
+        "{}, {workers} worker process(es): R = {rate} calls/s, {latency_ms} ms latency, {shards} shards: {uploads} uploads in {elapsed:.1} s = {:.2} calls/s = {:.0}% of R; throttled {throttled} of {calls} calls ({:.2}%); failed shards {}{}",
+        match change {
+            c if c < 1.0 => "budget halved mid-export",
+            c if c > 1.0 => "budget doubled mid-export",
+            _ => "steady budget",
+        },
         uploads as f64 / elapsed,
         100.0 * uploads as f64 / elapsed / rate as f64,
         100.0 * throttled as f64 / calls as f64,
         email.shards_failed,
+        after_change.unwrap_or_default(),
     );
     app.stop().await;
     Ok(())
