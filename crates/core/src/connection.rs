@@ -14,7 +14,7 @@
 //! token can use the account again (`clear_unusable`).
 
 use crate::contract::{AdAccountId, ConnectionStatus, WorkspaceId};
-use crate::progress::{claim, release, Claim};
+use crate::progress::{claim, release, set_nx_px, Claim};
 use crate::telemetry::Label;
 use crate::token_cipher::{CipherError, TokenCipher};
 use redis::aio::ConnectionManager;
@@ -782,15 +782,7 @@ impl Connections {
         ttl: Duration,
     ) -> Result<bool, ConnectionError> {
         let mut c = self.redis.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(self.health_key(workspace))
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64)
-            .query_async(&mut c)
-            .await?;
-        Ok(set.is_some())
+        Ok(set_nx_px(&mut c, &self.health_key(workspace), "1", ttl).await?)
     }
 
     /// Forgets the last health check: the next export asks Meta again.
@@ -811,15 +803,8 @@ impl Connections {
         lease: Duration,
     ) -> Result<bool, ConnectionError> {
         let mut c = self.redis.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(format!("{}:connections:health-round", self.ns))
-            .arg(owner)
-            .arg("NX")
-            .arg("PX")
-            .arg(lease.as_millis().max(1) as u64)
-            .query_async(&mut c)
-            .await?;
-        Ok(set.is_some())
+        let key = format!("{}:connections:health-round", self.ns);
+        Ok(set_nx_px(&mut c, &key, owner, lease).await?)
     }
 
     /// Records a fresh terms check of one selected ad account. Only if the selection did not
@@ -914,15 +899,8 @@ impl Connections {
         ttl: std::time::Duration,
     ) -> Result<bool, ConnectionError> {
         let mut c = self.redis.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(format!("{}:oauth-state:{nonce}", self.ns))
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64)
-            .query_async(&mut c)
-            .await?;
-        Ok(set.is_some())
+        let key = format!("{}:oauth-state:{nonce}", self.ns);
+        Ok(set_nx_px(&mut c, &key, "1", ttl).await?)
     }
 
     fn notice_key(&self, workspace: &WorkspaceId, what: &str) -> String {

@@ -947,74 +947,36 @@ mod tests {
         body: String,
     }
 
-    /// Splits a formatted message into its header block (unfolded) and its body.
-    fn split(raw: &str) -> (String, &str) {
-        let (headers, body) = raw.split_once("\r\n\r\n").expect("a header block");
-        (headers.replace("\r\n ", " ").replace("\r\n\t", " "), body)
-    }
-
-    fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
-        headers.lines().find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then_some(v.trim())
-        })
-    }
-
-    /// RFC 2045 quoted-printable.
-    fn decode_qp(s: &str) -> String {
-        let joined = s.replace("=\r\n", "");
-        let bytes = joined.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'=' && i + 2 < bytes.len() {
-                if let Ok(b) = u8::from_str_radix(&joined[i + 1..i + 3], 16) {
-                    out.push(b);
-                    i += 3;
-                    continue;
-                }
-            }
-            out.push(bytes[i]);
-            i += 1;
+    fn content_type(c: Option<&mail_parser::ContentType<'_>>) -> String {
+        let c = c.expect("a Content-Type");
+        let mut out = format!("{}/{}", c.c_type, c.c_subtype.as_deref().unwrap_or(""));
+        if let Some(charset) = c.attribute("charset") {
+            out.push_str(&format!("; charset={charset}"));
         }
-        String::from_utf8(out).expect("UTF-8")
+        out
     }
 
-    /// The top-level content type and the parts of a `multipart/*` message, decoded.
+    /// The top-level content type and the leaf parts of a `multipart/*` message, decoded (read
+    /// by mail-parser, as the test harness's SMTP sink reads what the finalizer sends).
     fn parse(message: &Message) -> (String, Vec<Part>) {
-        let raw = String::from_utf8(message.formatted()).expect("an ASCII message");
-        let (headers, body) = split(&raw);
-        let content_type = header(&headers, "Content-Type")
-            .expect("Content-Type")
-            .to_owned();
-        let boundary = content_type
-            .split(';')
-            .find_map(|p| p.trim().strip_prefix("boundary="))
-            .expect("a boundary")
-            .trim_matches('"')
-            .to_owned();
-        let delimiter = format!("--{boundary}");
-        let mut parts = Vec::new();
-        for chunk in body.split(&delimiter).skip(1) {
-            if chunk.starts_with("--") {
-                break;
-            }
-            let (headers, body) = split(chunk.trim_start_matches("\r\n"));
-            let body = body.strip_suffix("\r\n").unwrap_or(body);
-            let encoding = header(&headers, "Content-Transfer-Encoding").unwrap_or("7bit");
-            let body = match encoding {
-                "quoted-printable" => decode_qp(body),
-                "7bit" | "8bit" => body.to_owned(),
-                other => panic!("unexpected transfer encoding {other}"),
-            };
-            parts.push(Part {
-                content_type: header(&headers, "Content-Type")
-                    .expect("a part's Content-Type")
-                    .to_owned(),
-                body: body.replace("\r\n", "\n"),
-            });
-        }
-        (content_type, parts)
+        use mail_parser::MimeHeaders;
+        let raw = message.formatted();
+        let parsed = mail_parser::MessageParser::default()
+            .parse(&raw)
+            .expect("a MIME message");
+        let parts = parsed
+            .parts
+            .iter()
+            .filter(|p| !p.is_multipart())
+            .map(|p| Part {
+                content_type: content_type(p.content_type()),
+                body: p
+                    .text_contents()
+                    .expect("a text part")
+                    .replace("\r\n", "\n"),
+            })
+            .collect();
+        (content_type(parsed.content_type()), parts)
     }
 
     #[test]

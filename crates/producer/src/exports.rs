@@ -116,6 +116,20 @@ pub struct SubmitView {
 }
 
 impl Exports {
+    /// With the fleet's settings: the producer's API and the CLI say the same thing.
+    pub fn from_settings(
+        progress: ProgressStore,
+        settings: &audience_export_core::config::Settings,
+    ) -> Exports {
+        Exports::new(
+            progress,
+            Topology::from_settings(settings),
+            settings.amqp_url.clone(),
+            Duration::from_secs(settings.finalizer.retention_secs),
+            Duration::from_secs(settings.finalizer.export_deadline_secs),
+        )
+    }
+
     pub fn new(
         progress: ProgressStore,
         topology: Topology,

@@ -67,13 +67,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         cipher,
         settings.clone(),
     ));
-    let exports = Arc::new(exports::Exports::new(
-        progress.clone(),
-        Topology::from_settings(&settings),
-        settings.amqp_url.clone(),
-        Duration::from_secs(settings.finalizer.retention_secs),
-        Duration::from_secs(settings.finalizer.export_deadline_secs),
-    ));
+    let exports = Arc::new(exports::Exports::from_settings(progress.clone(), &settings));
     let api_addr = api::serve(
         settings.api.addr,
         &settings.api,

@@ -1,7 +1,7 @@
 //! `audience-producer`: runs the producer (configured by `AE_*` environment variables; stops on
 //! SIGTERM or SIGINT), or manages a workspace's settings and Facebook connection for operators.
 
-use audience_export_core::amqp::{Topology, WorkQueue};
+use audience_export_core::amqp::WorkQueue;
 use audience_export_core::connection::Connections;
 use audience_export_core::contract::{ExportId, PhoneCountry, WorkspaceId};
 use audience_export_core::graph::GraphClient;
@@ -15,7 +15,6 @@ use audience_export_producer::exports::Exports;
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 use std::io::Read;
-use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -217,13 +216,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn exports(settings: Settings, action: ExportAction) -> anyhow::Result<()> {
     let progress = ProgressStore::connect(&settings.redis_url, &settings.namespace).await?;
-    let exports = Exports::new(
-        progress,
-        Topology::from_settings(&settings),
-        settings.amqp_url.clone(),
-        Duration::from_secs(settings.finalizer.retention_secs),
-        Duration::from_secs(settings.finalizer.export_deadline_secs),
-    );
+    let exports = Exports::from_settings(progress, &settings);
     let json = match action {
         ExportAction::Submit { job } => {
             let body = if job.as_os_str() == "-" {

@@ -466,8 +466,7 @@ async fn planned(
     });
     let stopped = sharder.stopped.is_some();
     let totals = read.totals(sharder.finish(error.is_none()).await?, error);
-    deps.metrics.members.inc_by(read.members);
-    read.count_excluded(&deps.metrics);
+    read.count(&deps.metrics);
     seal(deps, job, &totals).await?;
     let outcome = match stopped {
         true => JobOutcome::Stopped,
@@ -564,7 +563,9 @@ impl Reading {
         }
     }
 
-    fn count_excluded(&self, metrics: &Metrics) {
+    /// Adds this reading's members, and those consent left out, to the producer's metrics.
+    fn count(&self, metrics: &Metrics) {
+        metrics.members.inc_by(self.members);
         for (attribute, &n) in self.consent.excluded() {
             metrics.excluded.with_label_values(&[attribute]).inc_by(n);
         }
@@ -582,8 +583,7 @@ async fn seal_early(
 ) -> Result<Outcome, PlanError> {
     let progress = deps.progress.progress(&job.export_id).await?;
     let totals = read.totals(published(job, &progress), error);
-    deps.metrics.members.inc_by(read.members);
-    read.count_excluded(&deps.metrics);
+    read.count(&deps.metrics);
     seal(deps, job, &totals).await?;
     deps.metrics.jobs.with(outcome).inc();
     Ok(Outcome::Ack)

@@ -262,15 +262,7 @@ impl ProgressStore {
     ) -> Result<Submitted> {
         let mut c = self.redis.clone();
         let key = self.key(export_id, "job");
-        let set: bool = redis::cmd("SET")
-            .arg(&key)
-            .arg(job_json)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .query_async::<Option<String>>(&mut c)
-            .await?
-            .is_some();
+        let set = set_nx_px(&mut c, &key, job_json, ttl).await?;
         if !set {
             let held: Option<String> = c.get(&key).await?;
             if held.as_deref() != Some(job_json) {
@@ -525,26 +517,23 @@ impl ProgressStore {
         Ok(())
     }
 
-    /// Records activity on an export (what the sweep measures) without changing anything else.
-    pub async fn touch(&self, export_id: &ExportId, now_ms: u64) -> Result<()> {
+    /// Sets one export-level entry of the progress hash.
+    async fn set_entry(&self, export_id: &ExportId, key: Key, value: u64) -> Result<()> {
         let mut c = self.redis.clone();
         let _: () = c
-            .hset(
-                self.key(export_id, "progress"),
-                Key::UpdatedAtMs.name(),
-                now_ms,
-            )
+            .hset(self.key(export_id, "progress"), key.name(), value)
             .await?;
         Ok(())
     }
 
+    /// Records activity on an export (what the sweep measures) without changing anything else.
+    pub async fn touch(&self, export_id: &ExportId, now_ms: u64) -> Result<()> {
+        self.set_entry(export_id, Key::UpdatedAtMs, now_ms).await
+    }
+
     /// Records that the follow-up is done (whatever it could read or make).
     pub async fn mark_followed_up(&self, export_id: &ExportId) -> Result<()> {
-        let mut c = self.redis.clone();
-        let _: () = c
-            .hset(self.key(export_id, "progress"), Key::FollowedUp.name(), 1)
-            .await?;
-        Ok(())
+        self.set_entry(export_id, Key::FollowedUp, 1).await
     }
 
     /// Records the plan's identity unless one is recorded; returns the recorded fingerprint and
@@ -712,15 +701,7 @@ impl ProgressStore {
 
     /// Records that the report email went out.
     pub async fn mark_emailed(&self, export_id: &ExportId, now_ms: u64) -> Result<()> {
-        let mut c = self.redis.clone();
-        let _: () = c
-            .hset(
-                self.key(export_id, "progress"),
-                Key::EmailedAtMs.name(),
-                now_ms,
-            )
-            .await?;
-        Ok(())
+        self.set_entry(export_id, Key::EmailedAtMs, now_ms).await
     }
 
     /// Exports begun and not finished, oldest first (the sweep's list; may hold finished ones
@@ -815,6 +796,25 @@ pub async fn connect_redis(url: &str) -> redis::RedisResult<ConnectionManager> {
     ConnectionManager::new_with_config(redis::Client::open(url)?, config).await
 }
 
+/// `SET key value NX PX ttl`: whether this call set it (the key did not exist). Every
+/// first-writer-wins key of the fleet with a lifetime goes through here.
+pub async fn set_nx_px(
+    c: &mut ConnectionManager,
+    key: &str,
+    value: &str,
+    ttl: Duration,
+) -> redis::RedisResult<bool> {
+    let set: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("NX")
+        .arg("PX")
+        .arg(ttl.as_millis().max(1) as u64)
+        .query_async(c)
+        .await?;
+    Ok(set.is_some())
+}
+
 /// Claims `key` for `owner` with a lease (`SET NX PX`): something done once by whichever process
 /// gets there first, taken over by another if the first dies before `done`.
 pub async fn claim(
@@ -823,15 +823,7 @@ pub async fn claim(
     owner: &str,
     lease: Duration,
 ) -> redis::RedisResult<Claim> {
-    let won: Option<String> = redis::cmd("SET")
-        .arg(key)
-        .arg(owner)
-        .arg("NX")
-        .arg("PX")
-        .arg(lease.as_millis() as u64)
-        .query_async(c)
-        .await?;
-    if won.is_some() {
+    if set_nx_px(c, key, owner, lease).await? {
         return Ok(Claim::Won);
     }
     let (value, ttl): (Option<String>, i64) =
