@@ -10,6 +10,10 @@ default:
 demo:
     scripts/demo.sh
 
+# The demo's export on a Redis Cluster (3+3) and a 3-node RabbitMQ cluster on free ports, with a Redis master killed and a RabbitMQ node stopped mid-export; prints the report.
+cluster-demo:
+    scripts/cluster-demo.sh
+
 # Formatting, clippy with -D warnings, the deploy checks, unit tests and the end-to-end suite (starts RabbitMQ and Redis, installs the tools if needed).
 test: up tools lint deploy-checks
     cargo test --workspace --all-targets

@@ -88,6 +88,16 @@ pub async fn spawn_app() -> TestApp {
 
 /// Spawns the roles asked for, after `tune` adjusts the settings.
 pub async fn spawn_app_with(roles: Roles, tune: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_on(roles, None, tune).await
+}
+
+/// `spawn_app_with`, the harness itself on `harness_amqp` (default: the shared broker) for its
+/// events, jobs and queue depths: a node the test never stops when the fleet runs on a cluster.
+pub async fn spawn_app_on(
+    roles: Roles,
+    harness_amqp: Option<String>,
+    tune: impl FnOnce(&mut Settings),
+) -> TestApp {
     // Logs go to stderr at warn (RUST_LOG overrides) and, at debug, to `logs::captured`.
     crate::logs::init();
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -134,7 +144,7 @@ pub async fn spawn_app_with(roles: Roles, tune: impl FnOnce(&mut Settings)) -> T
     }
     // The harness itself talks to the broker directly, even when the fleet goes through a
     // proxy the test cuts: it must keep hearing the fleet's events.
-    let harness_amqp = settings.amqp_url.clone();
+    let harness_amqp = harness_amqp.unwrap_or_else(|| settings.amqp_url.clone());
     tune(&mut settings);
 
     let topology = Topology::from_settings(&settings);

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod app;
+pub mod cluster;
 pub mod emulator;
 pub mod fault;
 pub mod logs;

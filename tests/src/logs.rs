@@ -32,9 +32,12 @@ impl Write for Capture {
 
 /// Installs the capturing subscriber once per process; later calls do nothing.
 pub fn init() {
-    let stderr = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let stderr = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,redis::cluster_handling=error"));
     // The broker client's frame-level chatter is volume, not information.
-    let captured = EnvFilter::new("debug,lapin=info,amq_protocol=info,pinky_swear=info");
+    let captured = EnvFilter::new(
+        "debug,lapin=info,amq_protocol=info,pinky_swear=info,redis::cluster_handling=error",
+    );
     let _ = tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()

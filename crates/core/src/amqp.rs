@@ -57,6 +57,8 @@ pub struct Topology {
     ns: String,
     /// Retry delays of the shard queue, in milliseconds.
     shard_retry_delays_ms: Vec<u64>,
+    /// `x-quorum-initial-group-size` of every queue declared, when set.
+    quorum_group_size: Option<u32>,
 }
 
 /// Routing keys the finalizer listens to.
@@ -86,11 +88,15 @@ impl Topology {
         Topology {
             ns: namespace.to_owned(),
             shard_retry_delays_ms,
+            quorum_group_size: None,
         }
     }
 
     pub fn from_settings(s: &crate::config::Settings) -> Topology {
-        Topology::new(&s.namespace, s.worker.retry_delays_ms.clone())
+        Topology {
+            quorum_group_size: s.quorum_initial_group_size,
+            ..Topology::new(&s.namespace, s.worker.retry_delays_ms.clone())
+        }
     }
 
     /// Export jobs from the upstream platform.
@@ -222,6 +228,12 @@ impl Topology {
     fn base_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), long_string("quorum"));
+        if let Some(size) = self.quorum_group_size {
+            args.insert(
+                "x-quorum-initial-group-size".into(),
+                AMQPValue::LongUInt(size),
+            );
+        }
         args
     }
 
@@ -307,9 +319,61 @@ impl PublishError {
 /// itself unless asked: `reconnecting` is the one recovery). With its `tokio` feature lapin runs
 /// on the calling tokio runtime, not on a global executor: that executor, shared by every
 /// runtime of a process, stalled connections for minutes when test runtimes came and went.
+///
+/// `url` may list several nodes of a cluster, separated by commas: each call starts at the node
+/// after the one the previous call of the process started at, and goes on to the next until
+/// one accepts, so a connection lost with its node comes back on another.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await
+    let nodes = node_urls(url);
+    let start = NEXT_NODE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut last_error = None;
+    for i in 0..nodes.len() {
+        let node = nodes[(start + i) % nodes.len()];
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        match Connection::connect(node, props).await {
+            Ok(connection) => {
+                if nodes.len() > 1 {
+                    tracing::info!(message = "connected to RabbitMQ", node = %redacted(node), connection = name);
+                }
+                return Ok(connection);
+            }
+            Err(error) => {
+                if nodes.len() > 1 {
+                    tracing::warn!(message = "a RabbitMQ node refused the connection; trying the next", node = %redacted(node), %error);
+                }
+                last_error = Some(error);
+            }
+        }
+    }
+    Err(last_error.expect("at least one node"))
+}
+
+/// Where the next connection of this process starts in the node list.
+static NEXT_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The node URLs of `AE_AMQP_URL` (one, or several separated by commas).
+pub fn node_urls(url: &str) -> Vec<&str> {
+    let nodes: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if nodes.is_empty() {
+        vec![url]
+    } else {
+        nodes
+    }
+}
+
+/// A node's URL without its credentials, for logs.
+fn redacted(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let host = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+            format!("{scheme}://{host}")
+        }
+        None => "<unparsable URL>".into(),
+    }
 }
 
 /// A channel in confirm mode: every publish is confirmed and `mandatory`.
@@ -555,5 +619,28 @@ mod tests {
         assert_eq!(t.shards(), "blue.shards");
         assert_eq!(Topology::dead(&t.jobs()), "blue.jobs.dead");
         assert_eq!(Topology::retry(&t.shards(), 500), "blue.shards.retry.500");
+    }
+
+    #[test]
+    fn several_nodes_are_split_and_logged_without_credentials() {
+        assert_eq!(
+            node_urls("amqp://u:p@a:5672/%2f, amqp://u:p@b:5673/%2f,"),
+            vec!["amqp://u:p@a:5672/%2f", "amqp://u:p@b:5673/%2f"]
+        );
+        assert_eq!(node_urls("amqp://a/%2f"), vec!["amqp://a/%2f"]);
+        assert_eq!(redacted("amqp://u:secret@a:5672/%2f"), "amqp://a:5672/%2f");
+    }
+
+    #[test]
+    fn the_quorum_group_size_is_declared_only_when_set() {
+        let mut settings = crate::config::Settings::default();
+        let args = Topology::from_settings(&settings).base_args();
+        assert!(args.inner().get("x-quorum-initial-group-size").is_none());
+        settings.quorum_initial_group_size = Some(3);
+        let args = Topology::from_settings(&settings).base_args();
+        assert_eq!(
+            args.inner().get("x-quorum-initial-group-size"),
+            Some(&AMQPValue::LongUInt(3))
+        );
     }
 }

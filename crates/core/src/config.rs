@@ -20,9 +20,18 @@ pub struct Settings {
     /// Prefix of every queue, exchange and Redis key, so several fleets (or tests) share a broker.
     #[serde(deserialize_with = "text")]
     pub namespace: String,
-    /// AMQP URI of the RabbitMQ broker.
+    /// AMQP URI of the RabbitMQ broker, or of each node of a RabbitMQ cluster separated by
+    /// commas (`amqp://u:p@n1:5672/%2f,amqp://u:p@n2:5672/%2f`): each connection goes to the
+    /// next node in turn, and one that is lost reconnects to the next.
     pub amqp_url: String,
-    /// Redis URL for progress and fleet-wide coordination.
+    /// Replicas of each quorum queue when it is created (`x-quorum-initial-group-size`). Unset:
+    /// the broker's default (one per node up to 3 on RabbitMQ 3.10). Part of the queue's
+    /// arguments: a queue declared with another value refuses the declaration (406), so it is
+    /// set before the first start and not changed under existing queues.
+    pub quorum_initial_group_size: Option<u32>,
+    /// Redis URL for progress and fleet-wide coordination: `redis://host:port/db` for one
+    /// server, `redis+cluster://[user:password@]host:port[,host:port...]` for a Redis Cluster
+    /// (the nodes listed are seeds; the others are discovered).
     pub redis_url: String,
     /// Start even though Redis does not persist writes (no AOF): a restart of it would lose
     /// every running export's progress and every workspace's connection. For throwaway setups
@@ -176,6 +185,7 @@ impl Default for Settings {
         Settings {
             namespace: "ae".into(),
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            quorum_initial_group_size: None,
             redis_url: "redis://127.0.0.1:6379/".into(),
             allow_volatile_redis: false,
             log: "info".into(),

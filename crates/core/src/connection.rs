@@ -15,9 +15,9 @@
 
 use crate::contract::{AdAccountId, ConnectionStatus, WorkspaceId};
 use crate::progress::{claim, release, set_nx_px, Claim};
+use crate::redis_conn::RedisConn;
 use crate::telemetry::Label;
 use crate::token_cipher::{CipherError, TokenCipher};
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use schemars::JsonSchema;
 use secrecy::{ExposeSecret, SecretString};
@@ -42,7 +42,7 @@ pub fn unusable_notice(ad_account: &AdAccountId, at_ms: u64) -> String {
 /// The key recording that Meta refused one of a workspace's tokens (`revocation` writes and
 /// reads it; storing a token lifts its own).
 pub fn revoked_key(namespace: &str, workspace: &WorkspaceId, fingerprint: &str) -> String {
-    format!("{namespace}:workspace:{workspace}:revoked:{fingerprint}")
+    format!("{namespace}:workspace:{{{workspace}}}:revoked:{fingerprint}")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -390,7 +390,7 @@ const INVALID_FIELDS: [&str; 5] = [
 
 #[derive(Clone)]
 pub struct Connections {
-    redis: ConnectionManager,
+    redis: RedisConn,
     ns: String,
     /// None for roles that never see a token (the finalizer): they cannot open or seal one.
     cipher: Option<TokenCipher>,
@@ -421,7 +421,7 @@ impl UnusableScripts {
 
 impl Connections {
     /// On a shared connection (`ProgressStore::connection`).
-    pub fn new(redis: ConnectionManager, namespace: &str, cipher: TokenCipher) -> Connections {
+    pub fn new(redis: RedisConn, namespace: &str, cipher: TokenCipher) -> Connections {
         Connections {
             redis,
             ns: namespace.to_owned(),
@@ -434,7 +434,7 @@ impl Connections {
 
     /// For a role that reads and marks connections but never uses a token (the finalizer): it
     /// needs no encryption key, so it holds none. Opening or storing a token fails with `NoKey`.
-    pub fn without_tokens(redis: ConnectionManager, namespace: &str) -> Connections {
+    pub fn without_tokens(redis: RedisConn, namespace: &str) -> Connections {
         Connections {
             redis,
             ns: namespace.to_owned(),
@@ -450,7 +450,7 @@ impl Connections {
     }
 
     fn key(&self, workspace: &WorkspaceId) -> String {
-        format!("{}:workspace:{workspace}:connection", self.ns)
+        format!("{}:workspace:{{{workspace}}}:connection", self.ns)
     }
 
     fn index(&self) -> String {
@@ -460,7 +460,7 @@ impl Connections {
     /// Set while a workspace's connection was checked with Meta recently (see
     /// `claim_health_check`).
     fn health_key(&self, workspace: &WorkspaceId) -> String {
-        format!("{}:workspace:{workspace}:health-checked", self.ns)
+        format!("{}:workspace:{{{workspace}}}:health-checked", self.ns)
     }
 
     /// The associated data of a sealed token: its workspace and slot.
@@ -660,6 +660,11 @@ impl Connections {
             (format!("{slot}_available"), json(&new.ad_accounts)),
         ];
         all.extend(fields.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        let mut c = self.redis.clone();
+        // Listed first, outside the transaction (the index is one namespace-wide key, in another
+        // cluster slot): an entry whose connection is missing is skipped by its readers, a
+        // connection missing from the index would never be health-checked.
+        let _: () = c.sadd(self.index(), workspace.as_str()).await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
         if !drop.is_empty() {
@@ -669,9 +674,7 @@ impl Connections {
         pipe.del(revoked_key(&self.ns, workspace, &fingerprint))
             .del(self.health_key(workspace))
             .hdel(&key, &INVALID_FIELDS)
-            .hset_multiple(&key, &all)
-            .sadd(self.index(), workspace.as_str());
-        let mut c = self.redis.clone();
+            .hset_multiple(&key, &all);
         let _: () = pipe.query_async(&mut c).await?;
         Ok(())
     }
@@ -881,13 +884,14 @@ impl Connections {
     /// Deletes the connection and its tokens.
     pub async fn disconnect(&self, workspace: &WorkspaceId) -> Result<bool, ConnectionError> {
         let mut c = self.redis.clone();
-        let (deleted, _, _): (i64, i64, i64) = redis::pipe()
+        let (deleted, _): (i64, i64) = redis::pipe()
             .atomic()
             .del(self.key(workspace))
-            .srem(self.index(), workspace.as_str())
             .del(self.health_key(workspace))
             .query_async(&mut c)
             .await?;
+        // Unlisted after, outside the transaction (another cluster slot): see `store`.
+        let _: () = c.srem(self.index(), workspace.as_str()).await?;
         Ok(deleted == 1)
     }
 
@@ -904,7 +908,7 @@ impl Connections {
     }
 
     fn notice_key(&self, workspace: &WorkspaceId, what: &str) -> String {
-        format!("{}:workspace:{workspace}:notice:{what}", self.ns)
+        format!("{}:workspace:{{{workspace}}}:notice:{what}", self.ns)
     }
 
     /// Claims the one-time notice `what` (e.g. `invalid:<fingerprint>`, `expiry:<expires_at>`)

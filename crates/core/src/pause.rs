@@ -4,7 +4,7 @@
 //! TTL). Refused tokens are `revocation`'s.
 
 use crate::contract::AdAccountId;
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use std::time::Duration;
 
 /// Sets the pause unless a longer one is already in place.
@@ -19,14 +19,14 @@ return 0
 
 #[derive(Clone)]
 pub struct AccountPauses {
-    redis: ConnectionManager,
+    redis: RedisConn,
     ns: String,
     extend: redis::Script,
 }
 
 impl AccountPauses {
     /// On a shared connection (`ProgressStore::connection`).
-    pub fn new(redis: ConnectionManager, namespace: &str) -> AccountPauses {
+    pub fn new(redis: RedisConn, namespace: &str) -> AccountPauses {
         AccountPauses {
             redis,
             ns: namespace.to_owned(),
@@ -35,7 +35,7 @@ impl AccountPauses {
     }
 
     fn key(&self, ad_account: &AdAccountId) -> String {
-        format!("{}:account:{ad_account}:pause", self.ns)
+        format!("{}:account:{{{ad_account}}}:pause", self.ns)
     }
 
     /// How long the account stays paused, if it is.

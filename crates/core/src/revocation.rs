@@ -228,7 +228,7 @@ pub enum RevocationError {
 #[derive(Clone)]
 pub struct Revocations {
     connections: Connections,
-    redis: redis::aio::ConnectionManager,
+    redis: crate::redis_conn::RedisConn,
     ns: String,
     /// `audience_export_ad_accounts_unusable_total{kind}`, in the roles that register it
     /// (`counting`): each loss counted once, by the caller that marked it.
@@ -239,7 +239,7 @@ impl Revocations {
     /// On a shared Redis connection (`ProgressStore::connection`), beside `connections`.
     pub fn new(
         connections: Connections,
-        redis: redis::aio::ConnectionManager,
+        redis: crate::redis_conn::RedisConn,
         namespace: &str,
     ) -> Revocations {
         Revocations {

@@ -18,12 +18,23 @@ use tokio_util::sync::CancellationToken;
 /// (tests do): the second call is a no-op.
 pub fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(quiet_redis_cluster(filter)));
     let _ = tracing_subscriber::fmt()
         .json()
         .with_current_span(true)
         .with_env_filter(filter)
         .try_init();
+}
+
+/// The filter with redis-rs's cluster client at `error` unless the filter names `redis`: during
+/// a failover it warns on every attempt to reach the dead node (hundreds a second), while the
+/// fleet's own lines already say what waits on Redis.
+fn quiet_redis_cluster(filter: &str) -> String {
+    if filter.contains("redis") {
+        filter.to_owned()
+    } else {
+        format!("{filter},redis::cluster_handling=error")
+    }
 }
 
 /// What `/readyz` reports. The run loop flips `broker` as its connection comes and goes.
@@ -96,6 +107,9 @@ pub async fn start_ops(
         );
         tracing::warn!(message = "Redis does not persist writes (AE_ALLOW_VOLATILE_REDIS): a restart of it loses exports and connections.");
     }
+    crate::legacy_keys::tag_workspace_keys(&progress.connection(), &settings.namespace)
+        .await
+        .context("tagging the workspace keys of an earlier version")?;
     let registry = Registry::new();
     // Every role's CPU and memory, for the dashboard's per-role panels (Linux only: /proc).
     #[cfg(target_os = "linux")]

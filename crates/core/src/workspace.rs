@@ -3,18 +3,18 @@
 //! Facebook connection is `connection`'s.) Never holds a token.
 
 use crate::contract::{PhoneCountry, WorkspaceId};
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::AsyncCommands;
 
 #[derive(Clone)]
 pub struct Workspaces {
-    redis: ConnectionManager,
+    redis: RedisConn,
     ns: String,
 }
 
 impl Workspaces {
     /// On a shared connection (`ProgressStore::connection`).
-    pub fn new(redis: ConnectionManager, namespace: &str) -> Workspaces {
+    pub fn new(redis: RedisConn, namespace: &str) -> Workspaces {
         Workspaces {
             redis,
             ns: namespace.to_owned(),
@@ -30,7 +30,7 @@ impl Workspaces {
     }
 
     fn key(&self, workspace: &WorkspaceId) -> String {
-        format!("{}:workspace:{workspace}:settings", self.ns)
+        format!("{}:workspace:{{{workspace}}}:settings", self.ns)
     }
 
     /// The workspace's default phone country. One stored before the rule was enforced that no

@@ -10,7 +10,7 @@
 //! interval), never doubled. The key expires once the schedule is in the past.
 
 use audience_export_core::contract::AdAccountId;
-use redis::aio::ConnectionManager;
+use audience_export_core::redis_conn::RedisConn;
 use std::time::Duration;
 
 /// Reserves the next slot of an account's schedule. KEYS[1] the account's TAT (µs, Redis
@@ -28,7 +28,7 @@ return math.floor(tat - now)
 
 #[derive(Clone)]
 pub struct FleetBudget {
-    redis: ConnectionManager,
+    redis: RedisConn,
     ns: String,
     reserve: redis::Script,
     /// Microseconds between two calls to one ad account, fleet-wide.
@@ -37,7 +37,7 @@ pub struct FleetBudget {
 
 impl FleetBudget {
     /// A schedule of `calls_per_second` per ad account for every worker of namespace `ns`.
-    pub fn new(redis: ConnectionManager, ns: &str, calls_per_second: u32) -> FleetBudget {
+    pub fn new(redis: RedisConn, ns: &str, calls_per_second: u32) -> FleetBudget {
         FleetBudget {
             redis,
             ns: ns.to_owned(),
@@ -47,7 +47,7 @@ impl FleetBudget {
     }
 
     fn key(&self, account: &AdAccountId) -> String {
-        format!("{}:account:{}:pace", self.ns, account.as_str())
+        format!("{}:account:{{{}}}:pace", self.ns, account.as_str())
     }
 
     /// Waits for this call's slot of the account's fleet-wide schedule. When Redis cannot be

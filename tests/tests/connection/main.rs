@@ -14,6 +14,7 @@ mod expiry;
 mod invalidation;
 mod oauth;
 mod secrets;
+mod upgrade;
 
 use audience_export_core::connection::{revoked_key, token_fingerprint};
 use audience_export_core::contract::{ConnectionStatus, Event, FinishedReport};

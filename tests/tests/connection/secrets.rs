@@ -30,7 +30,12 @@ async fn a_connection_is_stored_with_its_token_sealed() {
     let redis = app.redis_dump().await;
     let connection = redis
         .lines()
-        .find(|l| l.starts_with(&format!("{}:workspace:{WS}:connection ", app.namespace())))
+        .find(|l| {
+            l.starts_with(&format!(
+                "{}:workspace:{{{WS}}}:connection ",
+                app.namespace()
+            ))
+        })
         .expect("the connection is stored");
     assert!(connection.contains("v1:test:"), "sealed: {connection}");
     assert!(!connection.contains(&short), "not in clear");
@@ -130,8 +135,10 @@ async fn no_token_app_secret_or_api_key_is_written_anywhere_in_clear() {
 
     let redis = app.redis_dump().await;
     assert!(
-        redis.contains(&format!("{}:workspace:{WS}:connection", app.namespace()))
-            && redis.contains("v1:test:"),
+        redis.contains(&format!(
+            "{}:workspace:{{{WS}}}:connection",
+            app.namespace()
+        )) && redis.contains("v1:test:"),
         "the connection is stored, sealed"
     );
     let captured = logs::captured();

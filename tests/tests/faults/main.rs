@@ -7,6 +7,7 @@
 //! audience per field exists at Meta, exactly one email was sent (after the namespace's queues
 //! settled, not at the first arrival), the report's counts are exact, and how long recovery took.
 
+mod cluster;
 mod crashes;
 mod infrastructure;
 mod input;

@@ -12,7 +12,7 @@ pub use schema::{
 };
 
 use crate::contract::{ExportId, Field, WorkspaceId};
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::AsyncCommands;
 use schema::{FieldKey, Key};
 use std::time::Duration;
@@ -137,7 +137,7 @@ pub enum Unreadable {
 
 #[derive(Clone)]
 pub struct ProgressStore {
-    redis: ConnectionManager,
+    redis: RedisConn,
     ns: String,
     record_shard: redis::Script,
     complete: redis::Script,
@@ -166,7 +166,7 @@ impl ProgressStore {
 
     /// Its Redis connection, for the other stores of the process to share: one connection
     /// manager per process, not one per store.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.redis.clone()
     }
 
@@ -186,14 +186,19 @@ impl ProgressStore {
         format!("{}:workspace:{{{workspace}}}:exports", self.ns)
     }
 
-    /// Whether Redis persists every write (AOF on), from `INFO persistence`.
+    /// Whether Redis persists every write (AOF on), from `INFO persistence`: on a cluster,
+    /// every node must (a replica promoted after a failover holds the data then).
     pub async fn persists_writes(&self) -> Result<bool> {
         let mut c = self.redis.clone();
-        let info: String = redis::cmd("INFO")
+        let info: redis::Value = redis::cmd("INFO")
             .arg("persistence")
             .query_async(&mut c)
             .await?;
-        Ok(info.lines().any(|l| l.trim() == "aof_enabled:1"))
+        let replies = crate::redis_conn::texts(&info);
+        Ok(!replies.is_empty()
+            && replies
+                .iter()
+                .all(|r| r.lines().any(|l| l.trim() == "aof_enabled:1")))
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -779,27 +784,15 @@ pub enum Recorded {
     Unknown,
 }
 
-/// How long one Redis command may take before it counts as failed. redis-rs 1.x defaults to
-/// 500 ms, which a loaded CI machine (or a Lua script over a large done-set) can exceed; a timeout
-/// leaves the outcome unknown (the command may have run), which every caller treats as
-/// "retry", and every write here is idempotent.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The one way a process connects to Redis: a connection manager that reconnects in the
-/// background (delays from 100 ms, doubling, capped at 2 s) so that work resumes within seconds
-/// of Redis coming back, with explicit timeouts.
-pub async fn connect_redis(url: &str) -> redis::RedisResult<ConnectionManager> {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_with_config(redis::Client::open(url)?, config).await
+/// Connects to Redis (one server or a cluster): see `redis_conn`.
+pub async fn connect_redis(url: &str) -> redis::RedisResult<RedisConn> {
+    crate::redis_conn::connect(url).await
 }
 
 /// `SET key value NX PX ttl`: whether this call set it (the key did not exist). Every
 /// first-writer-wins key of the fleet with a lifetime goes through here.
 pub async fn set_nx_px(
-    c: &mut ConnectionManager,
+    c: &mut RedisConn,
     key: &str,
     value: &str,
     ttl: Duration,
@@ -818,7 +811,7 @@ pub async fn set_nx_px(
 /// Claims `key` for `owner` with a lease (`SET NX PX`): something done once by whichever process
 /// gets there first, taken over by another if the first dies before `done`.
 pub async fn claim(
-    c: &mut ConnectionManager,
+    c: &mut RedisConn,
     key: &str,
     owner: &str,
     lease: Duration,
@@ -837,7 +830,7 @@ pub async fn claim(
 }
 
 /// Gives up a claim, but only if `owner` still holds it.
-pub async fn release(c: &mut ConnectionManager, key: &str, owner: &str) -> redis::RedisResult<()> {
+pub async fn release(c: &mut RedisConn, key: &str, owner: &str) -> redis::RedisResult<()> {
     let _: i64 = redis::Script::new(RELEASE)
         .key(key)
         .arg(owner)

@@ -1,0 +1,222 @@
+//! The one way a process talks to Redis: one standalone server or a Redis Cluster, chosen by
+//! the URL, behind one cloneable connection that every store shares.
+//!
+//! `AE_REDIS_URL` is either a `redis://` URL (one server) or
+//! `redis+cluster://[user:password@]host:port[,host:port...]` (a cluster: the nodes listed are
+//! seeds, the client discovers the rest and follows failovers). On a cluster every script and
+//! every pipeline must keep its keys in one hash slot: the fleet's keys carry hash tags for that
+//! (`{<export id>}`, `{<workspace id>}`, `{<ad account id>}`), and `same_slot` is what tests use
+//! to prove it.
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use std::time::Duration;
+
+/// How long one Redis command may take before it counts as failed. redis-rs 1.x defaults to
+/// 500 ms, which a loaded CI machine (or a Lua script over a large done-set) can exceed; a timeout
+/// leaves the outcome unknown (the command may have run), which every caller treats as
+/// "retry", and every write here is idempotent.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long connecting to one node may take.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The URL scheme of a cluster.
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// A connection to one Redis server or to a cluster; cheap to clone (clones share it).
+#[derive(Clone)]
+pub enum RedisConn {
+    /// Reconnects in the background (delays from 100 ms, doubling, capped at 2 s), so work
+    /// resumes within seconds of Redis coming back.
+    Single(ConnectionManager),
+    /// Routes each command to the master of its slot; on `MOVED`, a lost node or a failover it
+    /// refreshes the slot map and retries a bounded number of times (about 10 s in all), then
+    /// fails the command, which callers retry like any Redis outage.
+    Cluster(ClusterConnection),
+}
+
+/// Where `AE_REDIS_URL` points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Single(String),
+    /// Seed node URLs (`redis://[user:password@]host:port`), at least one.
+    Cluster(Vec<String>),
+}
+
+/// Reads `AE_REDIS_URL`: a `redis+cluster://` URL becomes one `redis://` URL per listed node
+/// (credentials copied to each); anything else is one server.
+pub fn parse_target(url: &str) -> Result<Target, String> {
+    let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) else {
+        return Ok(Target::Single(url.to_owned()));
+    };
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    // A trailing "/" (or "/0") is tolerated; a cluster has one database only.
+    let hosts = hosts.trim_end_matches('/').trim_end_matches("/0");
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("redis://{auth}{h}"))
+        .collect();
+    if nodes.is_empty() || hosts.contains('/') {
+        return Err(format!(
+            "a cluster URL lists its nodes as {CLUSTER_SCHEME}host:port[,host:port...] (no database)"
+        ));
+    }
+    Ok(Target::Cluster(nodes))
+}
+
+/// Connects to what `url` names. A cluster is reached through any one of its listed nodes.
+pub async fn connect(url: &str) -> RedisResult<RedisConn> {
+    match parse_target(url).map_err(|why| {
+        redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "AE_REDIS_URL", why))
+    })? {
+        Target::Single(url) => {
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+                .set_max_delay(Duration::from_secs(2));
+            let manager =
+                ConnectionManager::new_with_config(redis::Client::open(url)?, config).await?;
+            Ok(RedisConn::Single(manager))
+        }
+        Target::Cluster(nodes) => {
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(CONNECTION_TIMEOUT)
+                .response_timeout(RESPONSE_TIMEOUT)
+                // A failover takes the cluster's node timeout plus an election (seconds): wait
+                // up to about that long inside one command, not the crate's minutes.
+                .retries(6)
+                .min_retry_wait(100)
+                .max_retry_wait(2_000)
+                .build()?;
+            Ok(RedisConn::Cluster(client.get_async_connection().await?))
+        }
+    }
+}
+
+impl RedisConn {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConn::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The cluster hash slot of `key` (its `{tag}` if it has one): keys a script or a transaction
+/// touches together must share it.
+pub fn slot(key: &str) -> redis::cluster_routing::Slot {
+    redis::cluster_routing::Slot::for_key(key)
+}
+
+/// Whether all `keys` hash to one cluster slot.
+pub fn same_slot<S: AsRef<str>>(keys: &[S]) -> bool {
+    keys.windows(2)
+        .all(|w| slot(w[0].as_ref()) == slot(w[1].as_ref()))
+}
+
+/// Every text a reply holds: one for a server, one per node for a command a cluster sends to
+/// all nodes (`INFO`, answered as a map of node to reply).
+pub fn texts(value: &Value) -> Vec<String> {
+    match value {
+        Value::BulkString(b) => vec![String::from_utf8_lossy(b).into_owned()],
+        Value::SimpleString(s) => vec![s.clone()],
+        Value::VerbatimString { text, .. } => vec![text.clone()],
+        Value::Map(pairs) => pairs.iter().flat_map(|(_, v)| texts(v)).collect(),
+        Value::Array(items) => items.iter().flat_map(texts).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_url_is_one_server() {
+        assert_eq!(
+            parse_target("redis://127.0.0.1:6379/2").unwrap(),
+            Target::Single("redis://127.0.0.1:6379/2".into())
+        );
+    }
+
+    #[test]
+    fn a_cluster_url_lists_seed_nodes_with_shared_credentials() {
+        assert_eq!(
+            parse_target("redis+cluster://u:p@10.0.0.1:7000,10.0.0.2:7001/").unwrap(),
+            Target::Cluster(vec![
+                "redis://u:p@10.0.0.1:7000".into(),
+                "redis://u:p@10.0.0.2:7001".into()
+            ])
+        );
+        assert_eq!(
+            parse_target("redis+cluster://h:7000").unwrap(),
+            Target::Cluster(vec!["redis://h:7000".into()])
+        );
+    }
+
+    #[test]
+    fn a_cluster_url_without_nodes_or_with_a_database_is_refused() {
+        assert!(parse_target("redis+cluster://").is_err());
+        assert!(parse_target("redis+cluster://h:7000/3").is_err());
+    }
+
+    #[test]
+    fn hash_tags_decide_the_slot() {
+        assert!(same_slot(&[
+            "ae:export:{e1}:progress",
+            "ae:export:{e1}:done"
+        ]));
+        assert!(!same_slot(&["ae:export:e1:progress", "ae:export:e1:done"]));
+        assert_eq!(slot("{x}a"), slot("x"));
+    }
+
+    #[test]
+    fn texts_reads_one_reply_or_one_per_node() {
+        let per_node = Value::Map(vec![
+            (
+                Value::BulkString(b"n1".to_vec()),
+                Value::VerbatimString {
+                    format: redis::VerbatimFormat::Text,
+                    text: "aof_enabled:1".into(),
+                },
+            ),
+            (
+                Value::BulkString(b"n2".to_vec()),
+                Value::BulkString(b"aof_enabled:0".to_vec()),
+            ),
+        ]);
+        assert_eq!(texts(&per_node), vec!["aof_enabled:1", "aof_enabled:0"]);
+    }
+}

@@ -1,0 +1,339 @@
+//! The fleet past one machine: a Redis Cluster of 3 masters and 3 replicas and a 3-node RabbitMQ
+//! cluster of the test's own (never the shared servers), a master killed and a broker node
+//! stopped under a running export; and every Lua script and transaction of the fleet run on the
+//! cluster, where keys of two slots in one of them fail with CROSSSLOT.
+
+use crate::{assert_exact, finished_events, DEADLINE};
+use audience_export_core::connection::{
+    AccountUnusable, AdAccountStatus, Connections, Invalidated, Marked, UnusableKind,
+};
+use audience_export_core::contract::ExportStatus;
+use audience_export_core::pause::AccountPauses;
+use audience_export_core::progress::{
+    self, Begin, Cancelled, Claim, Failure, ProgressStore, Recorded, ShardCounts, Unreadable,
+};
+use audience_export_core::token_cipher::TokenCipher;
+use audience_export_core::Field;
+use audience_export_harness::app::{
+    account, connect_workspace, eventually, export, spawn_app_on, ws, Roles,
+};
+use audience_export_harness::cluster::{RabbitCluster, RedisCluster};
+use audience_export_harness::emulator::Latency;
+use audience_export_harness::segment::generate;
+use audience_export_worker::budget::FleetBudget;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+const FIELDS: [Field; 3] = [Field::Email, Field::Phone, Field::Madid];
+const NAMES: [&str; 3] = ["email", "phone", "madid"];
+const MEMBERS: u64 = 200_000;
+const SHARD_SIZE: usize = 2_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_on_clusters_survives_a_redis_master_killed_and_a_broker_node_stopped() {
+    let (mut redis, mut rabbit) = tokio::join!(RedisCluster::start(), RabbitCluster::start(3));
+    let (redis_url, amqp_url) = (redis.url(), rabbit.amqp_url());
+    // The harness listens on the first node, which the test never stops.
+    let harness_node = rabbit.node_urls()[0].clone();
+    let app = spawn_app_on(Roles::ALL, Some(harness_node), move |s| {
+        s.redis_url = redis_url;
+        s.amqp_url = amqp_url;
+        s.quorum_initial_group_size = Some(3);
+        s.producer.shard_size = SHARD_SIZE;
+        s.worker.concurrency = 4;
+    })
+    .await;
+    let shards_queue = app.topology.shards();
+    assert_eq!(
+        rabbit.quorum_members(&shards_queue).await,
+        3,
+        "the shard queue has a replica on each node"
+    );
+    // Slow uploads: the export is still running when the faults hit.
+    app.emulator.set_latency(Latency {
+        base_ms: 150,
+        per_record_us: 0,
+        jitter_ms: 30,
+    });
+    let path = app.dir.join("cluster.ndjson");
+    let generated = generate(&path, MEMBERS, 161).expect("segment");
+    let started = Instant::now();
+    app.export("exp-cluster", &NAMES, &path).await;
+    // Shards of the three fields (values with a value, cut in shards of SHARD_SIZE).
+    let total_shards = FIELDS
+        .iter()
+        .map(|&f| {
+            generated
+                .expectation(f, SHARD_SIZE)
+                .with_value
+                .div_ceil(SHARD_SIZE as u64)
+        })
+        .sum::<u64>();
+
+    let done = |at_least: u64| {
+        let app = &app;
+        async move {
+            eventually(DEADLINE, || async {
+                let p = app.progress.progress(&export("exp-cluster")).await.ok()?;
+                (p.shards_done >= at_least).then_some(p.shards_done)
+            })
+            .await
+        }
+    };
+    let before_kill = done(30).await.expect("a first 30 shards upload");
+    assert_eq!(finished_events(&app, "exp-cluster"), 0, "still running");
+
+    // The master holding the export's keys dies; its replica takes over.
+    let ns = app.namespace().to_owned();
+    let victim = redis
+        .master_of_key(&format!("{ns}:export:{{exp-cluster}}:progress"))
+        .await;
+    let killed = Instant::now();
+    let promoted = redis.kill_master(victim).await;
+    eprintln!(
+        "Redis master :{victim} killed after {before_kill} of {total_shards} shards; replica \
+         :{promoted} promoted {:.1} s later",
+        killed.elapsed().as_secs_f64()
+    );
+    let after_kill = done(before_kill + 30)
+        .await
+        .expect("shards keep being recorded after the failover");
+    eprintln!(
+        "30 more shards recorded {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+
+    // A broker node the fleet is connected to stops (gracefully: a node taken out for an
+    // upgrade); the quorum queues keep a majority on the other two.
+    let node = busiest_node(&rabbit).await;
+    assert_eq!(finished_events(&app, "exp-cluster"), 0, "still running");
+    let stopped = Instant::now();
+    rabbit.stop_node(node).await;
+    eprintln!("RabbitMQ node {node} stopped after {after_kill} of {total_shards} shards");
+
+    let report = app.finished("exp-cluster", DEADLINE * 2).await;
+    eprintln!(
+        "cluster export: {} members x 3 fields finished {:.1} s after its start, {:.1} s after \
+         the node stopped",
+        MEMBERS,
+        started.elapsed().as_secs_f64(),
+        stopped.elapsed().as_secs_f64()
+    );
+    assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
+    assert_exact(
+        &app,
+        "exp-cluster",
+        &report,
+        &generated,
+        &FIELDS,
+        SHARD_SIZE,
+    )
+    .await;
+    app.stop().await;
+}
+
+/// The stopped node (not the first, the harness's) with the most client connections.
+async fn busiest_node(rabbit: &RabbitCluster) -> usize {
+    let mut best = (1, 0);
+    for i in 1..rabbit.node_names().len() {
+        let connections = rabbit.connections(i).await;
+        if connections > best.1 {
+            best = (i, connections);
+        }
+    }
+    assert!(
+        best.1 > 0,
+        "the fleet is connected to a node other than the first"
+    );
+    best.0
+}
+
+/// Every script of the fleet and every transaction of several keys, run on a Redis Cluster: a
+/// script or a transaction whose keys span two slots fails there with CROSSSLOT (the client
+/// refuses a pipeline across slots itself). The list below must name every script in the source
+/// (checked), so a new script cannot skip this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_script_and_transaction_keeps_its_keys_in_one_slot() {
+    let covered: BTreeSet<&str> = [
+        "BEGIN",
+        "RENEW",
+        "SET_ONCE",
+        "RECORD_SHARD",
+        "CANCEL",
+        "REJECT_UNREADABLE",
+        "COMPLETE",
+        "RELEASE",
+        "INVALIDATE",
+        "HSET_IF",
+        "MARK_UNUSABLE",
+        "CLEAR_UNUSABLE",
+        "SELECT",
+        "REFRESH_AVAILABLE",
+        "EXTEND",
+        "RESERVE",
+    ]
+    .into();
+    assert_eq!(
+        scripts_in_source(),
+        covered,
+        "every script of the source is run below (add a new one to both)"
+    );
+
+    let redis = RedisCluster::start().await;
+    let ns = format!("slots{}", rand::random::<u32>());
+    let store = ProgressStore::connect(&redis.url(), &ns)
+        .await
+        .expect("the cluster");
+    assert!(store.connection().is_cluster());
+    assert!(store.persists_writes().await.expect("INFO on every node"));
+    let ttl = Duration::from_secs(600);
+    let now = progress::now_ms();
+
+    // Export keys: BEGIN, RENEW, SET_ONCE, the plan transaction, RECORD_SHARD, the shard gate's
+    // pipeline, a claim and RELEASE, COMPLETE.
+    let id = export("exp-slots");
+    let begun = store
+        .begin(&id, "{}", now, ttl, "p1", Duration::from_secs(10))
+        .await
+        .expect("BEGIN");
+    assert!(matches!(begun, Begin::New), "{begun:?}");
+    assert!(store
+        .renew_lease(&id, "p1", Duration::from_secs(10))
+        .await
+        .expect("RENEW"));
+    store
+        .intend_audience(&id, Field::Email, "name")
+        .await
+        .expect("SET_ONCE");
+    store.plan_identity(&id, "fp", 2_000).await.expect("MULTI");
+    store.release_lease(&id, "p1").await.expect("RELEASE");
+    let recorded = store
+        .record_shard(&id, "email:0", Field::Email, None, &ShardCounts::default())
+        .await
+        .expect("RECORD_SHARD");
+    assert_eq!(recorded, Recorded::Now);
+    store
+        .record_shard(
+            &id,
+            "email:1",
+            Field::Email,
+            Some(&Failure::shard("x")),
+            &ShardCounts::default(),
+        )
+        .await
+        .expect("RECORD_SHARD with a failure");
+    assert!(store.shard_gate(&id, "email:0").await.expect("gate").0);
+    let claim = store
+        .claim_finalization(&id, "f1", Duration::from_secs(10))
+        .await
+        .expect("claim");
+    assert!(matches!(claim, Claim::Won));
+    store
+        .complete(&id, ExportStatus::Succeeded, "", now, ttl)
+        .await
+        .expect("COMPLETE");
+
+    // Cancelling and the unreadable-job tombstone: CANCEL, REJECT_UNREADABLE.
+    let other = export("exp-slots-2");
+    store
+        .begin(&other, "{}", now, ttl, "p1", Duration::from_secs(10))
+        .await
+        .expect("BEGIN");
+    let cancelled = store
+        .cancel(&other, "stop", now, ttl)
+        .await
+        .expect("CANCEL");
+    assert_eq!(cancelled, Cancelled::Cancelled);
+    let unreadable = store
+        .reject_unreadable(&export("exp-slots-3"), "digest", ttl)
+        .await
+        .expect("REJECT_UNREADABLE");
+    assert_eq!(unreadable, Unreadable::New);
+
+    // A workspace's connection: the store transaction (connection, revocation and health-check
+    // keys), SELECT, MARK_UNUSABLE, CLEAR_UNUSABLE, REFRESH_AVAILABLE, HSET_IF, INVALIDATE and
+    // the disconnect transaction.
+    let cipher = TokenCipher::from_config(Some(&TokenCipher::generate_config("k"))).expect("key");
+    let connections = Connections::new(store.connection(), &ns, cipher);
+    connect_workspace(&connections, "ws-slots", "EAAslots", "1001").await;
+    let (w, a) = (ws("ws-slots"), account("1001"));
+    let fingerprint = connections
+        .active_token(&w)
+        .await
+        .expect("read")
+        .expect("a token")
+        .fingerprint
+        .clone();
+    // After the selection's check (a loss found before it is stale).
+    let later = progress::now_ms() + 1_000;
+    let marked = connections
+        .mark_unusable(
+            &w,
+            &a,
+            &AccountUnusable {
+                kind: UnusableKind::NotListed,
+                reason: "gone".into(),
+                code: None,
+                subcode: None,
+                at_ms: later,
+                token_fingerprint: fingerprint.clone(),
+            },
+        )
+        .await
+        .expect("MARK_UNUSABLE");
+    assert!(matches!(marked, Marked::Now(_)), "{marked:?}");
+    assert!(connections
+        .clear_unusable(&w, &a, later)
+        .await
+        .expect("CLEAR_UNUSABLE"));
+    assert!(connections
+        .refresh_available(&w, &fingerprint, std::slice::from_ref(&a))
+        .await
+        .expect("REFRESH_AVAILABLE"));
+    assert!(connections
+        .update_terms(&w, AdAccountStatus::new(&a, true, now))
+        .await
+        .expect("HSET_IF"));
+    let invalidated = connections
+        .invalidate(&w, &fingerprint, "expired", 190, None, now)
+        .await
+        .expect("INVALIDATE");
+    assert_eq!(invalidated, Invalidated::Now);
+    assert!(connections.disconnect(&w).await.expect("disconnect"));
+
+    // An ad account's pause and pace: EXTEND, RESERVE.
+    let pauses = AccountPauses::new(store.connection(), &ns);
+    assert!(pauses
+        .pause(&a, Duration::from_secs(1))
+        .await
+        .expect("EXTEND"));
+    let budget = FleetBudget::new(store.connection(), &ns, 10);
+    budget.reserve(&a).await.expect("RESERVE");
+}
+
+/// The names of the script constants handed to `redis::Script::new` anywhere in the fleet's
+/// crates.
+fn scripts_in_source() -> BTreeSet<&'static str> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates");
+    let mut found = BTreeSet::new();
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("readable source").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("readable source");
+                for part in text.split("Script::new(").skip(1) {
+                    let name: String = part
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+                        .collect();
+                    let name = name.rsplit("::").next().unwrap_or_default().to_owned();
+                    found.insert(&*Box::leak(name.into_boxed_str()));
+                }
+            }
+        }
+    }
+    found
+}
