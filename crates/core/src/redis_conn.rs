@@ -1,9 +1,10 @@
 //! The one way a process talks to Redis: one standalone server or a Redis Cluster, chosen by
 //! the URL, behind one cloneable connection that every store shares.
 //!
-//! `AE_REDIS_URL` is either a `redis://` URL (one server) or
-//! `redis+cluster://[user:password@]host:port[,host:port...]` (a cluster: the nodes listed are
-//! seeds, the client discovers the rest and follows failovers). On a cluster every script and
+//! `AE_REDIS_URL` is either a `redis://` URL (one server; a node of a cluster is recognised by
+//! `INFO cluster` and its cluster used) or `redis+cluster://[user:password@]host:port[,...]`
+//! or `redis://host:port,redis://host:port` (a cluster: the nodes listed are seeds, the client
+//! discovers the rest and follows failovers). On a cluster every script and
 //! every pipeline must keep its keys in one hash slot: the fleet's keys carry hash tags for that
 //! (`{<export id>}`, `{<workspace id>}`, `{<ad account id>}`), and `same_slot` is what tests use
 //! to prove it.
@@ -48,7 +49,26 @@ pub enum Target {
 /// Reads `AE_REDIS_URL`: a `redis+cluster://` URL becomes one `redis://` URL per listed node
 /// (credentials copied to each); anything else is one server.
 pub fn parse_target(url: &str) -> Result<Target, String> {
+    if url.starts_with("rediss") {
+        return Err(
+            "TLS (rediss://) is not built in: reach Redis over a TLS sidecar or a private network"
+                .into(),
+        );
+    }
     let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) else {
+        // Several `redis://` URLs separated by commas: the seed nodes of a cluster.
+        if url.contains(',') {
+            let nodes: Vec<String> = url
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if nodes.iter().all(|u| u.starts_with("redis://")) {
+                return Ok(Target::Cluster(nodes));
+            }
+            return Err("a list of nodes is redis://host:port,redis://host:port or redis+cluster://host:port,host:port".into());
+        }
         return Ok(Target::Single(url.to_owned()));
     };
     let (auth, hosts) = match rest.rsplit_once('@') {
@@ -81,23 +101,36 @@ pub async fn connect(url: &str) -> RedisResult<RedisConn> {
                 .set_response_timeout(Some(RESPONSE_TIMEOUT))
                 .set_connection_timeout(Some(CONNECTION_TIMEOUT))
                 .set_max_delay(Duration::from_secs(2));
-            let manager =
-                ConnectionManager::new_with_config(redis::Client::open(url)?, config).await?;
+            let mut manager =
+                ConnectionManager::new_with_config(redis::Client::open(url.as_str())?, config)
+                    .await?;
+            // A cluster node named by a plain URL: talk to the cluster, not to this one node
+            // (which would answer MOVED for every key of another node's slots).
+            let info: String = redis::cmd("INFO")
+                .arg("cluster")
+                .query_async(&mut manager)
+                .await?;
+            if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+                return cluster(vec![url]).await;
+            }
             Ok(RedisConn::Single(manager))
         }
-        Target::Cluster(nodes) => {
-            let client = redis::cluster::ClusterClientBuilder::new(nodes)
-                .connection_timeout(CONNECTION_TIMEOUT)
-                .response_timeout(RESPONSE_TIMEOUT)
-                // A failover takes the cluster's node timeout plus an election (seconds): wait
-                // up to about that long inside one command, not the crate's minutes.
-                .retries(6)
-                .min_retry_wait(100)
-                .max_retry_wait(2_000)
-                .build()?;
-            Ok(RedisConn::Cluster(client.get_async_connection().await?))
-        }
+        Target::Cluster(nodes) => cluster(nodes).await,
     }
+}
+
+/// The cluster client, seeded with `nodes` (any one reachable is enough).
+async fn cluster(nodes: Vec<String>) -> RedisResult<RedisConn> {
+    let client = redis::cluster::ClusterClientBuilder::new(nodes)
+        .connection_timeout(CONNECTION_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT)
+        // A failover takes the cluster's node timeout plus an election (seconds): wait up to
+        // about that long inside one command, not the crate's minutes.
+        .retries(6)
+        .min_retry_wait(100)
+        .max_retry_wait(2_000)
+        .build()?;
+    Ok(RedisConn::Cluster(client.get_async_connection().await?))
 }
 
 impl RedisConn {
@@ -184,6 +217,16 @@ mod tests {
             parse_target("redis+cluster://h:7000").unwrap(),
             Target::Cluster(vec!["redis://h:7000".into()])
         );
+    }
+
+    #[test]
+    fn a_list_of_redis_urls_is_a_cluster_and_tls_is_refused_with_a_reason() {
+        assert_eq!(
+            parse_target("redis://a:7000, redis://b:7001").unwrap(),
+            Target::Cluster(vec!["redis://a:7000".into(), "redis://b:7001".into()])
+        );
+        assert!(parse_target("redis://a:7000,b:7001").is_err());
+        assert!(parse_target("rediss://a:7000").unwrap_err().contains("TLS"));
     }
 
     #[test]

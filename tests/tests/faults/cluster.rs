@@ -185,6 +185,16 @@ async fn every_script_and_transaction_keeps_its_keys_in_one_slot() {
         .await
         .expect("the cluster");
     assert!(store.connection().is_cluster());
+    // The other spellings of a cluster: a node's plain URL, and a list of node URLs.
+    for url in [redis.seed_urls()[0].clone(), redis.seed_urls().join(",")] {
+        let conn = audience_export_core::redis_conn::connect(&url)
+            .await
+            .expect("the cluster");
+        assert!(
+            conn.is_cluster(),
+            "{url} is used as the cluster it is part of"
+        );
+    }
     assert!(store.persists_writes().await.expect("INFO on every node"));
     let ttl = Duration::from_secs(600);
     let now = progress::now_ms();
