@@ -20,7 +20,7 @@ if [ "$mode" = quick ]; then
     "$bench ratelimit --rate 20 --shards 100 --latency-ms 200 --window-secs 30 --workers 4"
     "$bench scaleout --members 20000 --latency-ms 500"
     "$bench memory --members 200000"
-    "$bench sdk --members 50000 --latency-base-ms 300 --latency-per-record-us 20"
+    "$bench sdk --members 50000 --latency-base-ms 300 --latency-per-record-us 20 --workers 1,4"
   )
 else
   commands=(
@@ -29,9 +29,9 @@ else
     "$bench emulator --runs 3 --secs 3 --shards 40"
     "$bench ratelimit --rate 20 --shards 500 --latency-ms 200 --window-secs 30"
     "$bench ratelimit --rate 20 --shards 300 --latency-ms 200 --window-secs 30 --workers 4"
-    "$bench scaleout --members 160000 --latency-ms 500"
+    "$bench scaleout --members 640000 --latency-ms 500"
     "$bench memory --members 1000000,10000000"
-    "$bench sdk --members 1000000 --latency-base-ms 300 --latency-per-record-us 20"
+    "$bench sdk --members 1000000 --latency-base-ms 300 --latency-per-record-us 20 --workers 1,4"
   )
 fi
 

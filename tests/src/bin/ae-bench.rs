@@ -72,9 +72,13 @@ enum Command {
         latency_base_ms: u64,
         #[arg(long, default_value_t = 20)]
         latency_per_record_us: u64,
-        /// Uploads in flight in the fleet's one worker.
+        /// Uploads in flight per worker.
         #[arg(long, default_value_t = 16)]
         concurrency: u16,
+        /// Fleets to run, by worker processes (1: the in-process worker), each against the
+        /// SDK's one run.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1usize])]
+        workers: Vec<usize>,
     },
     /// Peak RSS of the producer and of one worker (both real processes, release binaries) for
     /// segments of each size, generated on the fly into a FIFO so no file holds them.
@@ -160,7 +164,17 @@ async fn main() -> anyhow::Result<()> {
             latency_base_ms,
             latency_per_record_us,
             concurrency,
-        } => sdk(members, latency_base_ms, latency_per_record_us, concurrency).await?,
+            workers,
+        } => {
+            sdk(
+                members,
+                latency_base_ms,
+                latency_per_record_us,
+                concurrency,
+                &workers,
+            )
+            .await?
+        }
         Command::Memory { members } => {
             for m in members {
                 memory(m).await?;
@@ -669,6 +683,7 @@ async fn sdk(
     base_ms: u64,
     per_record_us: u64,
     concurrency: u16,
+    fleets: &[usize],
 ) -> anyhow::Result<()> {
     use audience_export_core::contract::{Source, SourceFormat};
     use audience_export_harness::app::{spawn_app_with, Roles, AD_ACCOUNT};
@@ -753,31 +768,48 @@ async fn sdk(
     let sdk_records: u64 = sdk_upload.iter().map(|(_, r, _)| r).sum();
     emulator.stop();
 
-    let app = spawn_app_with(Roles::ALL, |s| {
-        s.worker.concurrency = concurrency;
-        s.worker.calls_per_second_per_account = 1_000;
-        // The segment is in .bench/, not in the app's directory.
-        s.producer.file_root = Some(bench_dir);
-    })
-    .await;
-    app.emulator.configure(|c| c.record_entries = false);
-    app.emulator.set_latency(latency);
-    let started = Instant::now();
-    app.enqueue(
-        app.job("bench-sdk", &["email", "phone", "madid"], &segment)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
-    let report = app.finished("bench-sdk", Duration::from_secs(3_600)).await;
-    let ours = started.elapsed().as_secs_f64();
-    let uploaded: u64 = report.audiences.iter().map(|a| a.uploaded).sum();
-    let (calls, _) = app.emulator.account_stats(AD_ACCOUNT);
-    app.stop().await;
     println!(
-        "\n(b) upload of {members} members x 3 fields\nSDK, sequential add_users: {sdk_records} values in {sdk_seconds:.1} s\nfleet (1 producer, 1 worker x {concurrency}, 1 finalizer): {uploaded} values uploaded in {calls} calls, {ours:.1} s from enqueue to export.finished\nratio: {:.1}x",
-        sdk_seconds / ours
+        "\n(b) upload of {members} members x 3 fields\nSDK, sequential add_users: {sdk_records} values in {sdk_seconds:.1} s"
     );
+    for &workers in fleets {
+        let roles = Roles {
+            worker: workers <= 1,
+            ..Roles::ALL
+        };
+        let bench_dir = bench_dir.clone();
+        let app = spawn_app_with(roles, |s| {
+            s.worker.concurrency = concurrency;
+            s.worker.calls_per_second_per_account = 1_000;
+            // The segment is in .bench/, not in the app's directory.
+            s.producer.file_root = Some(bench_dir);
+        })
+        .await;
+        app.emulator.configure(|c| c.record_entries = false);
+        app.emulator.set_latency(latency.clone());
+        let processes: Vec<_> = (0..workers)
+            .filter(|_| workers > 1)
+            .map(|_| app.spawn_worker_process(&sibling("audience-worker")))
+            .collect();
+        let started = Instant::now();
+        app.enqueue(
+            app.job("bench-sdk", &["email", "phone", "madid"], &segment)
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+        let report = app.finished("bench-sdk", Duration::from_secs(3_600)).await;
+        let ours = started.elapsed().as_secs_f64();
+        let uploaded: u64 = report.audiences.iter().map(|a| a.uploaded).sum();
+        let (calls, _) = app.emulator.account_stats(AD_ACCOUNT);
+        for p in processes {
+            stop_process(p).await;
+        }
+        app.stop().await;
+        println!(
+            "fleet (1 producer, {workers} worker(s) x {concurrency}, 1 finalizer): {uploaded} values uploaded in {calls} calls, {ours:.1} s from enqueue to export.finished: ratio {:.1}x",
+            sdk_seconds / ours
+        );
+    }
     Ok(())
 }
 
@@ -905,9 +937,24 @@ async fn scaleout(members: u64, latency_ms: u64, counts: &[usize]) -> anyhow::Re
         for p in processes {
             stop_process(p).await;
         }
+        // Where the time went: before the first upload arrived at Meta (planning, the health
+        // check, the audience's creation), the uploads, and after the last upload (its answer,
+        // the follow-up's readback, the email): the part more workers do not shorten.
+        let calls = app.emulator.calls();
+        let uploads: Vec<Instant> = calls
+            .iter()
+            .filter(|c| c.path.ends_with("/users") && c.error_code.is_none())
+            .map(|c| c.at)
+            .collect();
+        let since = |t: Option<&Instant>| {
+            t.map(|t| t.saturating_duration_since(started).as_secs_f64())
+                .unwrap_or(f64::NAN)
+        };
+        let (first, last) = (since(uploads.iter().min()), since(uploads.iter().max()));
         println!(
-            "{workers} worker process(es), {} shards of 1,000 at {latency_ms} ms: {elapsed:.1} s",
-            report.audiences.first().map(|a| a.shards).unwrap_or(0)
+            "{workers} worker process(es), {} shards of 1,000 at {latency_ms} ms: {elapsed:.1} s (first upload at {first:.2} s, last at {last:.2} s, finished {:.2} s after it)",
+            report.audiences.first().map(|a| a.shards).unwrap_or(0),
+            elapsed - last
         );
         seconds.push(elapsed);
         app.stop().await;
