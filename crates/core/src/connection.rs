@@ -661,9 +661,10 @@ impl Connections {
         ];
         all.extend(fields.into_iter().map(|(k, v)| (k.to_owned(), v)));
         let mut c = self.redis.clone();
-        // Listed first, outside the transaction (the index is one namespace-wide key, in another
-        // cluster slot): an entry whose connection is missing is skipped by its readers, a
-        // connection missing from the index would never be health-checked.
+        // Listed outside the transaction (the index is one namespace-wide key, in another
+        // cluster slot), before and again after it: an entry whose connection is missing is
+        // skipped by its readers, a connection missing from the index would never be
+        // health-checked, and the second SADD relists it after a concurrent `disconnect`.
         let _: () = c.sadd(self.index(), workspace.as_str()).await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -676,6 +677,7 @@ impl Connections {
             .hdel(&key, &INVALID_FIELDS)
             .hset_multiple(&key, &all);
         let _: () = pipe.query_async(&mut c).await?;
+        let _: () = c.sadd(self.index(), workspace.as_str()).await?;
         Ok(())
     }
 

@@ -304,6 +304,23 @@ where
     ended
 }
 
+/// A failed declaration, with the fix when a queue exists with other arguments (the broker
+/// refuses the declaration, 406, and the role retries until the settings match the queues).
+fn explain_declare(error: lapin::Error) -> anyhow::Error {
+    let inequivalent = error.to_string().contains("inequivalent arg");
+    let error = anyhow::Error::new(error);
+    if inequivalent {
+        error.context(
+            "declaring the topology: a queue exists with other arguments (was \
+             AE_QUORUM_INITIAL_GROUP_SIZE changed since the queues were created?); set it back \
+             to the value they were created with (change existing queues' replicas with \
+             rabbitmq-queues grow|shrink instead)",
+        )
+    } else {
+        error.context("declaring the topology")
+    }
+}
+
 /// Runs broker sessions until one ends cleanly (shutdown), reconnecting with backoff after each
 /// failure and keeping `/readyz` honest meanwhile.
 pub async fn reconnecting<S, Fut>(
@@ -382,7 +399,10 @@ where
         let connection = amqp::connect(&settings.amqp_url, &format!("audience-{role}")).await?;
         let topology = Topology::from_settings(settings);
         let publisher = Publisher::new(&connection).await?;
-        topology.declare(publisher.channel()).await?;
+        topology
+            .declare(publisher.channel())
+            .await
+            .map_err(explain_declare)?;
         let queue = queue_of(&topology);
         let deps = Arc::new(build(publisher.clone(), topology)?);
         let channel = connection.create_channel().await?;
@@ -410,4 +430,25 @@ where
         ended
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_declared_with_other_arguments_is_explained_with_the_fix() {
+        let refused = lapin::Error::from(std::io::Error::other(
+            "PRECONDITION_FAILED - inequivalent arg 'x-quorum-initial-group-size' for queue 'ae.jobs'",
+        ));
+        let shown = format!("{:#}", explain_declare(refused));
+        assert!(shown.contains("AE_QUORUM_INITIAL_GROUP_SIZE"), "{shown}");
+        assert!(
+            shown.contains("'ae.jobs'"),
+            "the broker's words stay: {shown}"
+        );
+        let other = lapin::Error::from(std::io::Error::other("connection reset"));
+        let shown = format!("{:#}", explain_declare(other));
+        assert!(!shown.contains("AE_QUORUM"), "{shown}");
+    }
 }

@@ -21,6 +21,7 @@ pub mod revocation;
 pub mod shutdown;
 pub mod telemetry;
 pub mod token_cipher;
+pub mod url_list;
 pub mod workspace;
 
 pub use contract::{ExportJob, Field, Shard};

@@ -33,9 +33,13 @@ pub enum RedisConn {
     /// resumes within seconds of Redis coming back.
     Single(ConnectionManager),
     /// Routes each command to the master of its slot; on `MOVED`, a lost node or a failover it
-    /// refreshes the slot map and retries a bounded number of times (about 10 s in all), then
-    /// fails the command, which callers retry like any Redis outage.
-    Cluster(ClusterConnection),
+    /// refreshes the slot map and retries a few times (about a second in all), then fails the
+    /// command, which callers retry like any Redis outage until the failover is done.
+    Cluster {
+        conn: ClusterConnection,
+        /// A seed node's URL: its credentials reach the other nodes (`on_every_node`).
+        seed: String,
+    },
 }
 
 /// Where `AE_REDIS_URL` points.
@@ -47,7 +51,8 @@ pub enum Target {
 }
 
 /// Reads `AE_REDIS_URL`: a `redis+cluster://` URL becomes one `redis://` URL per listed node
-/// (credentials copied to each); anything else is one server.
+/// (credentials copied to each), a list of `redis://` URLs is a cluster's seeds, anything else
+/// is one server (which `connect` may still find to be a cluster node).
 pub fn parse_target(url: &str) -> Result<Target, String> {
     if url.starts_with("rediss") {
         return Err(
@@ -56,20 +61,15 @@ pub fn parse_target(url: &str) -> Result<Target, String> {
         );
     }
     let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) else {
-        // Several `redis://` URLs separated by commas: the seed nodes of a cluster.
-        if url.contains(',') {
-            let nodes: Vec<String> = url
-                .split(',')
-                .map(str::trim)
-                .filter(|u| !u.is_empty())
-                .map(str::to_owned)
-                .collect();
-            if nodes.iter().all(|u| u.starts_with("redis://")) {
-                return Ok(Target::Cluster(nodes));
-            }
-            return Err("a list of nodes is redis://host:port,redis://host:port or redis+cluster://host:port,host:port".into());
+        // Several `redis://` URLs separated by commas: the seed nodes of a cluster (a comma
+        // inside one URL, in a password, does not split it).
+        let nodes = crate::url_list::split(url, &["redis"]);
+        if nodes.len() > 1 {
+            return Ok(Target::Cluster(
+                nodes.into_iter().map(str::to_owned).collect(),
+            ));
         }
-        return Ok(Target::Single(url.to_owned()));
+        return Ok(Target::Single(url.trim().to_owned()));
     };
     let (auth, hosts) = match rest.rsplit_once('@') {
         Some((auth, hosts)) => (format!("{auth}@"), hosts),
@@ -121,29 +121,103 @@ pub async fn connect(url: &str) -> RedisResult<RedisConn> {
 
 /// The cluster client, seeded with `nodes` (any one reachable is enough).
 async fn cluster(nodes: Vec<String>) -> RedisResult<RedisConn> {
+    let seed = nodes.first().cloned().unwrap_or_default();
     let client = redis::cluster::ClusterClientBuilder::new(nodes)
         .connection_timeout(CONNECTION_TIMEOUT)
         .response_timeout(RESPONSE_TIMEOUT)
-        // A failover takes the cluster's node timeout plus an election (seconds): wait up to
-        // about that long inside one command, not the crate's minutes.
+        // A failover takes the cluster's node timeout plus an election (15 s and more by
+        // default): a command retries for about a second, not the crate's minutes, and the
+        // caller's retry (the infrastructure retry queue) waits out the rest.
         .retries(6)
         .min_retry_wait(100)
         .max_retry_wait(2_000)
         .build()?;
-    Ok(RedisConn::Cluster(client.get_async_connection().await?))
+    Ok(RedisConn::Cluster {
+        conn: client.get_async_connection().await?,
+        seed,
+    })
 }
 
 impl RedisConn {
     pub fn is_cluster(&self) -> bool {
-        matches!(self, RedisConn::Cluster(_))
+        matches!(self, RedisConn::Cluster { .. })
     }
+
+    /// Runs `cmd` on the server, or on every node of a cluster, replicas included (the cluster
+    /// client reaches masters only): each node's address and answer. The nodes are read from
+    /// `CLUSTER NODES` and reached with the seed's credentials.
+    pub async fn on_every_node(&self, cmd: &Cmd) -> RedisResult<Vec<(String, RedisResult<Value>)>> {
+        let (conn, seed) = match self {
+            RedisConn::Single(c) => {
+                return Ok(vec![(
+                    "server".into(),
+                    cmd.query_async(&mut c.clone()).await,
+                )])
+            }
+            RedisConn::Cluster { conn, seed } => (conn, seed),
+        };
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn.clone())
+            .await?;
+        let mut answers = Vec::new();
+        for address in cluster_node_addresses(&nodes) {
+            let answer = async {
+                let url = node_url(seed, &address).ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "a node's address does not fit the seed's URL",
+                    ))
+                })?;
+                let mut c = redis::Client::open(url)?
+                    .get_multiplexed_async_connection_with_config(
+                        &redis::AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+                            .set_response_timeout(Some(RESPONSE_TIMEOUT)),
+                    )
+                    .await?;
+                cmd.query_async::<Value>(&mut c).await
+            }
+            .await;
+            answers.push((address, answer));
+        }
+        Ok(answers)
+    }
+}
+
+/// `ip:port` of every node `CLUSTER NODES` lists that is connected (not failed or without an
+/// address).
+fn cluster_node_addresses(nodes: &str) -> Vec<String> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let (_id, address, flags) = (parts.next()?, parts.next()?, parts.next()?);
+            if flags.contains("fail") || flags.contains("noaddr") || flags.contains("handshake") {
+                return None;
+            }
+            // `ip:port@cport[,hostname]`
+            let address = address.split('@').next()?;
+            (!address.starts_with(':')).then(|| address.to_owned())
+        })
+        .collect()
+}
+
+/// The seed's URL pointed at `address` (`ip:port`), keeping its credentials.
+fn node_url(seed: &str, address: &str) -> Option<String> {
+    let (host, port) = address.rsplit_once(':')?;
+    let mut url = url::Url::parse(seed).ok()?;
+    url.set_host(Some(host.trim_start_matches('[').trim_end_matches(']')))
+        .ok()?;
+    url.set_port(Some(port.parse().ok()?)).ok()?;
+    Some(url.to_string())
 }
 
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConn::Single(c) => c.req_packed_command(cmd),
-            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster { conn, .. } => conn.req_packed_command(cmd),
         }
     }
 
@@ -155,14 +229,14 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster { conn, .. } => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             RedisConn::Single(c) => c.get_db(),
-            RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Cluster { conn, .. } => conn.get_db(),
         }
     }
 }
@@ -179,8 +253,8 @@ pub fn same_slot<S: AsRef<str>>(keys: &[S]) -> bool {
         .all(|w| slot(w[0].as_ref()) == slot(w[1].as_ref()))
 }
 
-/// Every text a reply holds: one for a server, one per node for a command a cluster sends to
-/// all nodes (`INFO`, answered as a map of node to reply).
+/// Every text a reply holds, whatever its encoding (RESP2 bulk string, RESP3 verbatim string,
+/// or nested in a map or an array).
 pub fn texts(value: &Value) -> Vec<String> {
     match value {
         Value::BulkString(b) => vec![String::from_utf8_lossy(b).into_owned()],
@@ -225,7 +299,11 @@ mod tests {
             parse_target("redis://a:7000, redis://b:7001").unwrap(),
             Target::Cluster(vec!["redis://a:7000".into(), "redis://b:7001".into()])
         );
-        assert!(parse_target("redis://a:7000,b:7001").is_err());
+        assert_eq!(
+            parse_target("redis://:pa,ss@a:7000/").unwrap(),
+            Target::Single("redis://:pa,ss@a:7000/".into()),
+            "a comma in a password is not a list"
+        );
         assert!(parse_target("rediss://a:7000").unwrap_err().contains("TLS"));
     }
 
@@ -233,6 +311,24 @@ mod tests {
     fn a_cluster_url_without_nodes_or_with_a_database_is_refused() {
         assert!(parse_target("redis+cluster://").is_err());
         assert!(parse_target("redis+cluster://h:7000/3").is_err());
+    }
+
+    #[test]
+    fn every_connected_node_of_cluster_nodes_is_reached_with_the_seeds_credentials() {
+        let nodes = "\
+07c3 127.0.0.1:30004@40004 slave e7d1 0 1426238317239 4 connected
+67ed 127.0.0.1:30002@40002 master - 0 1426238316232 2 connected 5461-10922
+e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
+6ec2 127.0.0.1:30005@40005 master,fail - 1426238316232 1426238314752 5 connected
+";
+        assert_eq!(
+            cluster_node_addresses(nodes),
+            vec!["127.0.0.1:30004", "127.0.0.1:30002", "127.0.0.1:30001"]
+        );
+        assert_eq!(
+            node_url("redis://u:p@10.0.0.9:7000", "127.0.0.1:30004").as_deref(),
+            Some("redis://u:p@127.0.0.1:30004")
+        );
     }
 
     #[test]

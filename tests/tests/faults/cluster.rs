@@ -4,6 +4,7 @@
 //! cluster, where keys of two slots in one of them fail with CROSSSLOT.
 
 use crate::{assert_exact, finished_events, DEADLINE};
+use audience_export_core::amqp::{self, Topology};
 use audience_export_core::connection::{
     AccountUnusable, AdAccountStatus, Connections, Invalidated, Marked, UnusableKind,
 };
@@ -49,6 +50,19 @@ async fn an_export_on_clusters_survives_a_redis_master_killed_and_a_broker_node_
         3,
         "the shard queue has a replica on each node"
     );
+    // The setting is what decides (3 is also the broker's default on 3 nodes): 2 gives 2.
+    let mut two = app.settings.clone();
+    two.namespace = format!("{}-two", app.namespace());
+    two.quorum_initial_group_size = Some(2);
+    let topology = Topology::from_settings(&two);
+    let connection = amqp::connect(&rabbit.node_urls()[0], "test-two")
+        .await
+        .expect("node 1");
+    let channel = connection.create_channel().await.expect("a channel");
+    topology.declare(&channel).await.expect("declared");
+    assert_eq!(rabbit.quorum_members(&topology.shards()).await, 2);
+    topology.delete(&channel).await.expect("deleted");
+    let _ = connection.close(200, "done".into()).await;
     // Slow uploads: the export is still running when the faults hit.
     app.emulator.set_latency(Latency {
         base_ms: 150,
@@ -196,6 +210,36 @@ async fn every_script_and_transaction_keeps_its_keys_in_one_slot() {
         );
     }
     assert!(store.persists_writes().await.expect("INFO on every node"));
+    // A replica without AOF fails the check: it would become a master that forgets.
+    let masters = redis.masters().await;
+    let replica = redis
+        .seed_urls()
+        .into_iter()
+        .find(|u| !masters.iter().any(|m| u.contains(&format!(":{m}/"))))
+        .expect("a replica");
+    let set_aof = |on: &'static str| {
+        let replica = replica.clone();
+        async move {
+            let client = redis::Client::open(replica).expect("url");
+            let mut c = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("the replica");
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("appendonly")
+                .arg(on)
+                .query_async(&mut c)
+                .await
+                .expect("CONFIG SET");
+        }
+    };
+    set_aof("no").await;
+    assert!(
+        !store.persists_writes().await.expect("INFO on every node"),
+        "a replica with appendonly no is found"
+    );
+    set_aof("yes").await;
     let ttl = Duration::from_secs(600);
     let now = progress::now_ms();
 

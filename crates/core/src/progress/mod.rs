@@ -189,16 +189,25 @@ impl ProgressStore {
     /// Whether Redis persists every write (AOF on), from `INFO persistence`: on a cluster,
     /// every node must (a replica promoted after a failover holds the data then).
     pub async fn persists_writes(&self) -> Result<bool> {
-        let mut c = self.redis.clone();
-        let info: redis::Value = redis::cmd("INFO")
-            .arg("persistence")
-            .query_async(&mut c)
+        let answers = self
+            .redis
+            .on_every_node(redis::cmd("INFO").arg("persistence"))
             .await?;
-        let replies = crate::redis_conn::texts(&info);
-        Ok(!replies.is_empty()
-            && replies
+        let persists = |answer: &redis::RedisResult<redis::Value>| match answer {
+            Ok(info) => crate::redis_conn::texts(info)
                 .iter()
-                .all(|r| r.lines().any(|l| l.trim() == "aof_enabled:1")))
+                .any(|r| r.lines().any(|l| l.trim() == "aof_enabled:1")),
+            Err(_) => false,
+        };
+        let not: Vec<&str> = answers
+            .iter()
+            .filter(|(_, answer)| !persists(answer))
+            .map(|(node, _)| node.as_str())
+            .collect();
+        if !not.is_empty() {
+            tracing::warn!(message = "Redis nodes that do not persist writes (or did not answer INFO)", nodes = ?not);
+        }
+        Ok(!answers.is_empty() && not.is_empty())
     }
 
     pub async fn ping(&self) -> Result<()> {
