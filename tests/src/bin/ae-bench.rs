@@ -582,10 +582,43 @@ async fn ratelimit(
                     .map(|w| w[needed - 1].duration_since(at).as_secs_f64())
             })
             .flatten();
+        // What the new budget itself allows: the emulator's window replayed with the calls it
+        // counted before the change, the calls after it scheduled as early as the window takes
+        // them (no pace, no latency): when the last of them could have gone, against when the
+        // fleet's last did.
+        let counted: Vec<Instant> = app
+            .emulator
+            .calls()
+            .iter()
+            .filter(|c| c.ad_account.as_deref() == Some(AD_ACCOUNT))
+            .filter(|c| !matches!(c.error_code, Some(80003) | Some(17)))
+            .map(|c| c.at)
+            .collect();
+        let before: Vec<Instant> = counted.iter().copied().filter(|t| *t < at).collect();
+        let after: Vec<Instant> = counted.iter().copied().filter(|t| *t >= at).collect();
+        let oracle = budget_oracle(
+            &before,
+            after.len(),
+            at,
+            (budget as f64 * change) as u64,
+            Duration::from_secs_f64(window_secs),
+        );
+        let fleet_last = after
+            .iter()
+            .max()
+            .map(|t| t.duration_since(at).as_secs_f64())
+            .unwrap_or(0.0);
+        let oracle_ratio = if oracle >= Duration::from_millis(500) {
+            format!("ratio {:.2}", fleet_last / oracle.as_secs_f64())
+        } else {
+            "no ratio: the new budget takes them all at once".to_owned()
+        };
         format!(
-            "; after the change: {} shards in {rest:.1} s where {new_rate:.0} calls/s allows {allowed:.1} s: ratio {:.2}; 95% of the new rate over 1 s {}",
+            "; after the change: {} shards in {rest:.1} s where {new_rate:.0} calls/s allows {allowed:.1} s: ratio {:.2}; budget oracle: the last of {} counted calls could go {:.1} s after the change, the fleet's went {fleet_last:.1} s after it: {oracle_ratio}; 95% of the new rate over 1 s {}",
             shards.saturating_sub(done),
             rest / allowed.max(f64::EPSILON),
+            after.len(),
+            oracle.as_secs_f64(),
             reached.map_or("never reached".to_owned(), |s| format!("reached {s:.1} s after it")),
         )
     });
@@ -604,6 +637,41 @@ async fn ratelimit(
     );
     app.stop().await;
     Ok(())
+}
+
+/// When the last of `rest` calls made from `change` on could go at the earliest under a budget
+/// of `budget` calls per sliding `window` (the emulator's rule: a call is taken while fewer than
+/// `budget` calls of the last `window` were), the calls of `before` (sorted) already counted.
+fn budget_oracle(
+    before: &[Instant],
+    rest: usize,
+    change: Instant,
+    budget: u64,
+    window: Duration,
+) -> Duration {
+    let mut counted: std::collections::VecDeque<Instant> = before
+        .iter()
+        .copied()
+        .filter(|t| change.duration_since(*t) < window)
+        .collect();
+    let mut t = change;
+    for _ in 0..rest {
+        loop {
+            while counted
+                .front()
+                .is_some_and(|oldest| t.duration_since(*oldest) >= window)
+            {
+                counted.pop_front();
+            }
+            if (counted.len() as u64) < budget.max(1) {
+                break;
+            }
+            // Not before the oldest counted call leaves the window.
+            t = counted[0] + window;
+        }
+        counted.push_back(t);
+    }
+    t.duration_since(change)
 }
 
 /// Writes `members` members with distinct, valid emails.
@@ -967,4 +1035,30 @@ async fn scaleout(members: u64, latency_ms: u64, counts: &[usize]) -> anyhow::Re
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod oracle_tests {
+    use super::*;
+
+    #[test]
+    fn the_oracle_waits_for_counted_calls_to_leave_the_window() {
+        let t0 = Instant::now();
+        let before: Vec<Instant> = (0..10)
+            .map(|i| t0 + Duration::from_millis(100 * i))
+            .collect();
+        let change = t0 + Duration::from_millis(950);
+        let window = Duration::from_secs(1);
+        // Full window: the next call waits for the call at 0 ms to leave (1,000 ms), the one
+        // after for the call at 100 ms (1,100 ms).
+        assert_eq!(
+            budget_oracle(&before, 2, change, 10, window),
+            Duration::from_millis(150)
+        );
+        // Room for both at once.
+        assert_eq!(
+            budget_oracle(&before, 2, change, 12, window),
+            Duration::ZERO
+        );
+    }
 }
