@@ -1,7 +1,7 @@
 //! One pace per ad account for the whole fleet (`worker::budget::FleetBudget`), on the real
 //! Redis: workers that each keep their own schedule would together send N times the rate.
 
-use audience_export_core::progress::connect_redis;
+use audience_export_core::redis_conn::connect as connect_redis;
 use audience_export_harness::app::account;
 use audience_export_worker::budget::FleetBudget;
 use std::time::Duration;

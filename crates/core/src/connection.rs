@@ -15,7 +15,7 @@
 
 use crate::contract::{AdAccountId, ConnectionStatus, WorkspaceId};
 use crate::progress::{claim, release, set_nx_px, Claim};
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{workspace_key, RedisConn};
 use crate::telemetry::Label;
 use crate::token_cipher::{CipherError, TokenCipher};
 use redis::AsyncCommands;
@@ -42,7 +42,7 @@ pub fn unusable_notice(ad_account: &AdAccountId, at_ms: u64) -> String {
 /// The key recording that Meta refused one of a workspace's tokens (`revocation` writes and
 /// reads it; storing a token lifts its own).
 pub fn revoked_key(namespace: &str, workspace: &WorkspaceId, fingerprint: &str) -> String {
-    format!("{namespace}:workspace:{{{workspace}}}:revoked:{fingerprint}")
+    workspace_key(namespace, workspace, &format!("revoked:{fingerprint}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -450,7 +450,7 @@ impl Connections {
     }
 
     fn key(&self, workspace: &WorkspaceId) -> String {
-        format!("{}:workspace:{{{workspace}}}:connection", self.ns)
+        workspace_key(&self.ns, workspace, "connection")
     }
 
     fn index(&self) -> String {
@@ -460,7 +460,7 @@ impl Connections {
     /// Set while a workspace's connection was checked with Meta recently (see
     /// `claim_health_check`).
     fn health_key(&self, workspace: &WorkspaceId) -> String {
-        format!("{}:workspace:{{{workspace}}}:health-checked", self.ns)
+        workspace_key(&self.ns, workspace, "health-checked")
     }
 
     /// The associated data of a sealed token: its workspace and slot.
@@ -910,7 +910,7 @@ impl Connections {
     }
 
     fn notice_key(&self, workspace: &WorkspaceId, what: &str) -> String {
-        format!("{}:workspace:{{{workspace}}}:notice:{what}", self.ns)
+        workspace_key(&self.ns, workspace, &format!("notice:{what}"))
     }
 
     /// Claims the one-time notice `what` (e.g. `invalid:<fingerprint>`, `expiry:<expires_at>`)

@@ -29,7 +29,7 @@ pub async fn tag_workspace_keys(redis: &RedisConn, namespace: &str) -> redis::Re
             .query_async(&mut c)
             .await?;
         for key in keys {
-            let Some(new) = tagged(&key, &prefix) else {
+            let Some(new) = tagged(&key, namespace) else {
                 continue;
             };
             let answer: redis::RedisResult<i64> = redis::cmd("RENAMENX")
@@ -63,14 +63,15 @@ pub async fn tag_workspace_keys(redis: &RedisConn, namespace: &str) -> redis::Re
     Ok(renamed)
 }
 
-/// The tagged name of an untagged workspace key, or None when it has its tag already.
-fn tagged(key: &str, prefix: &str) -> Option<String> {
-    let rest = key.strip_prefix(prefix)?;
+/// The tagged name (`redis_conn::workspace_key`'s) of an untagged workspace key of
+/// `namespace`, or None when it has its tag already.
+fn tagged(key: &str, namespace: &str) -> Option<String> {
+    let rest = key.strip_prefix(namespace)?.strip_prefix(":workspace:")?;
     if rest.starts_with('{') {
         return None;
     }
-    let (id, tail) = rest.split_once(':')?;
-    Some(format!("{prefix}{{{id}}}:{tail}"))
+    let (id, what) = rest.split_once(':')?;
+    Some(crate::redis_conn::workspace_key(namespace, id, what))
 }
 
 #[cfg(test)]
@@ -79,7 +80,7 @@ mod tests {
 
     #[test]
     fn only_untagged_keys_are_renamed() {
-        let p = "ae:workspace:";
+        let p = "ae";
         assert_eq!(
             tagged("ae:workspace:w1:connection", p).as_deref(),
             Some("ae:workspace:{w1}:connection")
@@ -90,5 +91,10 @@ mod tests {
         );
         assert_eq!(tagged("ae:workspace:{w1}:exports", p), None);
         assert_eq!(tagged("ae:workspace:w1", p), None);
+        assert_eq!(
+            tagged("aeb:workspace:w1:connection", p),
+            None,
+            "another namespace"
+        );
     }
 }

@@ -35,7 +35,7 @@ impl AccountPauses {
     }
 
     fn key(&self, ad_account: &AdAccountId) -> String {
-        format!("{}:account:{{{ad_account}}}:pause", self.ns)
+        crate::redis_conn::account_key(&self.ns, ad_account, "pause")
     }
 
     /// How long the account stays paused, if it is.

@@ -6,12 +6,12 @@
 //! or `redis://host:port,redis://host:port` (a cluster: the nodes listed are seeds, the client
 //! discovers the rest and follows failovers). On a cluster every script and
 //! every pipeline must keep its keys in one hash slot: the fleet's keys carry hash tags for that
-//! (`{<export id>}`, `{<workspace id>}`, `{<ad account id>}`), and `same_slot` is what tests use
-//! to prove it.
+//! (`{<export id>}`, `{<workspace id>}`, `{<ad account id>}`; `workspace_key` and `account_key`
+//! write the last two), and `faults::cluster` runs every script on a real cluster to prove it.
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
 use std::time::Duration;
 
 /// How long one Redis command may take before it counts as failed. redis-rs 1.x defaults to
@@ -146,7 +146,10 @@ impl RedisConn {
     /// Runs `cmd` on the server, or on every node of a cluster, replicas included (the cluster
     /// client reaches masters only): each node's address and answer. The nodes are read from
     /// `CLUSTER NODES` and reached with the seed's credentials.
-    pub async fn on_every_node(&self, cmd: &Cmd) -> RedisResult<Vec<(String, RedisResult<Value>)>> {
+    pub async fn on_every_node<T: FromRedisValue>(
+        &self,
+        cmd: &Cmd,
+    ) -> RedisResult<Vec<(String, RedisResult<T>)>> {
         let (conn, seed) = match self {
             RedisConn::Single(c) => {
                 return Ok(vec![(
@@ -176,7 +179,7 @@ impl RedisConn {
                             .set_response_timeout(Some(RESPONSE_TIMEOUT)),
                     )
                     .await?;
-                cmd.query_async::<Value>(&mut c).await
+                cmd.query_async::<T>(&mut c).await
             }
             .await;
             answers.push((address, answer));
@@ -213,6 +216,16 @@ fn node_url(seed: &str, address: &str) -> Option<String> {
     Some(url.to_string())
 }
 
+/// `{ns}:workspace:{<workspace>}:<what>`: every key of a workspace, in the workspace's slot.
+pub fn workspace_key(ns: &str, workspace: impl std::fmt::Display, what: &str) -> String {
+    format!("{ns}:workspace:{{{workspace}}}:{what}")
+}
+
+/// `{ns}:account:{<ad account>}:<what>`: every key of an ad account, in the account's slot.
+pub fn account_key(ns: &str, ad_account: impl std::fmt::Display, what: &str) -> String {
+    format!("{ns}:account:{{{ad_account}}}:{what}")
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
@@ -238,31 +251,6 @@ impl ConnectionLike for RedisConn {
             RedisConn::Single(c) => c.get_db(),
             RedisConn::Cluster { conn, .. } => conn.get_db(),
         }
-    }
-}
-
-/// The cluster hash slot of `key` (its `{tag}` if it has one): keys a script or a transaction
-/// touches together must share it.
-pub fn slot(key: &str) -> redis::cluster_routing::Slot {
-    redis::cluster_routing::Slot::for_key(key)
-}
-
-/// Whether all `keys` hash to one cluster slot.
-pub fn same_slot<S: AsRef<str>>(keys: &[S]) -> bool {
-    keys.windows(2)
-        .all(|w| slot(w[0].as_ref()) == slot(w[1].as_ref()))
-}
-
-/// Every text a reply holds, whatever its encoding (RESP2 bulk string, RESP3 verbatim string,
-/// or nested in a map or an array).
-pub fn texts(value: &Value) -> Vec<String> {
-    match value {
-        Value::BulkString(b) => vec![String::from_utf8_lossy(b).into_owned()],
-        Value::SimpleString(s) => vec![s.clone()],
-        Value::VerbatimString { text, .. } => vec![text.clone()],
-        Value::Map(pairs) => pairs.iter().flat_map(|(_, v)| texts(v)).collect(),
-        Value::Array(items) => items.iter().flat_map(texts).collect(),
-        _ => Vec::new(),
     }
 }
 
@@ -329,33 +317,5 @@ e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
             node_url("redis://u:p@10.0.0.9:7000", "127.0.0.1:30004").as_deref(),
             Some("redis://u:p@127.0.0.1:30004")
         );
-    }
-
-    #[test]
-    fn hash_tags_decide_the_slot() {
-        assert!(same_slot(&[
-            "ae:export:{e1}:progress",
-            "ae:export:{e1}:done"
-        ]));
-        assert!(!same_slot(&["ae:export:e1:progress", "ae:export:e1:done"]));
-        assert_eq!(slot("{x}a"), slot("x"));
-    }
-
-    #[test]
-    fn texts_reads_one_reply_or_one_per_node() {
-        let per_node = Value::Map(vec![
-            (
-                Value::BulkString(b"n1".to_vec()),
-                Value::VerbatimString {
-                    format: redis::VerbatimFormat::Text,
-                    text: "aof_enabled:1".into(),
-                },
-            ),
-            (
-                Value::BulkString(b"n2".to_vec()),
-                Value::BulkString(b"aof_enabled:0".to_vec()),
-            ),
-        ]);
-        assert_eq!(texts(&per_node), vec!["aof_enabled:1", "aof_enabled:0"]);
     }
 }

@@ -24,13 +24,13 @@ impl Workspaces {
     /// With a connection of its own, for operators' commands.
     pub async fn connect(url: &str, namespace: &str) -> redis::RedisResult<Workspaces> {
         Ok(Workspaces::new(
-            crate::progress::connect_redis(url).await?,
+            crate::redis_conn::connect(url).await?,
             namespace,
         ))
     }
 
     fn key(&self, workspace: &WorkspaceId) -> String {
-        format!("{}:workspace:{{{workspace}}}:settings", self.ns)
+        crate::redis_conn::workspace_key(&self.ns, workspace, "settings")
     }
 
     /// The workspace's default phone country. One stored before the rule was enforced that no

@@ -243,7 +243,7 @@ async fn exports(settings: Settings, action: ExportAction) -> anyhow::Result<()>
 }
 
 async fn connection(settings: Settings, action: ConnectionAction) -> anyhow::Result<()> {
-    let redis = audience_export_core::progress::connect_redis(&settings.redis_url).await?;
+    let redis = audience_export_core::redis_conn::connect(&settings.redis_url).await?;
     if let ConnectionAction::Status { workspace } = &action {
         // Reading a status opens no token: no key needed.
         let view = Connections::without_tokens(redis, &settings.namespace)

@@ -47,7 +47,7 @@ impl FleetBudget {
     }
 
     fn key(&self, account: &AdAccountId) -> String {
-        format!("{}:account:{{{}}}:pace", self.ns, account.as_str())
+        audience_export_core::redis_conn::account_key(&self.ns, account.as_str(), "pace")
     }
 
     /// Waits for this call's slot of the account's fleet-wide schedule. When Redis cannot be

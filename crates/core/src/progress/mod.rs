@@ -150,7 +150,7 @@ pub struct ProgressStore {
 
 impl ProgressStore {
     pub async fn connect(url: &str, namespace: &str) -> Result<ProgressStore> {
-        let redis = connect_redis(url).await?;
+        let redis = crate::redis_conn::connect(url).await?;
         Ok(ProgressStore {
             redis,
             ns: namespace.to_owned(),
@@ -183,7 +183,7 @@ impl ProgressStore {
     /// A workspace's exports by start time, newest kept: what `GET /v1/exports?workspace_id=`
     /// lists. One key per workspace, written on its own (never inside a multi-key script).
     fn workspace_index(&self, workspace: &WorkspaceId) -> String {
-        format!("{}:workspace:{{{workspace}}}:exports", self.ns)
+        crate::redis_conn::workspace_key(&self.ns, workspace, "exports")
     }
 
     /// Whether Redis persists every write (AOF on), from `INFO persistence`: on a cluster,
@@ -191,17 +191,15 @@ impl ProgressStore {
     pub async fn persists_writes(&self) -> Result<bool> {
         let answers = self
             .redis
-            .on_every_node(redis::cmd("INFO").arg("persistence"))
+            .on_every_node::<String>(redis::cmd("INFO").arg("persistence"))
             .await?;
-        let persists = |answer: &redis::RedisResult<redis::Value>| match answer {
-            Ok(info) => crate::redis_conn::texts(info)
-                .iter()
-                .any(|r| r.lines().any(|l| l.trim() == "aof_enabled:1")),
-            Err(_) => false,
-        };
         let not: Vec<&str> = answers
             .iter()
-            .filter(|(_, answer)| !persists(answer))
+            .filter(|(_, info)| {
+                !info
+                    .as_ref()
+                    .is_ok_and(|info| info.lines().any(|l| l.trim() == "aof_enabled:1"))
+            })
             .map(|(node, _)| node.as_str())
             .collect();
         if !not.is_empty() {
@@ -791,11 +789,6 @@ pub enum Recorded {
     Before,
     /// The export has no progress (expired or never begun): nothing was written.
     Unknown,
-}
-
-/// Connects to Redis (one server or a cluster): see `redis_conn`.
-pub async fn connect_redis(url: &str) -> redis::RedisResult<RedisConn> {
-    crate::redis_conn::connect(url).await
 }
 
 /// `SET key value NX PX ttl`: whether this call set it (the key did not exist). Every
