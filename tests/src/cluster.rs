@@ -713,53 +713,56 @@ impl RabbitCluster {
             .expect("a running node")
     }
 
+    /// A `rabbitmqctl list_<what>` of a running node, as JSON rows.
+    async fn list(&self, what: &str, columns: &[&str]) -> Vec<serde_json::Value> {
+        let node = &self.running_node().name;
+        let command = format!("list_{what}");
+        let mut args = vec!["-n", node.as_str(), command.as_str()];
+        args.extend_from_slice(columns);
+        args.extend_from_slice(&["--formatter", "json"]);
+        let out = run("rabbitmqctl", &args).await;
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("rabbitmqctl {command} prints JSON: {e}"))
+    }
+
     /// How many AMQP client connections node `i` (0-based) holds now (counted by the listener
     /// they came in on: 3.10's `list_connections` has no `node` column): which node stopping
     /// drops the most of the fleet's connections. A stopped node holds none.
     pub async fn connections(&self, i: usize) -> usize {
-        let out = run(
-            "rabbitmqctl",
-            &[
-                "-n",
-                &self.running_node().name,
-                "list_connections",
-                "port",
-                "--formatter",
-                "json",
-            ],
-        )
-        .await;
-        let connections: Vec<serde_json::Value> =
-            serde_json::from_slice(&out.stdout).expect("list_connections prints JSON");
-        connections
+        let port = u64::from(self.nodes[i].port);
+        self.list("connections", &["port"])
+            .await
             .iter()
-            .filter(|c| c["port"].as_u64() == Some(u64::from(self.nodes[i].port)))
+            .filter(|c| c["port"].as_u64() == Some(port))
             .count()
+    }
+
+    /// The node, other than the first (a harness's own connection may live there), holding the
+    /// most client connections: the one whose stop drops the most of the fleet's. Panics when
+    /// none holds any: stopping it would break nothing.
+    pub async fn busiest_node_but_first(&self) -> usize {
+        let mut best = (0, 0);
+        for i in 1..self.nodes.len() {
+            let connections = self.connections(i).await;
+            if connections > best.1 {
+                best = (i, connections);
+            }
+        }
+        assert!(
+            best.1 > 0,
+            "the fleet is connected to a node other than the first"
+        );
+        best.0
     }
 
     /// How many members quorum queue `queue` (vhost `/`) has, as a running node lists them
     /// (the configured membership: a stopped member still counts).
     pub async fn quorum_members(&self, queue: &str) -> usize {
-        let node = self.running_node();
-        let out = run(
-            "rabbitmqctl",
-            &[
-                "-n",
-                &node.name,
-                "list_queues",
-                "name",
-                "members",
-                "--formatter",
-                "json",
-            ],
-        )
-        .await;
-        let queues: Vec<serde_json::Value> =
-            serde_json::from_slice(&out.stdout).expect("list_queues prints JSON");
-        queues
+        self.list("queues", &["name", "members"])
+            .await
             .iter()
             .find(|q| q["name"].as_str() == Some(queue))
-            .unwrap_or_else(|| panic!("no queue {queue:?} on {}", node.name))["members"]
+            .unwrap_or_else(|| panic!("no queue {queue:?}"))["members"]
             .as_array()
             .unwrap_or_else(|| panic!("{queue:?} has a member list (a quorum queue)"))
             .len()

@@ -19,6 +19,23 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Turns AOF on or off (`CONFIG SET appendonly`) in the Redis at `url`: a server that does
+/// not persist writes, which every role must refuse.
+pub async fn set_appendonly(url: &str, on: bool) {
+    let client = redis::Client::open(url).expect("a Redis URL");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the test's Redis answers");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendonly")
+        .arg(if on { "yes" } else { "no" })
+        .query_async(&mut c)
+        .await
+        .expect("CONFIG SET appendonly");
+}
+
 /// A `redis-server` of the test's own, persisting every write (AOF, fsync always).
 pub struct RedisServer {
     pub port: u16,

@@ -551,9 +551,9 @@ async fn ratelimit(
     let elapsed = started.elapsed().as_secs_f64();
     let finished = Instant::now();
     let (calls, throttled) = app.emulator.account_stats(AD_ACCOUNT);
-    let uploads = app
-        .emulator
-        .calls()
+    // The emulator's call log, copied once for every figure below.
+    let log = app.emulator.calls();
+    let uploads = log
         .iter()
         .filter(|c| c.path.ends_with("/users") && c.error_code.is_none())
         .count() as u64;
@@ -566,9 +566,7 @@ async fn ratelimit(
         let rest = finished.duration_since(at).as_secs_f64();
         let allowed = shards.saturating_sub(done) as f64 / new_rate;
         // When the fleet first sent 95% of the new rate over one second (successful uploads).
-        let times: Vec<Instant> = app
-            .emulator
-            .calls()
+        let times: Vec<Instant> = log
             .iter()
             .filter(|c| c.path.ends_with("/users") && c.error_code.is_none() && c.at >= at)
             .map(|c| c.at)
@@ -586,9 +584,7 @@ async fn ratelimit(
         // counted before the change, the calls after it scheduled as early as the window takes
         // them (no pace, no latency): when the last of them could have gone, against when the
         // fleet's last did.
-        let counted: Vec<Instant> = app
-            .emulator
-            .calls()
+        let counted: Vec<Instant> = log
             .iter()
             .filter(|c| c.ad_account.as_deref() == Some(AD_ACCOUNT))
             .filter(|c| !matches!(c.error_code, Some(80003) | Some(17)))

@@ -6,12 +6,10 @@
 //! clusters on SIGTERM or SIGINT.
 
 use anyhow::Context;
-use audience_export_core::contract::ExportId;
 use audience_export_core::progress::ProgressStore;
 use audience_export_harness::app::eventually;
 use audience_export_harness::cluster::{RabbitCluster, RedisCluster};
 use clap::Parser;
-use redis::AsyncCommands;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -79,15 +77,12 @@ async fn break_nodes(
     rabbit: &mut RabbitCluster,
 ) -> anyhow::Result<()> {
     let store = ProgressStore::connect(&redis.url(), &args.namespace).await?;
-    let mut c = store.connection();
-    let index = format!("{}:exports", args.namespace);
-    let export_id = loop {
-        let ids: Vec<String> = c.zrange(&index, 0, 0).await.unwrap_or_default();
-        if let Some(id) = ids.into_iter().next() {
-            break ExportId::parse(id)?;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // The namespace's first export, once begun (the sweep's list of unfinished ones).
+    let export_id = eventually(Duration::from_secs(600), || async {
+        store.unfinished().await.ok()?.into_iter().next()
+    })
+    .await
+    .context("no export began")?;
     let shards_done = |at_least: u64| {
         let (store, id) = (&store, &export_id);
         async move {
@@ -113,15 +108,7 @@ async fn break_nodes(
     let done = shards_done(done + args.stop_after)
         .await
         .context("the export did not go on after the failover")?;
-    // The busiest node but the first (any would do; this one drops the most connections).
-    let mut node = (1, 0);
-    for i in 1..rabbit.node_names().len() {
-        let connections = rabbit.connections(i).await;
-        if connections > node.1 {
-            node = (i, connections);
-        }
-    }
-    let node = node.0;
+    let node = rabbit.busiest_node_but_first().await;
     rabbit.stop_node(node).await;
     println!(
         "Fault: RabbitMQ node {} stopped after {done} shards",

@@ -7,7 +7,7 @@ use audience_export_core::contract::ExportStatus;
 use audience_export_core::Field;
 use audience_export_harness::app::{eventually, export, spawn_app_with, Roles, TestApp};
 use audience_export_harness::emulator::Latency;
-use audience_export_harness::fault::{RedisServer, TcpProxy};
+use audience_export_harness::fault::{set_appendonly, RedisServer, TcpProxy};
 use audience_export_harness::segment::{generate, Generated};
 use std::time::{Duration, Instant};
 
@@ -142,18 +142,7 @@ async fn an_smtp_relay_down_for_a_while_gets_the_report_once_it_is_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_refuses_to_start_on_a_redis_that_does_not_persist_writes() {
     let redis = RedisServer::start().await;
-    let client = redis::Client::open(redis.url()).expect("url");
-    let mut c = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("the test's Redis");
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("appendonly")
-        .arg("no")
-        .query_async(&mut c)
-        .await
-        .expect("AOF off");
+    set_appendonly(&redis.url(), false).await;
     let mut settings = audience_export_core::config::Settings::for_namespace(format!(
         "tvol{}",
         rand::random::<u32>()
