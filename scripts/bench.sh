@@ -29,6 +29,7 @@ else
     "$bench emulator --runs 3 --secs 3 --shards 40"
     "$bench ratelimit --rate 20 --shards 500 --latency-ms 200 --window-secs 30"
     "$bench ratelimit --rate 20 --shards 300 --latency-ms 200 --window-secs 30 --workers 4"
+    "$bench ratelimit --rate 20 --shards 600 --latency-ms 200 --window-secs 10 --workers 4"
     "$bench scaleout --members 640000 --latency-ms 500"
     "$bench memory --members 1000000,10000000"
     "$bench sdk --members 1000000 --latency-base-ms 300 --latency-per-record-us 20 --workers 1,4"

@@ -1,34 +1,221 @@
-//! One pace per ad account for the whole fleet (`worker::budget::FleetBudget`), on the real
-//! Redis: workers that each keep their own schedule would together send N times the rate.
+//! One pace per ad account for the whole fleet, moved by Meta's usage (`worker::budget`), on
+//! the real Redis: workers that each kept their own schedule would together send N times the
+//! rate, and a pace that ignored the usage would either waste a budget that grew or run into a
+//! budget that shrank. The controller is time-based (Redis's clock), so the waits below are the
+//! time it steers by, not synchronisation.
 
+use audience_export_core::graph::Usage;
 use audience_export_core::redis_conn::connect as connect_redis;
 use audience_export_harness::app::account;
-use audience_export_worker::budget::FleetBudget;
+use audience_export_worker::budget::{Controls, FleetBudget, Slot};
 use std::time::Duration;
+use tokio::time::Instant;
+
+const URL: &str = "redis://127.0.0.1:6379/";
+
+async fn budget(controls: Controls) -> (FleetBudget, String) {
+    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let budget = FleetBudget::new(connect_redis(URL).await.unwrap(), &ns, controls);
+    (budget, ns)
+}
+
+fn controls(start: u32, max: u32) -> Controls {
+    Controls {
+        start_per_sec: start,
+        max_per_sec: max,
+        target_pct: 96,
+        band_pct: 16,
+        first_throttle_pause: Duration::from_millis(100),
+        longest_throttle_pause: Duration::from_millis(1_000),
+    }
+}
+
+fn usage(percent: u64) -> Usage {
+    Usage {
+        percent,
+        ..Usage::default()
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_share_one_schedule_per_ad_account() {
-    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let url = "redis://127.0.0.1:6379/";
-    // Two "workers", each with its own connection, as two processes have.
-    let a = FleetBudget::new(connect_redis(url).await.unwrap(), &ns, 20);
-    let b = FleetBudget::new(connect_redis(url).await.unwrap(), &ns, 20);
+    let (a, ns) = budget(Controls::fixed(20)).await;
+    // A second "worker", with its own connection, as a second process has.
+    let b = FleetBudget::new(connect_redis(URL).await.unwrap(), &ns, Controls::fixed(20));
     let (act, other) = (account("555"), account("556"));
-    let mut waits = Vec::new();
-    for i in 0..40 {
-        let budget = if i % 2 == 0 { &a } else { &b };
-        waits.push(budget.reserve(&act).await.unwrap());
+    let start = Instant::now();
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let budget = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let act = act.clone();
+            tokio::spawn(async move {
+                budget.until_ready(&act).await;
+                Instant::now() - start
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for call in calls {
+        times.push(call.await.unwrap());
     }
-    // 40 calls at 20/s fleet-wide: the last slot is about 39 intervals (1.95 s) away. Two
-    // schedules of 20/s each would put it at about 0.95 s.
-    let last = *waits.last().unwrap();
-    assert!(last >= Duration::from_millis(1_850), "{last:?}");
-    assert!(last <= Duration::from_millis(2_100), "{last:?}");
-    // Evenly spaced: each slot 50 ms after the one before (Redis's clock moves a little).
-    for pair in waits.windows(2) {
-        let gap = pair[1].saturating_sub(pair[0]);
-        assert!(gap >= Duration::from_millis(40), "{waits:?}");
+    times.sort();
+    // 40 calls at 20/s fleet-wide: the n-th never before n intervals (50 ms each, less Redis's
+    // clock moving a little). Two schedules of 20/s each would let the 40th go at 0.95 s.
+    for (n, t) in times.iter().enumerate() {
+        let earliest =
+            Duration::from_millis(50 * n as u64).saturating_sub(Duration::from_millis(15));
+        assert!(*t >= earliest, "call {n} at {t:?}: {times:?}");
     }
+    assert!(times[39] <= Duration::from_millis(3_000), "{times:?}");
     // Another ad account has its own schedule.
-    assert!(a.reserve(&other).await.unwrap() < Duration::from_millis(10));
+    assert_eq!(
+        a.reserve(&other).await.unwrap(),
+        Slot::Reserved(Duration::ZERO)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_beyond_the_horizon_is_not_booked() {
+    let (budget, _) = budget(Controls::fixed(50)).await;
+    let act = account("557");
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.push(budget.reserve(&act).await.unwrap());
+    }
+    // 20 ms apart: slots 0, 20 and 40 ms are booked (within 50 ms); the fourth (60 ms) is
+    // not, and asking again books nothing either: an answer meanwhile may change the rate.
+    let booked = answers
+        .iter()
+        .filter(|a| matches!(a, Slot::Reserved(_)))
+        .count();
+    assert_eq!(booked, 3, "{answers:?}");
+    assert!(
+        matches!(answers[3], Slot::Later(w) if w <= Duration::from_millis(20)),
+        "{answers:?}"
+    );
+    assert!(matches!(answers[5], Slot::Later(_)), "{answers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_grows_while_usage_stays_low_up_to_its_maximum() {
+    let (budget, _) = budget(controls(10, 40)).await;
+    let (low, busy, silent) = (account("560"), account("561"), account("562"));
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(2_500) {
+        budget.observe(&low, Some(&usage(10)), false).await.unwrap();
+        budget
+            .observe(&busy, Some(&usage(85)), false)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Doubling every second from 10, capped at 40.
+    let grown = budget.base_rate(&low).await.unwrap();
+    assert!((39.0..=40.0).contains(&grown), "{grown}");
+    // Usage inside the band (80-96%): no growth. No answers: no growth either.
+    assert_eq!(budget.base_rate(&busy).await.unwrap(), 10.0);
+    assert_eq!(budget.base_rate(&silent).await.unwrap(), 10.0);
+    // And a low usage lets slots go at the grown rate: 40/s, 25 ms apart.
+    let first = budget.reserve(&low).await.unwrap();
+    let second = budget.reserve(&low).await.unwrap();
+    assert_eq!(first, Slot::Reserved(Duration::ZERO));
+    assert!(
+        matches!(second, Slot::Reserved(w) if w >= Duration::from_millis(20) && w <= Duration::from_millis(30)),
+        "{second:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_the_target_the_pace_falls_to_its_floor() {
+    let (budget, _) = budget(controls(60, 60)).await;
+    let (full, half) = (account("563"), account("564"));
+    budget
+        .observe(&full, Some(&usage(96)), false)
+        .await
+        .unwrap();
+    budget
+        .observe(&half, Some(&usage(88)), false)
+        .await
+        .unwrap();
+    // At the target: 5% of 60/s, 3 calls a second; the next slot is beyond the horizon.
+    assert_eq!(
+        budget.reserve(&full).await.unwrap(),
+        Slot::Reserved(Duration::ZERO)
+    );
+    assert!(
+        matches!(budget.reserve(&full).await.unwrap(), Slot::Later(w) if w >= Duration::from_millis(250)),
+        "the floor is 3 calls a second"
+    );
+    // Halfway into the band: half the rate, 33 ms apart.
+    assert_eq!(
+        budget.reserve(&half).await.unwrap(),
+        Slot::Reserved(Duration::ZERO)
+    );
+    assert!(
+        matches!(budget.reserve(&half).await.unwrap(), Slot::Reserved(w) if w >= Duration::from_millis(30) && w <= Duration::from_millis(37)),
+        "half the rate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttles_pause_the_account_longer_while_meta_keeps_refusing() {
+    let (budget, _) = budget(controls(20, 20)).await;
+    let act = account("565");
+    let throttled = |b: &FleetBudget, u: Option<Usage>| {
+        let (b, act) = (b.clone(), act.clone());
+        async move {
+            b.observe(&act, u.as_ref(), true)
+                .await
+                .unwrap()
+                .expect("a pause")
+        }
+    };
+    assert_eq!(throttled(&budget, None).await, Duration::from_millis(100));
+    // Another call already on the wire, refused too: the same pause, not a longer one.
+    assert!(throttled(&budget, None).await <= Duration::from_millis(100));
+    // The probe after the pause refused again: twice as long, then four times.
+    tokio::time::sleep(Duration::from_millis(110)).await;
+    assert_eq!(throttled(&budget, None).await, Duration::from_millis(200));
+    tokio::time::sleep(Duration::from_millis(210)).await;
+    assert_eq!(throttled(&budget, None).await, Duration::from_millis(400));
+    // Never longer than the longest pause...
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1_010)).await;
+        assert!(throttled(&budget, None).await <= Duration::from_millis(1_000));
+    }
+    // ...nor than Meta's regain estimate; and never shorter than its reset time.
+    tokio::time::sleep(Duration::from_millis(1_010)).await;
+    let regain = Usage {
+        percent: 100,
+        regain: Some(Duration::from_millis(300)),
+        reset: None,
+    };
+    assert_eq!(
+        throttled(&budget, Some(regain)).await,
+        Duration::from_millis(300)
+    );
+    // A call through with room in the window: no pause, and the next throttle starts over...
+    tokio::time::sleep(Duration::from_millis(310)).await;
+    assert_eq!(
+        budget.observe(&act, Some(&usage(50)), false).await.unwrap(),
+        None
+    );
+    let reset = Usage {
+        percent: 100,
+        regain: None,
+        reset: Some(Duration::from_millis(700)),
+    };
+    assert_eq!(
+        throttled(&budget, Some(reset)).await,
+        Duration::from_millis(700)
+    );
+    // ...and a call through that filled the window pauses the account for a probe's time.
+    tokio::time::sleep(Duration::from_millis(710)).await;
+    assert_eq!(
+        budget
+            .observe(&act, Some(&usage(100)), false)
+            .await
+            .unwrap(),
+        Some(Duration::from_millis(100))
+    );
 }

@@ -567,12 +567,14 @@ async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
         s.producer.shard_size = 50;
         // One attempt only: if waiting out a throttle spent an attempt, a shard would fail.
         s.worker.max_attempts = 1;
-        // Real contention: four uploads in flight at 100 calls/s, no usage-based pause, so the
-        // account's budget runs out and Meta throttles for real, and any call let through
-        // during the pause would be throttled again.
+        // Real contention: four uploads in flight at 100 calls/s, paced toward a full budget
+        // (no slowing down below it), so the account's budget runs out and Meta throttles for
+        // real, and any call let through during the pause would be throttled again.
         s.worker.concurrency = 4;
         s.worker.calls_per_second_per_account = 100;
-        s.worker.usage_pause_threshold_pct = 1_000;
+        s.worker.usage_target_pct = 100;
+        s.worker.usage_band_pct = 1;
+        s.worker.throttle_probe_ms = PAUSE.as_millis() as u64;
         s.worker.throttle_pause_ms = PAUSE.as_millis() as u64;
         s.worker.retry_delays_ms = vec![100, 200, 400, 3_000];
     })
@@ -664,8 +666,6 @@ async fn three_workers_share_one_ad_account_budget() {
         s.producer.shard_size = 10;
         s.worker.concurrency = 2;
         s.worker.calls_per_second_per_account = 10;
-        s.worker.usage_pause_threshold_pct = 60;
-        s.worker.usage_pause_ms = 500;
         s.worker.throttle_pause_ms = 1_000;
     };
     let app = spawn_app_with(
@@ -727,6 +727,119 @@ async fn three_workers_share_one_ad_account_budget() {
     assert!(
         throttled * 50 <= calls,
         "throttled calls stay under 2%: {throttled} of {calls}"
+    );
+    app.stop().await;
+}
+
+/// Successful uploads to the account, by when they reached the emulator.
+fn upload_times(app: &audience_export_harness::app::TestApp) -> Vec<std::time::Instant> {
+    let mut times: Vec<_> = app
+        .emulator
+        .calls()
+        .into_iter()
+        .filter(|c| c.path.ends_with("/users") && c.error_code.is_none())
+        .map(|c| c.at)
+        .collect();
+    times.sort();
+    times
+}
+
+/// The most uploads that reached the emulator within any one second.
+fn busiest_second(times: &[std::time::Instant]) -> usize {
+    (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| t.duration_since(times[i]) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_larger_than_the_starting_rate_is_used() {
+    let app = spawn_app_with(Roles::ALL, |s| {
+        s.producer.shard_size = 10;
+        s.worker.calls_per_second_per_account = 5;
+    })
+    .await;
+    // 100 calls per 2-second window: 50 calls/s, ten times where the fleet starts.
+    app.emulator.configure(|c| c.window_secs = 2.0);
+    app.emulator.set_budget(AD_ACCOUNT, 100);
+    app.emulator
+        .set_latency(audience_export_harness::emulator::Latency {
+            base_ms: 20,
+            per_record_us: 0,
+            jitter_ms: 5,
+        });
+    let segment = app.dir.join("grow.ndjson");
+    let generated = generate(&segment, 1_500, 41).expect("segment");
+    let want = generated.expectation(Field::Email, 10);
+    app.export("exp-grow", &["email"], &segment).await;
+    let report = app.finished("exp-grow", DEADLINE).await;
+    assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
+    assert_eq!(report.audiences[0].uploaded, want.uploaded);
+    let (calls, throttled) = app.emulator.account_stats(AD_ACCOUNT);
+    // Usage stayed low, so the pace grew: a fleet held at its starting 5 calls/s never sends
+    // more than 6 in a second.
+    let busiest = busiest_second(&upload_times(&app));
+    eprintln!("grown budget: busiest second {busiest} uploads; {throttled} of {calls} throttled");
+    assert!(
+        busiest >= 20,
+        "the pace stayed near its start: {busiest} uploads in the busiest second"
+    );
+    assert!(
+        throttled * 50 <= calls,
+        "throttled calls stay under 2%: {throttled} of {calls}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_halved_mid_export_slows_the_fleet_without_a_throttling_storm() {
+    let app = spawn_app_with(Roles::ALL, |s| {
+        s.producer.shard_size = 10;
+        s.worker.calls_per_second_per_account = 20;
+        s.worker.max_calls_per_second_per_account = 20;
+    })
+    .await;
+    // 80 calls per 4-second window (20 calls/s), then 40 (10 calls/s) once 80 shards are done;
+    // 200 ms answers, so several calls are on the wire when the budget runs out.
+    app.emulator.configure(|c| c.window_secs = 4.0);
+    app.emulator.set_budget(AD_ACCOUNT, 80);
+    app.emulator
+        .set_latency(audience_export_harness::emulator::Latency {
+            base_ms: 200,
+            per_record_us: 0,
+            jitter_ms: 20,
+        });
+    let segment = app.dir.join("halve.ndjson");
+    let generated = generate(&segment, 1_800, 43).expect("segment");
+    let want = generated.expectation(Field::Email, 10);
+    app.export("exp-halve", &["email"], &segment).await;
+    let halfway = eventually(DEADLINE, || async {
+        let done = app.progress_of("exp-halve").await.shards_done;
+        (done >= 80).then_some(())
+    })
+    .await;
+    assert!(halfway.is_some(), "80 shards were uploaded");
+    app.emulator.set_budget(AD_ACCOUNT, 40);
+    let (calls_before, throttled_before) = app.emulator.account_stats(AD_ACCOUNT);
+    let report = app.finished("exp-halve", DEADLINE).await;
+    assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
+    assert_eq!(report.audiences[0].shards_failed, 0);
+    assert_eq!(report.audiences[0].uploaded, want.uploaded);
+    let (calls, throttled) = app.emulator.account_stats(AD_ACCOUNT);
+    let (calls, throttled) = (calls - calls_before, throttled - throttled_before);
+    eprintln!("halved budget: {throttled} of {calls} calls after the change throttled");
+    // The window held about twice the new budget at the change: the calls on the wire then, and
+    // a few probes while it drains, are throttled, and the export goes on at the new budget.
+    // Waiting out Meta's regain estimate instead (a whole minute, as Meta gives it) would miss
+    // the deadline; probing without backing off would be throttled every half second.
+    assert!(
+        throttled <= 10,
+        "{throttled} of {calls} calls throttled after the budget was halved"
     );
     app.stop().await;
 }

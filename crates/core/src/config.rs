@@ -96,13 +96,23 @@ pub struct WorkerSettings {
     pub max_attempts: u32,
     /// Delays of the retry queues, in milliseconds; attempt n waits the n-th (the last repeats).
     pub retry_delays_ms: Vec<u64>,
-    /// Graph calls per second per ad account allowed by this process (no bursts).
+    /// Graph calls per second per ad account the whole fleet starts at (evenly spaced); from
+    /// there the rate moves with Meta's usage headers (`worker::budget`).
     pub calls_per_second_per_account: u32,
-    /// Usage percentage (from Meta's usage headers) at which an ad account is paused fleet-wide.
-    pub usage_pause_threshold_pct: u64,
-    /// How long an account is paused when usage passes the threshold, in milliseconds.
-    pub usage_pause_ms: u64,
-    /// How long an account is paused after a throttling answer without a regain time.
+    /// The most calls per second per ad account the fleet sends, however low Meta's usage.
+    pub max_calls_per_second_per_account: u32,
+    /// The usage (percent of the account's budget, from Meta's usage headers) the fleet paces
+    /// toward: it slows down through the band below it and sends about as fast as the window
+    /// frees at it.
+    pub usage_target_pct: u64,
+    /// The width of that band, in percent: wider is safer against bursts, narrower uses more
+    /// of the budget.
+    pub usage_band_pct: u64,
+    /// The first pause after a throttling answer, in milliseconds (at least Meta's
+    /// `reset_time_duration`); it doubles while Meta keeps throttling.
+    pub throttle_probe_ms: u64,
+    /// The longest pause after a throttling answer, in milliseconds (Meta's regain estimate,
+    /// when given, caps it).
     pub throttle_pause_ms: u64,
 }
 
@@ -233,8 +243,10 @@ impl Default for WorkerSettings {
             max_attempts: 5,
             retry_delays_ms: vec![1_000, 5_000, 30_000, 120_000],
             calls_per_second_per_account: 50,
-            usage_pause_threshold_pct: 90,
-            usage_pause_ms: 10_000,
+            max_calls_per_second_per_account: 200,
+            usage_target_pct: 96,
+            usage_band_pct: 16,
+            throttle_probe_ms: 500,
             throttle_pause_ms: 60_000,
         }
     }

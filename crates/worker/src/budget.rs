@@ -1,80 +1,337 @@
-//! One pace per ad account for the whole fleet. Meta's budget is per ad account, whatever the
-//! number of workers: N workers each allowing themselves R calls/s would send N×R. So every call
-//! takes its slot from one schedule in Redis: a GCRA ("generic cell rate algorithm") whose only
-//! state is the account's theoretical arrival time (TAT). Each caller reserves the next slot in
-//! one script (`RESERVE`) and waits until it comes: calls leave the fleet evenly spaced at R,
-//! first come first served, however many workers share the account; no burst, as before.
+//! One pace per ad account for the whole fleet, moved by Meta's usage headers.
+//!
+//! Meta's budget is a count of calls per ad account over a sliding window, and it moves: it
+//! depends on the account's tier and audiences, and other tools spend it too. The only thing the
+//! fleet sees is each answer's usage (percent of the budget in the window). So the fleet keeps,
+//! per account, in Redis (every worker shares it, N workers never send N times the pace):
+//!
+//! - a schedule (GCRA: the account's theoretical arrival time, `pace`): each call reserves the
+//!   next slot in one script (`RESERVE`), so calls leave the fleet evenly spaced, never in a
+//!   burst, first come first served;
+//! - a controller (`rate`): a *base* rate, which starts at `calls_per_second_per_account` and
+//!   doubles every `DOUBLING` while usage stays well below the target (up to the configured
+//!   maximum: a budget that grew is used), and the last usage with its slope. The slot interval
+//!   is `1 / (base × h)`, where `h` falls linearly from 1 to `H_MIN` as the usage *predicted*
+//!   `TAU` ahead (last usage + slope × TAU) crosses the band below the target. Near the target
+//!   the fleet therefore sends about as fast as the window frees, whatever the budget: a halved
+//!   budget slows it within one answer, calls leaving the window speed it up again, and no
+//!   fixed pause is waited out.
+//!
+//! A throttled answer still pauses the account fleet-wide (`AccountPauses`), but for a probe's
+//! time, doubling while Meta keeps refusing (`OBSERVE`), at least `reset_time_duration`, at most
+//! `estimated_time_to_regain_access` or `throttle_pause_ms`: the pause ends with one slow call,
+//! not a burst, because the last usage (≥ 100%) holds the rate at its floor until an answer says
+//! the window has room. Calls already on the wire when a throttle is seen do not double it.
 //!
 //! The clock is Redis's own (`TIME`), so workers' clocks do not matter. A slot reserved by a
-//! worker that dies before using it is lost (the account runs a little under R for one
-//! interval), never doubled. The key expires once the schedule is in the past.
+//! worker that dies before using it is lost, never doubled. Both keys carry the account's hash
+//! tag (one slot on a Redis Cluster) and expire once the account is idle.
 
 use audience_export_core::contract::AdAccountId;
-use audience_export_core::redis_conn::RedisConn;
+use audience_export_core::graph::Usage;
+use audience_export_core::redis_conn::{account_key, RedisConn};
 use std::time::Duration;
 
-/// Reserves the next slot of an account's schedule. KEYS[1] the account's TAT (µs, Redis
-/// clock); ARGV[1] the interval between calls (µs). Answers how long to wait for the slot (µs).
+/// The fraction of the base rate kept when the predicted usage reaches the target: slow probes
+/// that keep answers (and so usage readings) coming.
+const H_MIN: f64 = 0.05;
+/// How far ahead the usage is predicted from its slope: about the answers in flight plus one
+/// reading's lag, so a rising usage slows the fleet before it reaches the target.
+const TAU: Duration = Duration::from_secs(1);
+/// How long the base rate takes to double while usage is well below the target.
+const DOUBLING: Duration = Duration::from_secs(1);
+/// The base rate grows only while the usage, at its current slope, stays below the band for
+/// this long: faster than that, the window would fill before the answers could say so, and a
+/// window filled in a burst empties in one too (the burst comes back one window later).
+const GROWTH_HORIZON: Duration = Duration::from_secs(5);
+/// Over how long the usage's slope is smoothed.
+const SLOPE_SMOOTHING: Duration = Duration::from_millis(500);
+/// How far ahead a slot may be reserved. A caller whose slot would be later asks again: a slow
+/// rate must not book 30 waiting uploads 30 intervals ahead, when the next answer may say the
+/// window has room again.
+const HORIZON: Duration = Duration::from_millis(50);
+/// How long the controller's state outlives the account's last answer: an account idle this
+/// long starts again from the configured rate.
+const IDLE: Duration = Duration::from_secs(600);
+
+/// Reserves the next slot of an account's schedule at the controller's current rate.
+/// KEYS[1] the account's TAT (µs, Redis clock), KEYS[2] the controller's state; ARGV[1] the
+/// starting rate (calls/s), [2] the target usage (%), [3] the band below it (%), [4] H_MIN,
+/// [5] TAU (ms), [6] HORIZON (µs). Answers {1, wait µs} with the slot reserved, or {0, µs until
+/// the schedule is within the horizon} without.
 const RESERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local s = redis.call('HMGET', KEYS[2], 'base', 'u', 'slope')
+local base = tonumber(s[1]) or tonumber(ARGV[1])
+local u = tonumber(s[2]) or 0
+local slope = tonumber(s[3]) or 0
+if slope < 0 then slope = 0 end
+local predicted = u + slope * tonumber(ARGV[5]) / 1000
+local h = (tonumber(ARGV[2]) - predicted) / tonumber(ARGV[3])
+if h > 1 then h = 1 end
+if h < tonumber(ARGV[4]) then h = tonumber(ARGV[4]) end
+local interval = 1000000 / (base * h)
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local interval = tonumber(ARGV[1])
+if tat - now > tonumber(ARGV[6]) then
+  return {0, math.floor(tat - now - tonumber(ARGV[6]))}
+end
 local ttl = math.floor((tat + interval - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%.0f', tat + interval), 'PX', ttl)
-return math.floor(tat - now)
+return {1, math.floor(tat - now)}
 "#;
+
+/// Feeds one answer's usage to an account's controller. KEYS[1] the controller's state; ARGV[1]
+/// the usage (%), [2] 1 when the call was throttled, [3] the starting rate, [4] the maximum
+/// rate (calls/s), [5] target (%), [6] band (%), [7] TAU (ms), [8] DOUBLING (ms),
+/// [9] SLOPE_SMOOTHING (ms), [10] first throttle pause (ms), [11] longest throttle pause (ms),
+/// [12] Meta's reset time (ms, 0 if none), [13] Meta's regain estimate (ms, 0 if none),
+/// [14] IDLE (ms), [15] GROWTH_HORIZON (ms). Answers the pause the account needs now (ms; 0: none).
+const OBSERVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local s = redis.call('HMGET', KEYS[1], 'base', 'slope', 'uref', 'tu', 'tg', 'k', 'until')
+local base = tonumber(s[1]) or tonumber(ARGV[3])
+local slope = tonumber(s[2]) or 0
+local uref = tonumber(s[3])
+local tu = tonumber(s[4]) or now
+local tg = tonumber(s[5]) or now
+local k = tonumber(s[6]) or 0
+local paused_until = tonumber(s[7]) or 0
+local u = tonumber(ARGV[1])
+local reset = tonumber(ARGV[12])
+local pause = 0
+if ARGV[2] == '1' then
+  if now >= paused_until then
+    k = k + 1
+    pause = tonumber(ARGV[10]) * 2 ^ (k - 1)
+    if pause > tonumber(ARGV[11]) then pause = tonumber(ARGV[11]) end
+    if reset > pause then pause = reset end
+    local regain = tonumber(ARGV[13])
+    if regain > 0 and regain < pause then pause = regain end
+    paused_until = now + pause
+  else
+    pause = paused_until - now
+  end
+  if u < 100 then u = 100 end
+else
+  if uref == nil then uref = u end
+  local dt = now - tu
+  if dt >= 50 then
+    local a = dt / tonumber(ARGV[9])
+    if a > 1 then a = 1 end
+    slope = (1 - a) * slope + a * (u - uref) * 1000 / dt
+    tu = now
+    uref = u
+  end
+  k = 0
+  if u >= 100 then
+    pause = tonumber(ARGV[10])
+    if reset > pause then pause = reset end
+    if paused_until > now + pause then pause = paused_until - now end
+    paused_until = now + pause
+  else
+    local up = slope
+    if up < 0 then up = 0 end
+    if u + up * tonumber(ARGV[15]) / 1000 < tonumber(ARGV[5]) - tonumber(ARGV[6]) then
+      local since = now - tg
+      if since > tonumber(ARGV[8]) then since = tonumber(ARGV[8]) end
+      base = base * 2 ^ (since / tonumber(ARGV[8]))
+      if base > tonumber(ARGV[4]) then base = tonumber(ARGV[4]) end
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'base', tostring(base), 'u', tostring(u), 'slope', tostring(slope),
+  'uref', tostring(uref or u), 'tu', tostring(tu), 'tg', tostring(now), 'k', tostring(k),
+  'until', tostring(paused_until))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[14]))
+return math.floor(pause)
+"#;
+
+/// The controller's settings, from the worker's.
+#[derive(Debug, Clone, Copy)]
+pub struct Controls {
+    /// Where each account starts (calls/s), fleet-wide.
+    pub start_per_sec: u32,
+    /// The most the fleet sends to one account, however low its usage.
+    pub max_per_sec: u32,
+    /// The usage the fleet paces toward (%).
+    pub target_pct: u64,
+    /// The width of the band below the target in which the rate falls to its floor (%).
+    pub band_pct: u64,
+    /// The first pause after a throttled answer; it doubles while Meta keeps throttling.
+    pub first_throttle_pause: Duration,
+    /// The longest pause after a throttled answer without a regain estimate.
+    pub longest_throttle_pause: Duration,
+}
+
+impl Controls {
+    pub fn from_settings(w: &audience_export_core::config::WorkerSettings) -> Controls {
+        Controls {
+            start_per_sec: w.calls_per_second_per_account.max(1),
+            max_per_sec: w
+                .max_calls_per_second_per_account
+                .max(w.calls_per_second_per_account)
+                .max(1),
+            target_pct: w.usage_target_pct.clamp(1, 100),
+            band_pct: w.usage_band_pct.max(1),
+            first_throttle_pause: Duration::from_millis(w.throttle_probe_ms.max(1)),
+            longest_throttle_pause: Duration::from_millis(
+                w.throttle_pause_ms.max(w.throttle_probe_ms),
+            ),
+        }
+    }
+
+    /// A fixed rate (no growth, the floor far away): for tests and benches that need one.
+    pub fn fixed(per_sec: u32) -> Controls {
+        Controls {
+            start_per_sec: per_sec.max(1),
+            max_per_sec: per_sec.max(1),
+            target_pct: 100,
+            band_pct: 1,
+            first_throttle_pause: Duration::from_secs(1),
+            longest_throttle_pause: Duration::from_secs(60),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct FleetBudget {
     redis: RedisConn,
     ns: String,
     reserve: redis::Script,
-    /// Microseconds between two calls to one ad account, fleet-wide.
-    interval_us: u64,
+    observe: redis::Script,
+    controls: Controls,
 }
 
 impl FleetBudget {
-    /// A schedule of `calls_per_second` per ad account for every worker of namespace `ns`.
-    pub fn new(redis: RedisConn, ns: &str, calls_per_second: u32) -> FleetBudget {
+    /// The schedules of every ad account for the workers of namespace `ns`.
+    pub fn new(redis: RedisConn, ns: &str, controls: Controls) -> FleetBudget {
         FleetBudget {
             redis,
             ns: ns.to_owned(),
             reserve: redis::Script::new(RESERVE),
-            interval_us: 1_000_000 / u64::from(calls_per_second.max(1)),
+            observe: redis::Script::new(OBSERVE),
+            controls,
         }
     }
 
-    fn key(&self, account: &AdAccountId) -> String {
-        audience_export_core::redis_conn::account_key(&self.ns, account.as_str(), "pace")
+    fn keys(&self, account: &AdAccountId) -> (String, String) {
+        (
+            account_key(&self.ns, account.as_str(), "pace"),
+            account_key(&self.ns, account.as_str(), "rate"),
+        )
     }
 
     /// Waits for this call's slot of the account's fleet-wide schedule. When Redis cannot be
-    /// asked, it waits one interval instead: this worker alone then keeps to R, and the call's
-    /// effect cannot be recorded until Redis is back anyway.
+    /// asked, it waits one interval of the starting rate instead: this worker alone then keeps
+    /// to it, and the call's effect cannot be recorded until Redis is back anyway.
     pub async fn until_ready(&self, account: &AdAccountId) {
-        let wait = match self.reserve(account).await {
-            Ok(wait) => wait,
-            Err(error) => {
-                tracing::warn!(message = "The fleet's pace could not be read; pacing this worker alone.", %error);
-                Duration::from_micros(self.interval_us)
+        loop {
+            match self.reserve(account).await {
+                Ok(Slot::Reserved(wait)) => {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    return;
+                }
+                Ok(Slot::Later(wait)) => {
+                    tokio::time::sleep(wait.clamp(Duration::from_millis(5), HORIZON)).await
+                }
+                Err(error) => {
+                    tracing::warn!(message = "The fleet's pace could not be read; pacing this worker alone.", %error);
+                    let interval = 1.0 / f64::from(self.controls.start_per_sec);
+                    tokio::time::sleep(Duration::from_secs_f64(interval)).await;
+                    return;
+                }
             }
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
         }
     }
 
-    /// Reserves the next slot; how long until it comes.
-    pub async fn reserve(&self, account: &AdAccountId) -> redis::RedisResult<Duration> {
-        let mut c = self.redis.clone();
-        let wait_us: i64 = self
+    /// Reserves the next slot, or says when to ask again.
+    pub async fn reserve(&self, account: &AdAccountId) -> redis::RedisResult<Slot> {
+        let (pace, rate) = self.keys(account);
+        let c = &self.controls;
+        let mut conn = self.redis.clone();
+        let (reserved, wait_us): (i64, i64) = self
             .reserve
-            .key(self.key(account))
-            .arg(self.interval_us)
-            .invoke_async(&mut c)
+            .key(pace)
+            .key(rate)
+            .arg(c.start_per_sec)
+            .arg(c.target_pct)
+            .arg(c.band_pct)
+            .arg(H_MIN)
+            .arg(TAU.as_millis() as u64)
+            .arg(HORIZON.as_micros() as u64)
+            .invoke_async(&mut conn)
             .await?;
-        Ok(Duration::from_micros(wait_us.max(0) as u64))
+        let wait = Duration::from_micros(wait_us.max(0) as u64);
+        Ok(match reserved {
+            1 => Slot::Reserved(wait),
+            _ => Slot::Later(wait),
+        })
     }
+
+    /// Feeds an answer's usage (or a throttling answer's) to the account's controller; the
+    /// pause the account needs now, if any.
+    pub async fn observe(
+        &self,
+        account: &AdAccountId,
+        usage: Option<&Usage>,
+        throttled: bool,
+    ) -> redis::RedisResult<Option<Duration>> {
+        let percent = usage.map_or(if throttled { 100 } else { 0 }, |u| u.percent);
+        if usage.is_none() && !throttled {
+            // Nothing read: nothing to steer by.
+            return Ok(None);
+        }
+        let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis() as u64);
+        let (_, rate) = self.keys(account);
+        let c = &self.controls;
+        let mut conn = self.redis.clone();
+        let pause_ms: i64 = self
+            .observe
+            .key(rate)
+            .arg(percent)
+            .arg(u8::from(throttled))
+            .arg(c.start_per_sec)
+            .arg(c.max_per_sec)
+            .arg(c.target_pct)
+            .arg(c.band_pct)
+            .arg(TAU.as_millis() as u64)
+            .arg(DOUBLING.as_millis() as u64)
+            .arg(SLOPE_SMOOTHING.as_millis() as u64)
+            .arg(c.first_throttle_pause.as_millis() as u64)
+            .arg(c.longest_throttle_pause.as_millis() as u64)
+            .arg(ms(usage.and_then(|u| u.reset)))
+            .arg(ms(usage.and_then(|u| u.regain)))
+            .arg(IDLE.as_millis() as u64)
+            .arg(GROWTH_HORIZON.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((pause_ms > 0).then(|| Duration::from_millis(pause_ms as u64)))
+    }
+
+    /// The account's current base rate (calls/s), for the metrics and tests: the starting rate
+    /// until an answer moved it.
+    pub async fn base_rate(&self, account: &AdAccountId) -> redis::RedisResult<f64> {
+        let (_, rate) = self.keys(account);
+        let mut conn = self.redis.clone();
+        let base: Option<f64> = redis::cmd("HGET")
+            .arg(rate)
+            .arg("base")
+            .query_async(&mut conn)
+            .await?;
+        Ok(base.unwrap_or(f64::from(self.controls.start_per_sec)))
+    }
+}
+
+/// A reservation's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// The slot is this call's: wait this long for it.
+    Reserved(Duration),
+    /// The schedule is full beyond the horizon: ask again in about this long.
+    Later(Duration),
 }

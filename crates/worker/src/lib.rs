@@ -11,7 +11,6 @@ pub mod permission;
 pub mod phone_diff;
 pub mod phone_fast;
 pub mod prepare;
-pub mod ramp;
 pub mod upload;
 
 use audience_export_core::amqp::Topology;
@@ -49,14 +48,13 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                 budget: budget::FleetBudget::new(
                     progress.connection(),
                     &settings.namespace,
-                    settings.worker.calls_per_second_per_account,
+                    budget::Controls::from_settings(&settings.worker),
                 ),
                 revocations: revocations.clone(),
                 metrics: metrics.clone(),
                 max_attempts: settings.worker.max_attempts,
                 pauses: pauses.clone(),
-                pacing: upload::Pacing::from_settings(&settings.worker),
-                ramp: ramp::Ramp::new(settings.worker.calls_per_second_per_account),
+                throttle_pause: std::time::Duration::from_millis(settings.worker.throttle_pause_ms),
             })
         };
         consumer::serve(

@@ -40,27 +40,9 @@ pub struct Deps {
     pub max_attempts: u32,
     /// Fleet-wide pauses per ad account.
     pub pauses: AccountPauses,
-    /// This process's slow start after a pause.
-    pub ramp: crate::ramp::Ramp,
-    pub pacing: Pacing,
-}
-
-/// When to pause an ad account, and for how long.
-#[derive(Debug, Clone, Copy)]
-pub struct Pacing {
-    pub usage_threshold_pct: u64,
-    pub usage_pause: Duration,
+    /// The longest pause after a throttling answer without a regain estimate (blocked
+    /// answers wait it out whole).
     pub throttle_pause: Duration,
-}
-
-impl Pacing {
-    pub fn from_settings(w: &audience_export_core::config::WorkerSettings) -> Pacing {
-        Pacing {
-            usage_threshold_pct: w.usage_pause_threshold_pct,
-            usage_pause: Duration::from_millis(w.usage_pause_ms),
-            throttle_pause: Duration::from_millis(w.throttle_pause_ms),
-        }
-    }
 }
 
 /// Failures of our own infrastructure, as opposed to Meta's answers.
@@ -198,7 +180,6 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
     // The permit is taken on every attempt; then the fleet-wide pause is checked again, so a
     // pause set while this upload waited is honoured.
     deps.budget.until_ready(&shard.ad_account_id).await;
-    deps.ramp.until_ready(&shard.ad_account_id).await;
     if let Some(remaining) = deps.pauses.remaining(&shard.ad_account_id).await? {
         return Ok(defer(
             deps,
@@ -245,23 +226,24 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
                 );
                 counts.invalid.insert(META_REFUSED, sent.refused);
             }
-            if let Some(usage) = sent
-                .usage
-                .filter(|u| u.percent >= deps.pacing.usage_threshold_pct)
+            // The usage steers the account's pace; a window found full pauses it briefly.
+            match deps
+                .budget
+                .observe(&shard.ad_account_id, sent.usage.as_ref(), false)
+                .await
             {
-                deps.metrics.pauses.with(PauseReason::Usage).inc();
-                deps.ramp
-                    .paused(&shard.ad_account_id, deps.pacing.usage_pause);
-                if deps
-                    .pauses
-                    .pause(&shard.ad_account_id, deps.pacing.usage_pause)
-                    .await?
-                {
-                    info!(
-                        message = "Ad account usage past the threshold; pausing it fleet-wide.",
-                        percent = usage.percent,
-                        pause_ms = deps.pacing.usage_pause.as_millis() as u64
-                    );
+                Ok(Some(pause)) => {
+                    deps.metrics.pauses.with(PauseReason::Usage).inc();
+                    if deps.pauses.pause(&shard.ad_account_id, pause).await? {
+                        info!(
+                            message = "Ad account's budget used up; pausing it fleet-wide.",
+                            pause_ms = pause.as_millis() as u64
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    warn!(message = "The account's usage could not be recorded; the pace stays as it was.", %error)
                 }
             }
             counts.uploaded = sent.uploaded;
@@ -308,10 +290,19 @@ async fn failed_call(
     if matches!(class, ErrorClass::Throttled | ErrorClass::Blocked) {
         // Waiting is the remedy, not another attempt: pause the account for the whole fleet
         // and defer the shard without spending one of its attempts.
-        let pause = error
-            .usage()
-            .and_then(|u| u.regain)
-            .unwrap_or(deps.pacing.throttle_pause);
+        let pause = match class {
+            // Throttled: probe again soon, longer while Meta keeps refusing (`budget`).
+            ErrorClass::Throttled => deps
+                .budget
+                .observe(&shard.ad_account_id, error.usage().as_ref(), true)
+                .await?
+                .unwrap_or(deps.throttle_pause),
+            // Blocked: wait out what Meta says, whole.
+            _ => error
+                .usage()
+                .and_then(|u| u.regain)
+                .unwrap_or(deps.throttle_pause),
+        };
         if let Some(usage) = error.usage() {
             deps.metrics.usage(&shard.ad_account_id, usage.percent);
         }
@@ -364,7 +355,6 @@ async fn failed_call(
 /// Sends the shard to the shortest delay queue that outlasts `wait`, with its attempt unchanged:
 /// no call was spent.
 fn defer(deps: &Deps, shard: Shard, wait: Duration, why: &'static str) -> Outcome {
-    deps.ramp.paused(&shard.ad_account_id, wait);
     let wait_ms = wait.as_millis() as u64;
     let delay_ms = deps.topology.shard_delay_at_least(wait_ms);
     let expiration_ms = Some(after_pause(wait_ms, delay_ms));
@@ -378,18 +368,19 @@ fn defer(deps: &Deps, shard: Shard, wait: Duration, why: &'static str) -> Outcom
 }
 
 /// When a deferred shard comes back (a per-message expiration, at most the delay queue's TTL):
-/// at a random moment between the end of the pause and the queue's TTL, so the shards (and
-/// workers) a pause held back resume spread out, a ramp rather than all at once, and never
-/// before the pause ends. When even the longest queue is shorter than the pause, the shard will
-/// be deferred again anyway: it comes back in the second half of the queue's TTL, spread too.
+/// at a random moment within half the pause (and a quarter second) after it ends, never before,
+/// so the shards a pause held back do not all ask for a slot at once, and none waits much
+/// longer than the pause (the pace, not the delay queue, spreads the calls). When even the
+/// longest queue is shorter than the pause, the shard will be deferred again anyway: it comes
+/// back in the second half of the queue's TTL, spread too.
 fn after_pause(pause_ms: u64, queue_ms: u64) -> u64 {
     use rand::Rng;
-    let earliest = if queue_ms > pause_ms {
-        pause_ms
+    let (earliest, latest) = if queue_ms > pause_ms {
+        (pause_ms, queue_ms.min(pause_ms + pause_ms / 2 + 250))
     } else {
-        queue_ms / 2
+        (queue_ms / 2, queue_ms)
     };
-    rand::thread_rng().gen_range(earliest..=queue_ms.max(1))
+    rand::thread_rng().gen_range(earliest..=latest.max(1))
 }
 
 /// A retry delay drawn from `[delay/2, delay]`, so shards that failed together do not come back
@@ -441,7 +432,7 @@ mod tests {
         let draws: Vec<u64> = (0..200)
             .map(|_| super::after_pause(10_000, 30_000))
             .collect();
-        assert!(draws.iter().all(|d| (10_000..=30_000).contains(d)));
+        assert!(draws.iter().all(|d| (10_000..=15_250).contains(d)));
         assert!(draws.iter().any(|d| *d != draws[0]), "not a constant");
         // A queue shorter than the pause: back early (deferred again), spread as well.
         let draws: Vec<u64> = (0..200).map(|_| super::after_pause(500, 400)).collect();

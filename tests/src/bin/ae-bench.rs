@@ -61,6 +61,9 @@ enum Command {
         /// Worker processes sharing the ad account's budget (1: the in-process worker).
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Also print each export's timeline: uploads / throttled calls per half second.
+        #[arg(long)]
+        timeline: bool,
     },
     /// Meta's Python SDK against the fleet, on the same generated segment and the same emulator
     /// latency: (a) its format_params vs our prepare + encode, one core each; (b) its sequential
@@ -154,9 +157,11 @@ async fn main() -> anyhow::Result<()> {
             latency_ms,
             window_secs,
             workers,
+            timeline,
         } => {
             for change in [1.0, 0.5, 2.0] {
-                ratelimit(rate, shards, latency_ms, window_secs, change, workers).await?;
+                let settings = (rate, shards, latency_ms, window_secs);
+                ratelimit(settings, change, workers, timeline).await?;
             }
         }
         Command::Sdk {
@@ -491,12 +496,10 @@ fn phone_diff(count: usize, seed: u64) -> anyhow::Result<()> {
 /// time (from the change to the finished event) is compared with what the new budget allows:
 /// the shards not done at the change / (new budget / window), one call each.
 async fn ratelimit(
-    rate: u64,
-    shards: u64,
-    latency_ms: u64,
-    window_secs: f64,
+    (rate, shards, latency_ms, window_secs): (u64, u64, u64, f64),
     change: f64,
     workers: usize,
+    timeline: bool,
 ) -> anyhow::Result<()> {
     use audience_export_harness::app::{spawn_app_with, Roles, AD_ACCOUNT};
     use audience_export_harness::emulator::Latency;
@@ -507,7 +510,6 @@ async fn ratelimit(
     let app = spawn_app_with(roles, |s| {
         s.producer.shard_size = 10;
         s.worker.calls_per_second_per_account = rate as u32;
-        s.worker.usage_pause_ms = 1_000;
     })
     .await;
     let processes: Vec<_> = (0..workers)
@@ -557,6 +559,32 @@ async fn ratelimit(
         .iter()
         .filter(|c| c.path.ends_with("/users") && c.error_code.is_none())
         .count() as u64;
+    if timeline {
+        let mut halves = std::collections::BTreeMap::<u128, (u32, u32)>::new();
+        for c in log.iter().filter(|c| c.path.ends_with("/users")) {
+            let half = halves
+                .entry(c.at.duration_since(started).as_millis() / 500)
+                .or_default();
+            match c.error_code {
+                None => half.0 += 1,
+                Some(_) => half.1 += 1,
+            }
+        }
+        let change = changed.map_or("no budget change".to_owned(), |(at, _)| {
+            format!(
+                "budget changed at {:.1} s",
+                at.duration_since(started).as_secs_f64()
+            )
+        });
+        let halves: Vec<String> = halves
+            .iter()
+            .map(|(h, (ok, refused))| format!("{:.1}s {ok}/{refused}", *h as f64 / 2.0))
+            .collect();
+        println!(
+            "timeline ({change}; uploads/throttled per half second from the start): {}",
+            halves.join(" ")
+        );
+    }
     let email = &report.audiences[0];
     for p in processes {
         stop_process(p).await;

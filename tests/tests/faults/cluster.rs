@@ -22,7 +22,7 @@ use audience_export_harness::cluster::{RabbitCluster, RedisCluster};
 use audience_export_harness::emulator::Latency;
 use audience_export_harness::fault::set_appendonly;
 use audience_export_harness::segment::generate;
-use audience_export_worker::budget::FleetBudget;
+use audience_export_worker::budget::{Controls, FleetBudget};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -159,6 +159,7 @@ async fn every_script_and_transaction_keeps_its_keys_in_one_slot() {
         "REFRESH_AVAILABLE",
         "EXTEND",
         "RESERVE",
+        "OBSERVE",
     ]
     .into();
     assert_eq!(
@@ -312,13 +313,14 @@ async fn every_script_and_transaction_keeps_its_keys_in_one_slot() {
     assert_eq!(invalidated, Invalidated::Now);
     assert!(connections.disconnect(&w).await.expect("disconnect"));
 
-    // An ad account's pause and pace: EXTEND, RESERVE.
+    // An ad account's pause and pace: EXTEND, RESERVE, OBSERVE (the pace's two keys).
     let pauses = AccountPauses::new(store.connection(), &ns);
     assert!(pauses
         .pause(&a, Duration::from_secs(1))
         .await
         .expect("EXTEND"));
-    let budget = FleetBudget::new(store.connection(), &ns, 10);
+    let budget = FleetBudget::new(store.connection(), &ns, Controls::fixed(10));
+    budget.observe(&a, None, true).await.expect("OBSERVE");
     budget.reserve(&a).await.expect("RESERVE");
 }
 

@@ -13,6 +13,9 @@ pub struct Usage {
     pub percent: u64,
     /// `estimated_time_to_regain_access` (minutes in the header), when Meta gave one.
     pub regain: Option<Duration>,
+    /// `X-Ad-Account-Usage.reset_time_duration` (seconds), when Meta gave one above zero: the
+    /// shortest pause worth taking after a throttle.
+    pub reset: Option<Duration>,
 }
 
 impl Usage {
@@ -53,6 +56,11 @@ impl Usage {
         }
         if let Some(account) = json("x-ad-account-usage") {
             take(pct(&account, "acc_id_util_pct"));
+            usage.reset = account
+                .get("reset_time_duration")
+                .and_then(|s| s.as_f64())
+                .filter(|s| *s > 0.0 && s.is_finite())
+                .map(Duration::from_secs_f64);
         }
         if let Some(app) = json("x-app-usage") {
             for key in ["call_count", "total_time", "total_cputime"] {
@@ -94,6 +102,7 @@ mod tests {
         let u = Usage::from_headers(&h).expect("usage");
         assert_eq!(u.percent, 95);
         assert_eq!(u.regain, Some(Duration::from_secs(180)));
+        assert_eq!(u.reset, Some(Duration::from_secs(60)));
     }
 
     #[test]
