@@ -101,8 +101,10 @@ async fn the_rate_grows_while_usage_stays_low_up_to_its_maximum() {
     let (budget, _) = budget(controls(10, 40)).await;
     let (low, busy, silent) = (account("560"), account("561"), account("562"));
     let start = Instant::now();
+    let mut reported = 0.0;
     while start.elapsed() < Duration::from_millis(2_500) {
-        budget.observe(&low, Some(&usage(10)), false).await.unwrap();
+        let observed = budget.observe(&low, Some(&usage(10)), false).await.unwrap();
+        reported = observed.expect("a usage to steer by").pace_per_sec;
         budget
             .observe(&busy, Some(&usage(85)), false)
             .await
@@ -112,6 +114,10 @@ async fn the_rate_grows_while_usage_stays_low_up_to_its_maximum() {
     // Doubling every second from 10, capped at 40.
     let grown = budget.base_rate(&low).await.unwrap();
     assert!((39.0..=40.0).contains(&grown), "{grown}");
+    // The pace each answer reports (for the metric) is that rate.
+    assert!((grown - reported).abs() < 0.01, "{reported} vs {grown}");
+    // An answer without usage headers steers nothing.
+    assert_eq!(budget.observe(&silent, None, false).await.unwrap(), None);
     // Usage inside the band (80-96%): no growth. No answers: no growth either.
     assert_eq!(budget.base_rate(&busy).await.unwrap(), 10.0);
     assert_eq!(budget.base_rate(&silent).await.unwrap(), 10.0);
@@ -167,6 +173,7 @@ async fn throttles_pause_the_account_longer_while_meta_keeps_refusing() {
             b.observe(&act, u.as_ref(), true)
                 .await
                 .unwrap()
+                .and_then(|o| o.pause)
                 .expect("a pause")
         }
     };
@@ -197,7 +204,11 @@ async fn throttles_pause_the_account_longer_while_meta_keeps_refusing() {
     // A call through with room in the window: no pause, and the next throttle starts over...
     tokio::time::sleep(Duration::from_millis(310)).await;
     assert_eq!(
-        budget.observe(&act, Some(&usage(50)), false).await.unwrap(),
+        budget
+            .observe(&act, Some(&usage(50)), false)
+            .await
+            .unwrap()
+            .and_then(|o| o.pause),
         None
     );
     let reset = Usage {
@@ -215,7 +226,8 @@ async fn throttles_pause_the_account_longer_while_meta_keeps_refusing() {
         budget
             .observe(&act, Some(&usage(100)), false)
             .await
-            .unwrap(),
+            .unwrap()
+            .and_then(|o| o.pause),
         Some(Duration::from_millis(100))
     );
 }

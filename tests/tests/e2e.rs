@@ -666,6 +666,10 @@ async fn three_workers_share_one_ad_account_budget() {
         s.producer.shard_size = 10;
         s.worker.concurrency = 2;
         s.worker.calls_per_second_per_account = 10;
+        // A budget of 20 calls makes each call 5% of it: the pace keeps a band of several calls
+        // below the target, as an operator would for an account this small.
+        s.worker.usage_target_pct = 80;
+        s.worker.usage_band_pct = 30;
         s.worker.throttle_pause_ms = 1_000;
     };
     let app = spawn_app_with(

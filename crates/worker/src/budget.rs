@@ -87,7 +87,8 @@ return {1, math.floor(tat - now)}
 /// rate (calls/s), [5] target (%), [6] band (%), [7] TAU (ms), [8] DOUBLING (ms),
 /// [9] SLOPE_SMOOTHING (ms), [10] first throttle pause (ms), [11] longest throttle pause (ms),
 /// [12] Meta's reset time (ms, 0 if none), [13] Meta's regain estimate (ms, 0 if none),
-/// [14] IDLE (ms), [15] GROWTH_HORIZON (ms). Answers the pause the account needs now (ms; 0: none).
+/// [14] IDLE (ms), [15] GROWTH_HORIZON (ms). Answers {the pause the account needs now (ms; 0:
+/// none), the base rate (thousandths of a call per second)}.
 const OBSERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -146,7 +147,7 @@ redis.call('HSET', KEYS[1], 'base', tostring(base), 'u', tostring(u), 'slope', t
   'uref', tostring(uref or u), 'tu', tostring(tu), 'tg', tostring(now), 'k', tostring(k),
   'until', tostring(paused_until))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[14]))
-return math.floor(pause)
+return {math.floor(pause), math.floor(base * 1000)}
 "#;
 
 /// The controller's settings, from the worker's.
@@ -274,23 +275,23 @@ impl FleetBudget {
     }
 
     /// Feeds an answer's usage (or a throttling answer's) to the account's controller; the
-    /// pause the account needs now, if any.
+    /// pause the account needs now, if any, and its pace. None when there was nothing to
+    /// steer by (an answer without usage headers).
     pub async fn observe(
         &self,
         account: &AdAccountId,
         usage: Option<&Usage>,
         throttled: bool,
-    ) -> redis::RedisResult<Option<Duration>> {
+    ) -> redis::RedisResult<Option<Observed>> {
         let percent = usage.map_or(if throttled { 100 } else { 0 }, |u| u.percent);
         if usage.is_none() && !throttled {
-            // Nothing read: nothing to steer by.
             return Ok(None);
         }
         let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis() as u64);
         let (_, rate) = self.keys(account);
         let c = &self.controls;
         let mut conn = self.redis.clone();
-        let pause_ms: i64 = self
+        let (pause_ms, base_milli): (i64, i64) = self
             .observe
             .key(rate)
             .arg(percent)
@@ -310,7 +311,10 @@ impl FleetBudget {
             .arg(GROWTH_HORIZON.as_millis() as u64)
             .invoke_async(&mut conn)
             .await?;
-        Ok((pause_ms > 0).then(|| Duration::from_millis(pause_ms as u64)))
+        Ok(Some(Observed {
+            pause: (pause_ms > 0).then(|| Duration::from_millis(pause_ms as u64)),
+            pace_per_sec: base_milli as f64 / 1000.0,
+        }))
     }
 
     /// The account's current base rate (calls/s), for the metrics and tests: the starting rate
@@ -325,6 +329,15 @@ impl FleetBudget {
             .await?;
         Ok(base.unwrap_or(f64::from(self.controls.start_per_sec)))
     }
+}
+
+/// What an answer did to an account's controller.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observed {
+    /// The pause the account needs now, if any.
+    pub pause: Option<Duration>,
+    /// The base rate after the answer (calls/s).
+    pub pace_per_sec: f64,
 }
 
 /// A reservation's answer.

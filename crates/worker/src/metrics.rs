@@ -116,6 +116,10 @@ pub struct Metrics {
     /// ad account and an operator needs to see which one is near it; an installation has a
     /// handful of ad accounts, never one per export or member.
     meta_usage: prometheus::IntGaugeVec,
+    /// The fleet's pace for each ad account after the last answer this worker fed to it
+    /// (`budget`'s base rate, calls/s): with the usage, what an operator needs to see whether
+    /// the budget or the fleet sets an account's speed. Same label as `meta_usage`.
+    pace: prometheus::GaugeVec,
 }
 
 impl Metrics {
@@ -124,6 +128,13 @@ impl Metrics {
         self.meta_usage
             .with_label_values(&[account.as_str()])
             .set(percent as i64);
+    }
+
+    /// Records the fleet's pace for `account` (calls/s).
+    pub fn pace(&self, account: &AdAccountId, per_sec: f64) {
+        self.pace
+            .with_label_values(&[account.as_str()])
+            .set(per_sec);
     }
 }
 
@@ -137,8 +148,17 @@ impl Metrics {
             &["ad_account"],
         )?;
         registry.register(Box::new(meta_usage.clone()))?;
+        let pace = prometheus::GaugeVec::new(
+            prometheus::Opts::new(
+                "audience_export_account_pace_calls_per_second",
+                "The fleet's base pace for an ad account (calls/s) after the last answer this worker saw; the schedule slows below it as Meta's usage nears the target.",
+            ),
+            &["ad_account"],
+        )?;
+        registry.register(Box::new(pace.clone()))?;
         Ok(Metrics {
             meta_usage,
+            pace,
             pauses: Counters::register(
                 registry,
                 "audience_export_account_pauses_total",

@@ -232,13 +232,17 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
                 .observe(&shard.ad_account_id, sent.usage.as_ref(), false)
                 .await
             {
-                Ok(Some(pause)) => {
-                    deps.metrics.pauses.with(PauseReason::Usage).inc();
-                    if deps.pauses.pause(&shard.ad_account_id, pause).await? {
-                        info!(
-                            message = "Ad account's budget used up; pausing it fleet-wide.",
-                            pause_ms = pause.as_millis() as u64
-                        );
+                Ok(Some(observed)) => {
+                    deps.metrics
+                        .pace(&shard.ad_account_id, observed.pace_per_sec);
+                    if let Some(pause) = observed.pause {
+                        deps.metrics.pauses.with(PauseReason::Usage).inc();
+                        if deps.pauses.pause(&shard.ad_account_id, pause).await? {
+                            info!(
+                                message = "Ad account's budget used up; pausing it fleet-wide.",
+                                pause_ms = pause.as_millis() as u64
+                            );
+                        }
                     }
                 }
                 Ok(None) => {}
@@ -292,11 +296,18 @@ async fn failed_call(
         // and defer the shard without spending one of its attempts.
         let pause = match class {
             // Throttled: probe again soon, longer while Meta keeps refusing (`budget`).
-            ErrorClass::Throttled => deps
-                .budget
-                .observe(&shard.ad_account_id, error.usage().as_ref(), true)
-                .await?
-                .unwrap_or(deps.throttle_pause),
+            ErrorClass::Throttled => {
+                let observed = deps
+                    .budget
+                    .observe(&shard.ad_account_id, error.usage().as_ref(), true)
+                    .await?;
+                if let Some(o) = observed {
+                    deps.metrics.pace(&shard.ad_account_id, o.pace_per_sec);
+                }
+                observed
+                    .and_then(|o| o.pause)
+                    .unwrap_or(deps.throttle_pause)
+            }
             // Blocked: wait out what Meta says, whole.
             _ => error
                 .usage()
