@@ -580,17 +580,8 @@ async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
     })
     .await;
     // 8 calls per 2-second window, no regain time in the headers: the pause is the worker's own.
-    app.emulator.configure(|c| {
-        c.window_secs = 2.0;
-        c.regain_in_headers = false;
-    });
-    app.emulator.set_budget(AD_ACCOUNT, 8);
-    app.emulator
-        .set_latency(audience_export_harness::emulator::Latency {
-            base_ms: 20,
-            per_record_us: 0,
-            jitter_ms: 0,
-        });
+    app.emulator.configure(|c| c.regain_in_headers = false);
+    limit_account(&app, 2.0, 8, 20, 0);
     let segment = app.dir.join("throttle.ndjson");
     let generated = generate(&segment, 2_000, 17).expect("segment");
     let want = generated.expectation(Field::Email, 50);
@@ -683,14 +674,7 @@ async fn three_workers_share_one_ad_account_budget() {
     .await;
     // 20 calls per 2-second window: 10 calls/s for the account, a third of what three workers
     // would send unpaced.
-    app.emulator.configure(|c| c.window_secs = 2.0);
-    app.emulator.set_budget(AD_ACCOUNT, 20);
-    app.emulator
-        .set_latency(audience_export_harness::emulator::Latency {
-            base_ms: 20,
-            per_record_us: 0,
-            jitter_ms: 10,
-        });
+    limit_account(&app, 2.0, 20, 20, 10);
     let workers: Vec<_> = (0..3)
         .map(|_| app.spawn_worker_process(WORKER_BIN))
         .collect();
@@ -735,6 +719,25 @@ async fn three_workers_share_one_ad_account_budget() {
     app.stop().await;
 }
 
+/// Meta's budget for the test ad account: `calls` per sliding `window_secs`, each answered after
+/// `base_ms` plus up to `jitter_ms`.
+fn limit_account(
+    app: &audience_export_harness::app::TestApp,
+    window_secs: f64,
+    calls: u64,
+    base_ms: u64,
+    jitter_ms: u64,
+) {
+    app.emulator.configure(|c| c.window_secs = window_secs);
+    app.emulator.set_budget(AD_ACCOUNT, calls);
+    app.emulator
+        .set_latency(audience_export_harness::emulator::Latency {
+            base_ms,
+            per_record_us: 0,
+            jitter_ms,
+        });
+}
+
 /// Successful uploads to the account, by when they reached the emulator.
 fn upload_times(app: &audience_export_harness::app::TestApp) -> Vec<std::time::Instant> {
     let mut times: Vec<_> = app
@@ -769,14 +772,7 @@ async fn a_budget_larger_than_the_starting_rate_is_used() {
     })
     .await;
     // 100 calls per 2-second window: 50 calls/s, ten times where the fleet starts.
-    app.emulator.configure(|c| c.window_secs = 2.0);
-    app.emulator.set_budget(AD_ACCOUNT, 100);
-    app.emulator
-        .set_latency(audience_export_harness::emulator::Latency {
-            base_ms: 20,
-            per_record_us: 0,
-            jitter_ms: 5,
-        });
+    limit_account(&app, 2.0, 100, 20, 5);
     let segment = app.dir.join("grow.ndjson");
     let generated = generate(&segment, 1_500, 41).expect("segment");
     let want = generated.expectation(Field::Email, 10);
@@ -810,14 +806,7 @@ async fn a_budget_halved_mid_export_slows_the_fleet_without_a_throttling_storm()
     .await;
     // 80 calls per 4-second window (20 calls/s), then 40 (10 calls/s) once 80 shards are done;
     // 200 ms answers, so several calls are on the wire when the budget runs out.
-    app.emulator.configure(|c| c.window_secs = 4.0);
-    app.emulator.set_budget(AD_ACCOUNT, 80);
-    app.emulator
-        .set_latency(audience_export_harness::emulator::Latency {
-            base_ms: 200,
-            per_record_us: 0,
-            jitter_ms: 20,
-        });
+    limit_account(&app, 4.0, 80, 200, 20);
     let segment = app.dir.join("halve.ndjson");
     let generated = generate(&segment, 1_800, 43).expect("segment");
     let want = generated.expectation(Field::Email, 10);
@@ -839,8 +828,8 @@ async fn a_budget_halved_mid_export_slows_the_fleet_without_a_throttling_storm()
     eprintln!("halved budget: {throttled} of {calls} calls after the change throttled");
     // The window held about twice the new budget at the change: the calls on the wire then, and
     // a few probes while it drains, are throttled, and the export goes on at the new budget.
-    // Waiting out Meta's regain estimate instead (a whole minute, as Meta gives it) would miss
-    // the deadline; probing without backing off would be throttled every half second.
+    // Waiting out Meta's regain estimate instead (a whole minute, as Meta gives it) misses the
+    // deadline.
     assert!(
         throttled <= 10,
         "{throttled} of {calls} calls throttled after the budget was halved"

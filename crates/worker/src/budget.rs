@@ -316,19 +316,6 @@ impl FleetBudget {
             pace_per_sec: base_milli as f64 / 1000.0,
         }))
     }
-
-    /// The account's current base rate (calls/s), for the metrics and tests: the starting rate
-    /// until an answer moved it.
-    pub async fn base_rate(&self, account: &AdAccountId) -> redis::RedisResult<f64> {
-        let (_, rate) = self.keys(account);
-        let mut conn = self.redis.clone();
-        let base: Option<f64> = redis::cmd("HGET")
-            .arg(rate)
-            .arg("base")
-            .query_async(&mut conn)
-            .await?;
-        Ok(base.unwrap_or(f64::from(self.controls.start_per_sec)))
-    }
 }
 
 /// What an answer did to an account's controller.
