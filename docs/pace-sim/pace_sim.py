@@ -2,22 +2,23 @@
 """A discrete-event simulation of one ad account's pace: the emulator's sliding-window budget
 (tests/src/emulator/limits.rs), a fleet of upload tasks (worker::upload: reserve a slot, check
 the fleet-wide pause, call, feed the answer's usage back, defer a throttled shard past its
-pause) and the controller (worker::budget's RESERVE and OBSERVE scripts, transcribed).
+pause) and the controller (worker::budget's RESERVE and OBSERVE scripts, transcribed: keep
+`InFlightGate` in step with them).
 
 Why it exists: one `ae-bench ratelimit` run takes a minute and shows one trajectory; this runs
 the same scenario (budget steady, halved, doubled once half the shards are done) in seconds,
 so a change to the controller can be tried on many seeds and windows before it is written in
 Lua. It is a design aid, not a test: nothing in CI runs it.
 
-How faithful: the steady 10 s-window case matches the real bench (`--shards 600 --window-secs
-10 --workers 4`: 89-90% of R in both); the halved 10 s case has the same anatomy (calls in
-flight refused at the change, probes while the window drains, refill bursts echoing one window
-later) with 18-32 throttled of ~620 where the real fleet had 19-25. It is less faithful with a
-30 s window: one worker, halved, it gives 1.13-1.14 of the oracle where `just bench` measured
-1.02, and with four workers the oracle takes every remaining call at once where the real run's
+How faithful (SlopeOnly, then InFlightGate, against `ae-bench ratelimit` on the real fleet):
+steady 10 s window (`--shards 600 --window-secs 10 --workers 4`): 90% / 89% of R, real 88-89%;
+halved 10 s: 18-32 / 10-11 throttled of ~620, real 19-25 / 11; steady 5 s window: 140 / 3
+throttled, real 154 / 0; halved 5 s: 121 / 33, real 126 / 38. Less faithful with a 30 s window:
+one worker, halved, SlopeOnly gives 1.13-1.14 of the oracle where the real fleet measured 1.02,
+and with four workers the sim's oracle takes every remaining call at once where the real run's
 did not. Check any conclusion on the real fleet.
 
-Usage: python3 docs/pace-sim/pace_sim.py [as-built|inflight-gate] [--seeds N]
+Usage: python3 docs/pace-sim/pace_sim.py [inflight-gate|slope-only] [--seeds N]
 """
 import argparse
 import heapq
@@ -66,8 +67,9 @@ def oracle(before, rest, change, budget, window):
     return t - change
 
 
-class AsBuilt:
-    """worker::budget as of commit 0986249 (RESERVE and OBSERVE, same constants)."""
+class SlopeOnly:
+    """worker::budget as of commit 0986249 (RESERVE and OBSERVE, same constants): the pace
+    steered by the last usage and its slope alone."""
 
     H_MIN, TAU, DOUBLING, GROWTH, SMOOTH, HORIZON = 0.05, 1.0, 1.0, 5.0, 0.5, 0.05
 
@@ -121,15 +123,15 @@ class AsBuilt:
         return pause
 
 
-class InFlightGate(AsBuilt):
-    """The best variant found on 2026-12-04, not built (figures in BENCHMARKS.md). Reservations
-    are numbered (the ticket an answer carries back); the freshest reading plus the calls
+class InFlightGate(SlopeOnly):
+    """worker::budget since 2026-12-04 (figures in BENCHMARKS.md): SlopeOnly plus the calls on
+    the wire. Reservations are numbered (the ticket an answer carries back); the freshest reading plus the calls
     reserved after it, at a learned cost per call (percent), predicts the usage, and no slot is
     booked that would take it past the target (one probe when the reading is stale). The cost
     is learned from the rise in usage between readings ≥ 4 points apart (smoothed; it
     underestimates while calls leave the window) and scaled up at once when a reading jumps
     above the prediction (a budget cut). The base grows only while the usage, at its slope,
-    stays under the band for 10 s (5 s as built)."""
+    stays under the band for 10 s (5 s in SlopeOnly)."""
 
     STALE, NEAR, MIN_DU, SMOOTH_COST, GROWTH = 1.0, 0.25, 4, 0.5, 10.0
 
@@ -158,13 +160,15 @@ class InFlightGate(AsBuilt):
         return r
 
     def observe(self, now, u, throttled, reset, ticket):
+        jumped = False
         if ticket > self.nr:
             expected = self.ur + (ticket - self.nr) * self.c
             if self.c > 0 and expected > 0 and u > expected + 1:
                 self.c *= u / expected  # a jump: the budget shrank (or others spend it)
+                jumped = True
             self.nr, self.ur, self.tr = ticket, (max(u, 100) if throttled else u), now
         if not throttled:
-            if self.anchor is None or u < self.anchor[1]:
+            if self.anchor is None or u < self.anchor[1] or jumped:
                 self.anchor = (ticket, u)
             elif ticket > self.anchor[0] and u - self.anchor[1] >= self.MIN_DU:
                 sample = (u - self.anchor[1]) / (ticket - self.anchor[0])
@@ -256,10 +260,10 @@ def run(make, shards, rate, window, workers, change, seed, latency=0.2, jitter=0
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("controller", nargs="?", default="as-built", choices=["as-built", "inflight-gate"])
+    p.add_argument("controller", nargs="?", default="inflight-gate", choices=["slope-only", "inflight-gate"])
     p.add_argument("--seeds", type=int, default=3)
     a = p.parse_args()
-    make = {"as-built": AsBuilt, "inflight-gate": InFlightGate}[a.controller]
+    make = {"slope-only": SlopeOnly, "inflight-gate": InFlightGate}[a.controller]
     # The scenarios `just bench` runs (scripts/bench.sh).
     for shards, window, workers in [(500, 30.0, 1), (300, 30.0, 4), (600, 10.0, 4)]:
         for change, name in [(1.0, "steady"), (0.5, "halved"), (2.0, "doubled")]:

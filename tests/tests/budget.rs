@@ -7,7 +7,7 @@
 use audience_export_core::graph::Usage;
 use audience_export_core::redis_conn::connect as connect_redis;
 use audience_export_harness::app::account;
-use audience_export_worker::budget::{Controls, FleetBudget, Slot};
+use audience_export_worker::budget::{Controls, FleetBudget, Slot, Ticket};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -70,7 +70,7 @@ async fn workers_share_one_schedule_per_ad_account() {
     // Another ad account has its own schedule.
     assert_eq!(
         a.reserve(&other).await.unwrap(),
-        Slot::Reserved(Duration::ZERO)
+        Slot::Reserved(Duration::ZERO, Ticket(1))
     );
 }
 
@@ -86,7 +86,7 @@ async fn a_slot_beyond_the_horizon_is_not_booked() {
     // not, and asking again books nothing either: an answer meanwhile may change the rate.
     let booked = answers
         .iter()
-        .filter(|a| matches!(a, Slot::Reserved(_)))
+        .filter(|a| matches!(a, Slot::Reserved(..)))
         .count();
     assert_eq!(booked, 3, "{answers:?}");
     assert!(
@@ -104,7 +104,7 @@ async fn the_rate_grows_while_usage_stays_low_up_to_its_maximum() {
         let (budget, account) = (budget.clone(), account.clone());
         async move {
             let usage = usage(percent);
-            let observed = budget.observe(&account, Some(&usage), false);
+            let observed = budget.observe(&account, Ticket::UNKNOWN, Some(&usage), false);
             observed
                 .await
                 .unwrap()
@@ -123,13 +123,19 @@ async fn the_rate_grows_while_usage_stays_low_up_to_its_maximum() {
     assert!((39.0..=40.0).contains(&grown), "{grown}");
     assert_eq!(held, 10.0);
     // An answer without usage headers steers nothing.
-    assert_eq!(budget.observe(&silent, None, false).await.unwrap(), None);
+    assert_eq!(
+        budget
+            .observe(&silent, Ticket::UNKNOWN, None, false)
+            .await
+            .unwrap(),
+        None
+    );
     // And a low usage lets slots go at the grown rate: 40/s, 25 ms apart.
     let first = budget.reserve(&low).await.unwrap();
     let second = budget.reserve(&low).await.unwrap();
-    assert_eq!(first, Slot::Reserved(Duration::ZERO));
+    assert_eq!(first, Slot::Reserved(Duration::ZERO, Ticket(1)));
     assert!(
-        matches!(second, Slot::Reserved(w) if w >= Duration::from_millis(20) && w <= Duration::from_millis(30)),
+        matches!(second, Slot::Reserved(w, Ticket(2)) if w >= Duration::from_millis(20) && w <= Duration::from_millis(30)),
         "{second:?}"
     );
 }
@@ -139,17 +145,17 @@ async fn near_the_target_the_pace_falls_to_its_floor() {
     let (budget, _) = budget(controls(60, 60)).await;
     let (full, half) = (account("563"), account("564"));
     budget
-        .observe(&full, Some(&usage(96)), false)
+        .observe(&full, Ticket::UNKNOWN, Some(&usage(96)), false)
         .await
         .unwrap();
     budget
-        .observe(&half, Some(&usage(88)), false)
+        .observe(&half, Ticket::UNKNOWN, Some(&usage(88)), false)
         .await
         .unwrap();
     // At the target: 5% of 60/s, 3 calls a second; the next slot is beyond the horizon.
     assert_eq!(
         budget.reserve(&full).await.unwrap(),
-        Slot::Reserved(Duration::ZERO)
+        Slot::Reserved(Duration::ZERO, Ticket(1))
     );
     assert!(
         matches!(budget.reserve(&full).await.unwrap(), Slot::Later(w) if w >= Duration::from_millis(250)),
@@ -158,10 +164,10 @@ async fn near_the_target_the_pace_falls_to_its_floor() {
     // Halfway into the band: half the rate, 33 ms apart.
     assert_eq!(
         budget.reserve(&half).await.unwrap(),
-        Slot::Reserved(Duration::ZERO)
+        Slot::Reserved(Duration::ZERO, Ticket(1))
     );
     assert!(
-        matches!(budget.reserve(&half).await.unwrap(), Slot::Reserved(w) if w >= Duration::from_millis(30) && w <= Duration::from_millis(37)),
+        matches!(budget.reserve(&half).await.unwrap(), Slot::Reserved(w, _) if w >= Duration::from_millis(30) && w <= Duration::from_millis(37)),
         "half the rate"
     );
 }
@@ -173,7 +179,7 @@ async fn throttles_pause_the_account_longer_while_meta_keeps_refusing() {
     let throttled = |b: &FleetBudget, u: Option<Usage>| {
         let (b, act) = (b.clone(), act.clone());
         async move {
-            b.observe(&act, u.as_ref(), true)
+            b.observe(&act, Ticket::UNKNOWN, u.as_ref(), true)
                 .await
                 .unwrap()
                 .and_then(|o| o.pause)
@@ -208,7 +214,7 @@ async fn throttles_pause_the_account_longer_while_meta_keeps_refusing() {
     tokio::time::sleep(Duration::from_millis(310)).await;
     assert_eq!(
         budget
-            .observe(&act, Some(&usage(50)), false)
+            .observe(&act, Ticket::UNKNOWN, Some(&usage(50)), false)
             .await
             .unwrap()
             .and_then(|o| o.pause),
@@ -227,10 +233,114 @@ async fn throttles_pause_the_account_longer_while_meta_keeps_refusing() {
     tokio::time::sleep(Duration::from_millis(710)).await;
     assert_eq!(
         budget
-            .observe(&act, Some(&usage(100)), false)
+            .observe(&act, Ticket::UNKNOWN, Some(&usage(100)), false)
             .await
             .unwrap()
             .and_then(|o| o.pause),
         Some(Duration::from_millis(100))
     );
+}
+
+/// Reserves slots until the first refusal; the tickets booked.
+async fn book_until_refused(
+    budget: &FleetBudget,
+    act: &audience_export_core::contract::AdAccountId,
+) -> Vec<u64> {
+    let mut tickets = Vec::new();
+    while let Slot::Reserved(_, Ticket(t)) = budget.reserve(act).await.unwrap() {
+        tickets.push(t);
+    }
+    tickets
+}
+
+/// A new account's controller at 10,000 calls/s (so that the 50 ms booking horizon never binds
+/// here: what refuses a slot is the usage predicted from the calls on the wire), with five calls
+/// answered 0% after the first and 4% after the fifth: a call costs 1% of the budget.
+async fn one_percent_a_call() -> (FleetBudget, audience_export_core::contract::AdAccountId) {
+    let (budget, _) = budget(controls(10_000, 10_000)).await;
+    let act = account("566");
+    for t in 1..=5 {
+        assert!(
+            matches!(budget.reserve(&act).await.unwrap(), Slot::Reserved(_, Ticket(n)) if n == t)
+        );
+    }
+    read(&budget, &act, 1, 0).await;
+    read(&budget, &act, 5, 4).await;
+    (budget, act)
+}
+
+async fn read(
+    budget: &FleetBudget,
+    act: &audience_export_core::contract::AdAccountId,
+    ticket: u64,
+    percent: u64,
+) {
+    budget
+        .observe(act, Ticket(ticket), Some(&usage(percent)), false)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_on_the_wire_count_against_the_target() {
+    let (budget, act) = one_percent_a_call().await;
+    // At 4% with nothing else on the wire, 92 more calls fit under the target (96%): tickets 6
+    // to 97, and not one more until an answer says where the usage is. A pace that ignored the
+    // calls on the wire would book on, at its floor but without end.
+    assert_eq!(
+        book_until_refused(&budget, &act).await,
+        (6..=97).collect::<Vec<_>>()
+    );
+    // An older answer arriving late says nothing new: still refused.
+    read(&budget, &act, 60, 59).await;
+    assert!(matches!(
+        budget.reserve(&act).await.unwrap(),
+        Slot::Later(_)
+    ));
+    // The answer to the last of them says the window emptied meanwhile (2%): 94 more fit.
+    read(&budget, &act, 97, 2).await;
+    assert_eq!(
+        book_until_refused(&budget, &act).await,
+        (98..=191).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_above_the_prediction_raises_the_cost_of_a_call() {
+    let (budget, act) = one_percent_a_call().await;
+    // The sixth call's answer says 10% where 5% was due: the budget halved (or someone else
+    // spends it), a call now costs 2%, and only 43 more fit: 10 + 43 × 2 ≤ 96. At the old cost
+    // 86 would have gone out, all of them into a window with no room.
+    assert!(matches!(
+        budget.reserve(&act).await.unwrap(),
+        Slot::Reserved(_, Ticket(6))
+    ));
+    read(&budget, &act, 6, 10).await;
+    assert_eq!(
+        book_until_refused(&budget, &act).await,
+        (7..=49).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_schedule_still_sends_a_probe_once_its_reading_is_stale() {
+    let (budget, act) = one_percent_a_call().await;
+    book_until_refused(&budget, &act).await;
+    // Every call's answer may be lost (a worker killed mid-call): without a probe the account
+    // would wait forever. One call goes once the freshest reading is 250 ms old (a call still
+    // fits under 100%), then none again for as long.
+    let start = Instant::now();
+    let ticket = tokio::time::timeout(Duration::from_secs(5), budget.until_ready(&act))
+        .await
+        .expect("a probe within 5 s");
+    let waited = start.elapsed();
+    assert_eq!(ticket, Ticket(98));
+    assert!(
+        waited >= Duration::from_millis(200) && waited <= Duration::from_millis(1_000),
+        "{waited:?}"
+    );
+    assert!(matches!(
+        budget.reserve(&act).await.unwrap(),
+        Slot::Later(_)
+    ));
 }

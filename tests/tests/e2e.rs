@@ -568,8 +568,9 @@ async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
         // One attempt only: if waiting out a throttle spent an attempt, a shard would fail.
         s.worker.max_attempts = 1;
         // Real contention: four uploads in flight at 100 calls/s, paced toward a full budget
-        // (no slowing down below it), so the account's budget runs out and Meta throttles for
-        // real, and any call let through during the pause would be throttled again.
+        // (no slowing down below it), and another tool spending the same account's budget (the
+        // fleet's pace counts only its own calls), so Meta throttles for real, and any call let
+        // through during the pause would be throttled again.
         s.worker.concurrency = 4;
         s.worker.calls_per_second_per_account = 100;
         s.worker.usage_target_pct = 100;
@@ -586,8 +587,13 @@ async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
     let generated = generate(&segment, 2_000, 17).expect("segment");
     let want = generated.expectation(Field::Email, 50);
     app.export("exp-throttle", &["email"], &segment).await;
+    let rival = tokio::spawn(spend_the_budget_elsewhere(
+        app.emulator.base_url(),
+        app.token.clone(),
+    ));
 
     let report = app.finished("exp-throttle", DEADLINE).await;
+    rival.abort();
     let email = &report.audiences[0];
     assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
     assert_eq!(email.shards_failed, 0);
@@ -738,6 +744,20 @@ fn limit_account(
         });
 }
 
+/// Another tool on the same ad account: every 3 s it lists the account's audiences six times,
+/// which Meta counts against the account's budget like any call. A load, not a wait: the test
+/// aborts it when the export ends.
+async fn spend_the_budget_elsewhere(base_url: String, token: String) {
+    let http = reqwest::Client::new();
+    let url = format!("{base_url}/v27.0/act_{AD_ACCOUNT}/customaudiences");
+    loop {
+        for _ in 0..6 {
+            let _ = http.get(&url).bearer_auth(&token).send().await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
 /// Successful uploads to the account, by when they reached the emulator.
 fn upload_times(app: &audience_export_harness::app::TestApp) -> Vec<std::time::Instant> {
     let mut times: Vec<_> = app
@@ -833,6 +853,37 @@ async fn a_budget_halved_mid_export_slows_the_fleet_without_a_throttling_storm()
     assert!(
         throttled <= 10,
         "{throttled} of {calls} calls throttled after the budget was halved"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_budget_in_a_short_window_is_used_without_a_throttling_storm() {
+    let app = spawn_app_with(Roles::ALL, |s| {
+        s.producer.shard_size = 10;
+        s.worker.calls_per_second_per_account = 10;
+    })
+    .await;
+    // 20 calls per 2-second window (10 calls/s, each call 5% of the budget), 200 ms answers,
+    // a budget that never moves. A pace that ignores the calls on the wire grows while the
+    // window is empty, overshoots it by what it sends in one answer's time, and the burst
+    // comes back every window: 25-30 of ~180 calls throttled (docs/pace-sim, and 20% of calls
+    // in `ae-bench ratelimit --window-secs 5`).
+    app.emulator.configure(|c| c.regain_in_headers = false);
+    limit_account(&app, 2.0, 20, 200, 20);
+    let segment = app.dir.join("small.ndjson");
+    let generated = generate(&segment, 1_500, 47).expect("segment");
+    let want = generated.expectation(Field::Email, 10);
+    app.export("exp-small", &["email"], &segment).await;
+    let report = app.finished("exp-small", DEADLINE).await;
+    assert_eq!(report.status, ExportStatus::Succeeded, "{report:?}");
+    assert_eq!(report.audiences[0].shards_failed, 0);
+    assert_eq!(report.audiences[0].uploaded, want.uploaded);
+    let (calls, throttled) = app.emulator.account_stats(AD_ACCOUNT);
+    eprintln!("small budget, short window: {throttled} of {calls} calls throttled");
+    assert!(
+        throttled <= 5,
+        "{throttled} of {calls} calls throttled with a budget that never moved"
     );
     app.stop().await;
 }

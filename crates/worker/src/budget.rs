@@ -15,7 +15,15 @@
 //!   `TAU` ahead (last usage + slope × TAU) crosses the band below the target. Near the target
 //!   the fleet therefore sends about as fast as the window frees, whatever the budget: a halved
 //!   budget slows it within one answer, calls leaving the window speed it up again, and no
-//!   fixed pause is waited out.
+//!   fixed pause is waited out;
+//! - the calls on the wire: each reservation is numbered (its `Ticket` comes back with the
+//!   answer), and once the cost of one call (percent of the budget) is learned from the rise in
+//!   usage between readings, the usage is predicted as the freshest reading plus the calls
+//!   reserved after it. No slot is booked that would take it past the target: a fast base rate
+//!   can no longer overshoot a small budget by everything it sent in one answer's time, which
+//!   with a short window fed a throttling storm that grew every window (20% of calls throttled
+//!   at a steady 5 s window before; docs/pace-sim and BENCHMARKS.md). A budget cut shows as a
+//!   reading above the prediction and scales the cost up at once.
 //!
 //! A throttled answer still pauses the account fleet-wide (`AccountPauses`), but for a probe's
 //! time, doubling while Meta keeps refusing (`OBSERVE`), at least `reset_time_duration`, at most
@@ -42,14 +50,28 @@ const TAU: Duration = Duration::from_secs(1);
 const DOUBLING: Duration = Duration::from_secs(1);
 /// The base rate grows only while the usage, at its current slope, stays below the band for
 /// this long: faster than that, the window would fill before the answers could say so, and a
-/// window filled in a burst empties in one too (the burst comes back one window later).
-const GROWTH_HORIZON: Duration = Duration::from_secs(5);
+/// window filled in a burst empties in one too (the burst comes back one window later). 5 s
+/// let a 10 s window fill at twice what it sustains (docs/pace-sim).
+const GROWTH_HORIZON: Duration = Duration::from_secs(10);
 /// Over how long the usage's slope is smoothed.
 const SLOPE_SMOOTHING: Duration = Duration::from_millis(500);
 /// How far ahead a slot may be reserved. A caller whose slot would be later asks again: a slow
 /// rate must not book 30 waiting uploads 30 intervals ahead, when the next answer may say the
 /// window has room again.
 const HORIZON: Duration = Duration::from_millis(50);
+/// While the calls on the wire would take the usage past the target, no slot is booked; one
+/// probe goes when the freshest reading is this old (nothing else will bring a new one)...
+const STALE: Duration = Duration::from_secs(1);
+/// ...or this old when one more call would still fit under 100%.
+const NEAR: Duration = Duration::from_millis(250);
+/// A call's cost (percent of the budget) is learned from rises in usage of at least this many
+/// points between two readings: Meta reports whole percents, so a shorter span is mostly
+/// rounding.
+const COST_SPAN: u64 = 4;
+/// The weight of each new estimate of a call's cost. Calls leaving the window make an estimate
+/// low, so it is smoothed rather than taken whole; a budget cut raises it at once instead (a
+/// reading above what the calls since the last one explain).
+const COST_SMOOTHING: f64 = 0.5;
 /// How long the controller's state outlives the account's last answer: an account idle this
 /// long starts again from the configured rate.
 const IDLE: Duration = Duration::from_secs(600);
@@ -57,29 +79,53 @@ const IDLE: Duration = Duration::from_secs(600);
 /// Reserves the next slot of an account's schedule at the controller's current rate.
 /// KEYS[1] the account's TAT (µs, Redis clock), KEYS[2] the controller's state; ARGV[1] the
 /// starting rate (calls/s), [2] the target usage (%), [3] the band below it (%), [4] H_MIN,
-/// [5] TAU (ms), [6] HORIZON (µs). Answers {1, wait µs} with the slot reserved, or {0, µs until
-/// the schedule is within the horizon} without.
+/// [5] TAU (ms), [6] HORIZON (µs), [7] STALE (ms), [8] NEAR (ms), [9] IDLE (ms). Answers
+/// {1, wait µs, ticket} with the slot reserved, or {0, µs until asking again} without: the
+/// schedule is full beyond the horizon, or the calls already on the wire would take the usage
+/// past the target (then one probe goes once the freshest reading is older than STALE, or
+/// NEAR when a call still fits under 100%).
 const RESERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local s = redis.call('HMGET', KEYS[2], 'base', 'u', 'slope')
+local now_ms = math.floor(now / 1000)
+local s = redis.call('HMGET', KEYS[2], 'base', 'u', 'slope', 'n', 'nr', 'ur', 'tr', 'c')
 local base = tonumber(s[1]) or tonumber(ARGV[1])
 local u = tonumber(s[2]) or 0
 local slope = tonumber(s[3]) or 0
+local n = tonumber(s[4]) or 0
+local nr = tonumber(s[5]) or 0
+local ur = tonumber(s[6]) or 0
+local tr = tonumber(s[7]) or 0
+local c = tonumber(s[8]) or 0
+local target = tonumber(ARGV[2])
 if slope < 0 then slope = 0 end
 local predicted = u + slope * tonumber(ARGV[5]) / 1000
-local h = (tonumber(ARGV[2]) - predicted) / tonumber(ARGV[3])
+if c > 0 then predicted = ur + (n - nr) * c end
+local probe = false
+if c > 0 and predicted + c > target then
+  local stale = tonumber(ARGV[7])
+  if predicted + c <= 99.5 then stale = tonumber(ARGV[8]) end
+  if now_ms - tr < stale then
+    return {0, 10000, 0}
+  end
+  probe = true
+end
+local h = (target - predicted) / tonumber(ARGV[3])
 if h > 1 then h = 1 end
 if h < tonumber(ARGV[4]) then h = tonumber(ARGV[4]) end
 local interval = 1000000 / (base * h)
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 if tat - now > tonumber(ARGV[6]) then
-  return {0, math.floor(tat - now - tonumber(ARGV[6]))}
+  return {0, math.floor(tat - now - tonumber(ARGV[6])), 0}
 end
 local ttl = math.floor((tat + interval - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%.0f', tat + interval), 'PX', ttl)
-return {1, math.floor(tat - now)}
+n = n + 1
+redis.call('HSET', KEYS[2], 'n', tostring(n))
+if probe then redis.call('HSET', KEYS[2], 'tr', tostring(now_ms)) end
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[9]))
+return {1, math.floor(tat - now), n}
 "#;
 
 /// Feeds one answer's usage to an account's controller. KEYS[1] the controller's state; ARGV[1]
@@ -87,12 +133,14 @@ return {1, math.floor(tat - now)}
 /// rate (calls/s), [5] target (%), [6] band (%), [7] TAU (ms), [8] DOUBLING (ms),
 /// [9] SLOPE_SMOOTHING (ms), [10] first throttle pause (ms), [11] longest throttle pause (ms),
 /// [12] Meta's reset time (ms, 0 if none), [13] Meta's regain estimate (ms, 0 if none),
-/// [14] IDLE (ms), [15] GROWTH_HORIZON (ms). Answers {the pause the account needs now (ms; 0:
-/// none), the base rate (thousandths of a call per second)}.
+/// [14] IDLE (ms), [15] GROWTH_HORIZON (ms), [16] the call's ticket (0: unknown), [17] COST_SPAN
+/// (%), [18] COST_SMOOTHING. Answers {the pause the account needs now (ms; 0: none), the base
+/// rate (thousandths of a call per second)}.
 const OBSERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local s = redis.call('HMGET', KEYS[1], 'base', 'slope', 'uref', 'tu', 'tg', 'k', 'until')
+local s = redis.call('HMGET', KEYS[1], 'base', 'slope', 'uref', 'tu', 'tg', 'k', 'until',
+  'nr', 'ur', 'c', 'na', 'ua')
 local base = tonumber(s[1]) or tonumber(ARGV[3])
 local slope = tonumber(s[2]) or 0
 local uref = tonumber(s[3])
@@ -100,10 +148,45 @@ local tu = tonumber(s[4]) or now
 local tg = tonumber(s[5]) or now
 local k = tonumber(s[6]) or 0
 local paused_until = tonumber(s[7]) or 0
+local nr = tonumber(s[8]) or 0
+local ur = tonumber(s[9]) or 0
+local c = tonumber(s[10]) or 0
+local na = tonumber(s[11])
+local ua = tonumber(s[12])
 local u = tonumber(ARGV[1])
+local throttled = ARGV[2] == '1'
+local ticket = tonumber(ARGV[16])
 local reset = tonumber(ARGV[12])
 local pause = 0
-if ARGV[2] == '1' then
+-- The freshest reading (the highest ticket answered) and the cost of a call: a reading above
+-- what the calls since the last one explain means the budget shrank; scale the cost with it.
+local jumped = false
+if ticket > nr then
+  local expected = ur + (ticket - nr) * c
+  if c > 0 and expected > 0 and u > expected + 1 then
+    c = c * u / expected
+    jumped = true
+  end
+  nr = ticket
+  ur = u
+  if throttled and ur < 100 then ur = 100 end
+  redis.call('HSET', KEYS[1], 'tr', tostring(now))
+end
+if ticket > 0 and not throttled then
+  if na == nil or u < ua or jumped then
+    na = ticket
+    ua = u
+  elseif ticket > na and u - ua >= tonumber(ARGV[17]) then
+    local sample = (u - ua) / (ticket - na)
+    if c == 0 then c = sample else
+      local w = tonumber(ARGV[18])
+      c = (1 - w) * c + w * sample
+    end
+    na = ticket
+    ua = u
+  end
+end
+if throttled then
   if now >= paused_until then
     k = k + 1
     pause = tonumber(ARGV[10]) * 2 ^ (k - 1)
@@ -145,7 +228,8 @@ else
 end
 redis.call('HSET', KEYS[1], 'base', tostring(base), 'u', tostring(u), 'slope', tostring(slope),
   'uref', tostring(uref or u), 'tu', tostring(tu), 'tg', tostring(now), 'k', tostring(k),
-  'until', tostring(paused_until))
+  'until', tostring(paused_until), 'nr', tostring(nr), 'ur', tostring(ur), 'c', tostring(c),
+  'na', tostring(na or ''), 'ua', tostring(ua or ''))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[14]))
 return {math.floor(pause), math.floor(base * 1000)}
 "#;
@@ -225,17 +309,18 @@ impl FleetBudget {
         )
     }
 
-    /// Waits for this call's slot of the account's fleet-wide schedule. When Redis cannot be
-    /// asked, it waits one interval of the starting rate instead: this worker alone then keeps
-    /// to it, and the call's effect cannot be recorded until Redis is back anyway.
-    pub async fn until_ready(&self, account: &AdAccountId) {
+    /// Waits for this call's slot of the account's fleet-wide schedule; its ticket goes back with
+    /// the answer (`observe`). When Redis cannot be asked, it waits one interval of the starting
+    /// rate instead: this worker alone then keeps to it, and the call's effect cannot be
+    /// recorded until Redis is back anyway.
+    pub async fn until_ready(&self, account: &AdAccountId) -> Ticket {
         loop {
             match self.reserve(account).await {
-                Ok(Slot::Reserved(wait)) => {
+                Ok(Slot::Reserved(wait, ticket)) => {
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
-                    return;
+                    return ticket;
                 }
                 Ok(Slot::Later(wait)) => {
                     tokio::time::sleep(wait.clamp(Duration::from_millis(5), HORIZON)).await
@@ -244,7 +329,7 @@ impl FleetBudget {
                     tracing::warn!(message = "The fleet's pace could not be read; pacing this worker alone.", %error);
                     let interval = 1.0 / f64::from(self.controls.start_per_sec);
                     tokio::time::sleep(Duration::from_secs_f64(interval)).await;
-                    return;
+                    return Ticket::UNKNOWN;
                 }
             }
         }
@@ -255,7 +340,7 @@ impl FleetBudget {
         let (pace, rate) = self.keys(account);
         let c = &self.controls;
         let mut conn = self.redis.clone();
-        let (reserved, wait_us): (i64, i64) = self
+        let (reserved, wait_us, ticket): (i64, i64, u64) = self
             .reserve
             .key(pace)
             .key(rate)
@@ -265,11 +350,14 @@ impl FleetBudget {
             .arg(H_MIN)
             .arg(TAU.as_millis() as u64)
             .arg(HORIZON.as_micros() as u64)
+            .arg(STALE.as_millis() as u64)
+            .arg(NEAR.as_millis() as u64)
+            .arg(IDLE.as_millis() as u64)
             .invoke_async(&mut conn)
             .await?;
         let wait = Duration::from_micros(wait_us.max(0) as u64);
         Ok(match reserved {
-            1 => Slot::Reserved(wait),
+            1 => Slot::Reserved(wait, Ticket(ticket)),
             _ => Slot::Later(wait),
         })
     }
@@ -280,6 +368,7 @@ impl FleetBudget {
     pub async fn observe(
         &self,
         account: &AdAccountId,
+        ticket: Ticket,
         usage: Option<&Usage>,
         throttled: bool,
     ) -> redis::RedisResult<Option<Observed>> {
@@ -309,6 +398,9 @@ impl FleetBudget {
             .arg(ms(usage.and_then(|u| u.regain)))
             .arg(IDLE.as_millis() as u64)
             .arg(GROWTH_HORIZON.as_millis() as u64)
+            .arg(ticket.0)
+            .arg(COST_SPAN)
+            .arg(COST_SMOOTHING)
             .invoke_async(&mut conn)
             .await?;
         Ok(Some(Observed {
@@ -327,11 +419,22 @@ pub struct Observed {
     pub pace_per_sec: f64,
 }
 
+/// A reserved slot's number in its account's schedule. An answer's usage is read against the
+/// calls reserved after it: those are on the wire, and will count too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ticket(pub u64);
+
+impl Ticket {
+    /// A call made without a reservation (Redis could not be asked): its usage steers the pace
+    /// but is not read against the calls on the wire.
+    pub const UNKNOWN: Ticket = Ticket(0);
+}
+
 /// A reservation's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
     /// The slot is this call's: wait this long for it.
-    Reserved(Duration),
+    Reserved(Duration, Ticket),
     /// The schedule is full beyond the horizon: ask again in about this long.
     Later(Duration),
 }

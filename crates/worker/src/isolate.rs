@@ -8,6 +8,7 @@
 //! a transient failure mid-way) adds nothing twice; the counts are recorded once per shard by the
 //! done-set as always.
 
+use crate::budget::Ticket;
 use crate::upload::Deps;
 use audience_export_core::connection::ActiveToken;
 use audience_export_core::graph::{AddUsersResponse, ErrorClass, GraphError, Usage};
@@ -35,14 +36,16 @@ pub struct Sent {
     pub refused: u64,
     /// Meta's message for the refused entries.
     pub refusal: Option<String>,
-    /// The last answer's usage headers.
+    /// The last answer's usage headers...
     pub usage: Option<Usage>,
+    /// ...and the ticket of the call they answered (`budget`).
+    pub ticket: Ticket,
     /// Calls made (one, unless records were isolated).
     pub calls: usize,
 }
 
 impl Sent {
-    fn add(&mut self, answer: AddUsersResponse, entries: usize) {
+    fn add(&mut self, answer: AddUsersResponse, entries: usize, ticket: Ticket) {
         self.uploaded += entries as u64;
         self.meta_received += answer.num_received;
         self.meta_invalid += answer.num_invalid_entries;
@@ -51,6 +54,7 @@ impl Sent {
         }
         if answer.usage.is_some() {
             self.usage = answer.usage;
+            self.ticket = ticket;
         }
     }
 }
@@ -81,26 +85,29 @@ fn refuses_payload(error: &GraphError) -> bool {
 }
 
 /// Sends `data` to the shard's audience: one call, or, when Meta refuses the request for its
-/// content, halves down to single entries. Any other failure (throttled, transient, token,
-/// permission) ends it with that error, for the caller to handle as a failed upload of the
-/// whole shard.
+/// content, halves down to single entries. `first` is the ticket of the slot the caller waited
+/// for; every further call waits for its own. Any other failure (throttled, transient, token,
+/// permission) ends it with that error and the failed call's ticket, for the caller to handle
+/// as a failed upload of the whole shard.
 pub async fn send(
     deps: &Deps,
     token: &ActiveToken,
     shard: &Shard,
     data: &[String],
-) -> Result<Sent, GraphError> {
+    first: Ticket,
+) -> Result<Sent, (GraphError, Ticket)> {
     let mut sent = Sent::default();
     let mut refusal: Option<GraphError> = None;
     let mut pending: Vec<&[String]> = vec![data];
+    let mut ticket = first;
     while let Some(part) = pending.pop() {
-        if sent.calls > 0 {
-            // Every call of the isolation takes a permit like any upload.
-            deps.budget.until_ready(&shard.ad_account_id).await;
-        }
         if sent.calls >= MAX_ISOLATION_CALLS {
             sent.refused += part.len() as u64 + pending.iter().map(|p| p.len() as u64).sum::<u64>();
             break;
+        }
+        if sent.calls > 0 {
+            // Every call of the isolation takes a permit like any upload.
+            ticket = deps.budget.until_ready(&shard.ad_account_id).await;
         }
         sent.calls += 1;
         let answer = deps
@@ -108,7 +115,7 @@ pub async fn send(
             .add_users(&token.token, &shard.audience_id, shard.field.schema(), part)
             .await;
         match answer {
-            Ok(answer) => sent.add(answer, part.len()),
+            Ok(answer) => sent.add(answer, part.len(), ticket),
             Err(error) if refuses_payload(&error) => {
                 if part.len() == 1 {
                     sent.refused += 1;
@@ -122,12 +129,12 @@ pub async fn send(
                     pending.push(left);
                 }
             }
-            Err(error) => return Err(error),
+            Err(error) => return Err((error, ticket)),
         }
     }
     match refusal {
         // Nothing got through: the shard fails with Meta's answer rather than "succeeding" empty.
-        Some(error) if sent.uploaded == 0 => Err(error),
+        Some(error) if sent.uploaded == 0 => Err((error, ticket)),
         _ => Ok(sent),
     }
 }

@@ -2,6 +2,7 @@
 //! limit, upload, classify Meta's answer, record the effect in Redis and announce it. Returns one
 //! `Outcome`; the consumer loop alone acks, retries or rejects.
 
+use crate::budget::Ticket;
 use crate::isolate;
 use crate::metrics::{Metrics, PauseReason, RecordOutcome, ShardOutcome};
 use crate::normalize::Rules;
@@ -179,7 +180,7 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
 
     // The permit is taken on every attempt; then the fleet-wide pause is checked again, so a
     // pause set while this upload waited is honoured.
-    deps.budget.until_ready(&shard.ad_account_id).await;
+    let ticket = deps.budget.until_ready(&shard.ad_account_id).await;
     if let Some(remaining) = deps.pauses.remaining(&shard.ad_account_id).await? {
         return Ok(defer(
             deps,
@@ -202,7 +203,7 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
         }
     };
     let call = Instant::now();
-    let result = isolate::send(deps, &token, &shard, &prepared.data).await;
+    let result = isolate::send(deps, &token, &shard, &prepared.data, ticket).await;
     deps.metrics
         .upload_seconds
         .with(field)
@@ -229,7 +230,12 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
             // The usage steers the account's pace; a window found full pauses it briefly.
             match deps
                 .budget
-                .observe(&shard.ad_account_id, sent.usage.as_ref(), false)
+                .observe(
+                    &shard.ad_account_id,
+                    sent.ticket,
+                    sent.usage.as_ref(),
+                    false,
+                )
                 .await
             {
                 Ok(Some(observed)) => {
@@ -275,7 +281,7 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
             }
             r
         }
-        Err(error) => failed_call(deps, shard, &token, error, &counts).await,
+        Err((error, ticket)) => failed_call(deps, shard, &token, error, ticket, &counts).await,
     }
 }
 
@@ -284,6 +290,7 @@ async fn failed_call(
     mut shard: Shard,
     token: &ActiveToken,
     error: GraphError,
+    ticket: Ticket,
     counts: &ShardCounts,
 ) -> Result<Outcome, InfraError> {
     let class = error.class();
@@ -299,7 +306,7 @@ async fn failed_call(
             ErrorClass::Throttled => {
                 let observed = deps
                     .budget
-                    .observe(&shard.ad_account_id, error.usage().as_ref(), true)
+                    .observe(&shard.ad_account_id, ticket, error.usage().as_ref(), true)
                     .await?;
                 if let Some(o) = observed {
                     deps.metrics.pace(&shard.ad_account_id, o.pace_per_sec);

@@ -22,7 +22,7 @@ use audience_export_harness::cluster::{RabbitCluster, RedisCluster};
 use audience_export_harness::emulator::Latency;
 use audience_export_harness::fault::set_appendonly;
 use audience_export_harness::segment::generate;
-use audience_export_worker::budget::{Controls, FleetBudget};
+use audience_export_worker::budget::{Controls, FleetBudget, Ticket};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -320,7 +320,10 @@ async fn every_script_and_transaction_keeps_its_keys_in_one_slot() {
         .await
         .expect("EXTEND"));
     let budget = FleetBudget::new(store.connection(), &ns, Controls::fixed(10));
-    budget.observe(&a, None, true).await.expect("OBSERVE");
+    budget
+        .observe(&a, Ticket(1), None, true)
+        .await
+        .expect("OBSERVE");
     budget.reserve(&a).await.expect("RESERVE");
 }
 
