@@ -291,8 +291,10 @@ async fn calls_on_the_wire_count_against_the_target() {
         book_until_refused(&budget, &act).await,
         (6..=97).collect::<Vec<_>>()
     );
-    // An older answer arriving late says nothing new: still refused.
+    // An older answer arriving late says nothing new, nor does one whose ticket this schedule
+    // never handed out (from before its state expired): still refused.
     read(&budget, &act, 60, 59).await;
+    read(&budget, &act, 10_000, 4).await;
     assert!(matches!(
         budget.reserve(&act).await.unwrap(),
         Slot::Later(_)

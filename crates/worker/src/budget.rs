@@ -140,7 +140,7 @@ const OBSERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('HMGET', KEYS[1], 'base', 'slope', 'uref', 'tu', 'tg', 'k', 'until',
-  'nr', 'ur', 'c', 'na', 'ua')
+  'nr', 'ur', 'c', 'na', 'ua', 'n')
 local base = tonumber(s[1]) or tonumber(ARGV[3])
 local slope = tonumber(s[2]) or 0
 local uref = tonumber(s[3])
@@ -156,6 +156,8 @@ local ua = tonumber(s[12])
 local u = tonumber(ARGV[1])
 local throttled = ARGV[2] == '1'
 local ticket = tonumber(ARGV[16])
+-- A ticket from before the state expired (or was lost) numbers nothing in this schedule.
+if ticket > (tonumber(s[13]) or 0) then ticket = 0 end
 local reset = tonumber(ARGV[12])
 local pause = 0
 -- The freshest reading (the highest ticket answered) and the cost of a call: a reading above
