@@ -7,7 +7,7 @@
 use audience_export_core::graph::Usage;
 use audience_export_core::redis_conn::connect as connect_redis;
 use audience_export_harness::app::account;
-use audience_export_worker::budget::{Controls, FleetBudget, Slot, Ticket};
+use audience_export_worker::budget::{Controls, FleetBudget, Observed, Slot, Ticket};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -100,23 +100,11 @@ async fn a_slot_beyond_the_horizon_is_not_booked() {
 async fn the_rate_grows_while_usage_stays_low_up_to_its_maximum() {
     let (budget, _) = budget(controls(10, 40)).await;
     let (low, busy, silent) = (account("560"), account("561"), account("562"));
-    let pace = |account: &audience_export_core::contract::AdAccountId, percent| {
-        let (budget, account) = (budget.clone(), account.clone());
-        async move {
-            let usage = usage(percent);
-            let observed = budget.observe(&account, Ticket::UNKNOWN, Some(&usage), false);
-            observed
-                .await
-                .unwrap()
-                .expect("a usage to steer by")
-                .pace_per_sec
-        }
-    };
     let start = Instant::now();
     let (mut grown, mut held) = (0.0, 0.0);
     while start.elapsed() < Duration::from_millis(2_500) {
-        grown = pace(&low, 10).await;
-        held = pace(&busy, 85).await;
+        grown = read(&budget, &low, Ticket::UNKNOWN, 10).await.pace_per_sec;
+        held = read(&budget, &busy, Ticket::UNKNOWN, 85).await.pace_per_sec;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Doubling every second from 10, capped at 40; inside the band (80-96%), no growth.
@@ -144,14 +132,8 @@ async fn the_rate_grows_while_usage_stays_low_up_to_its_maximum() {
 async fn near_the_target_the_pace_falls_to_its_floor() {
     let (budget, _) = budget(controls(60, 60)).await;
     let (full, half) = (account("563"), account("564"));
-    budget
-        .observe(&full, Ticket::UNKNOWN, Some(&usage(96)), false)
-        .await
-        .unwrap();
-    budget
-        .observe(&half, Ticket::UNKNOWN, Some(&usage(88)), false)
-        .await
-        .unwrap();
+    read(&budget, &full, Ticket::UNKNOWN, 96).await;
+    read(&budget, &half, Ticket::UNKNOWN, 88).await;
     // At the target: 5% of 60/s, 3 calls a second; the next slot is beyond the horizon.
     assert_eq!(
         budget.reserve(&full).await.unwrap(),
@@ -212,14 +194,7 @@ async fn throttles_pause_the_account_longer_while_meta_keeps_refusing() {
     );
     // A call through with room in the window: no pause, and the next throttle starts over...
     tokio::time::sleep(Duration::from_millis(310)).await;
-    assert_eq!(
-        budget
-            .observe(&act, Ticket::UNKNOWN, Some(&usage(50)), false)
-            .await
-            .unwrap()
-            .and_then(|o| o.pause),
-        None
-    );
+    assert_eq!(read(&budget, &act, Ticket::UNKNOWN, 50).await.pause, None);
     let reset = Usage {
         percent: 100,
         regain: None,
@@ -232,11 +207,7 @@ async fn throttles_pause_the_account_longer_while_meta_keeps_refusing() {
     // ...and a call through that filled the window pauses the account for a probe's time.
     tokio::time::sleep(Duration::from_millis(710)).await;
     assert_eq!(
-        budget
-            .observe(&act, Ticket::UNKNOWN, Some(&usage(100)), false)
-            .await
-            .unwrap()
-            .and_then(|o| o.pause),
+        read(&budget, &act, Ticket::UNKNOWN, 100).await.pause,
         Some(Duration::from_millis(100))
     );
 }
@@ -264,21 +235,23 @@ async fn one_percent_a_call() -> (FleetBudget, audience_export_core::contract::A
             matches!(budget.reserve(&act).await.unwrap(), Slot::Reserved(_, Ticket(n)) if n == t)
         );
     }
-    read(&budget, &act, 1, 0).await;
-    read(&budget, &act, 5, 4).await;
+    read(&budget, &act, Ticket(1), 0).await;
+    read(&budget, &act, Ticket(5), 4).await;
     (budget, act)
 }
 
+/// Feeds an answer with `percent` usage, to the call numbered `ticket`; what it did.
 async fn read(
     budget: &FleetBudget,
     act: &audience_export_core::contract::AdAccountId,
-    ticket: u64,
+    ticket: Ticket,
     percent: u64,
-) {
+) -> Observed {
     budget
-        .observe(act, Ticket(ticket), Some(&usage(percent)), false)
+        .observe(act, ticket, Some(&usage(percent)), false)
         .await
-        .unwrap();
+        .unwrap()
+        .expect("a usage to steer by")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,14 +266,14 @@ async fn calls_on_the_wire_count_against_the_target() {
     );
     // An older answer arriving late says nothing new, nor does one whose ticket this schedule
     // never handed out (from before its state expired): still refused.
-    read(&budget, &act, 60, 59).await;
-    read(&budget, &act, 10_000, 4).await;
+    read(&budget, &act, Ticket(60), 59).await;
+    read(&budget, &act, Ticket(10_000), 4).await;
     assert!(matches!(
         budget.reserve(&act).await.unwrap(),
         Slot::Later(_)
     ));
     // The answer to the last of them says the window emptied meanwhile (2%): 94 more fit.
-    read(&budget, &act, 97, 2).await;
+    read(&budget, &act, Ticket(97), 2).await;
     assert_eq!(
         book_until_refused(&budget, &act).await,
         (98..=191).collect::<Vec<_>>()
@@ -317,7 +290,7 @@ async fn a_reading_above_the_prediction_raises_the_cost_of_a_call() {
         budget.reserve(&act).await.unwrap(),
         Slot::Reserved(_, Ticket(6))
     ));
-    read(&budget, &act, 6, 10).await;
+    read(&budget, &act, Ticket(6), 10).await;
     assert_eq!(
         book_until_refused(&budget, &act).await,
         (7..=49).collect::<Vec<_>>()

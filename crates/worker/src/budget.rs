@@ -122,8 +122,8 @@ end
 local ttl = math.floor((tat + interval - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%.0f', tat + interval), 'PX', ttl)
 n = n + 1
-redis.call('HSET', KEYS[2], 'n', tostring(n))
-if probe then redis.call('HSET', KEYS[2], 'tr', tostring(now_ms)) end
+if probe then tr = now_ms end
+redis.call('HSET', KEYS[2], 'n', tostring(n), 'tr', tostring(tr))
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[9]))
 return {1, math.floor(tat - now), n}
 "#;
@@ -140,7 +140,7 @@ const OBSERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('HMGET', KEYS[1], 'base', 'slope', 'uref', 'tu', 'tg', 'k', 'until',
-  'nr', 'ur', 'c', 'na', 'ua', 'n')
+  'nr', 'ur', 'c', 'na', 'ua', 'n', 'tr')
 local base = tonumber(s[1]) or tonumber(ARGV[3])
 local slope = tonumber(s[2]) or 0
 local uref = tonumber(s[3])
@@ -153,6 +153,7 @@ local ur = tonumber(s[9]) or 0
 local c = tonumber(s[10]) or 0
 local na = tonumber(s[11])
 local ua = tonumber(s[12])
+local tr = tonumber(s[14]) or 0
 local u = tonumber(ARGV[1])
 local throttled = ARGV[2] == '1'
 local ticket = tonumber(ARGV[16])
@@ -172,7 +173,7 @@ if ticket > nr then
   nr = ticket
   ur = u
   if throttled and ur < 100 then ur = 100 end
-  redis.call('HSET', KEYS[1], 'tr', tostring(now))
+  tr = now
 end
 if ticket > 0 and not throttled then
   if na == nil or u < ua or jumped then
@@ -230,7 +231,8 @@ else
 end
 redis.call('HSET', KEYS[1], 'base', tostring(base), 'u', tostring(u), 'slope', tostring(slope),
   'uref', tostring(uref or u), 'tu', tostring(tu), 'tg', tostring(now), 'k', tostring(k),
-  'until', tostring(paused_until), 'nr', tostring(nr), 'ur', tostring(ur), 'c', tostring(c),
+  'until', tostring(paused_until), 'nr', tostring(nr), 'ur', tostring(ur), 'tr', tostring(tr),
+  'c', tostring(c),
   'na', tostring(na or ''), 'ua', tostring(ua or ''))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[14]))
 return {math.floor(pause), math.floor(base * 1000)}
@@ -374,10 +376,11 @@ impl FleetBudget {
         usage: Option<&Usage>,
         throttled: bool,
     ) -> redis::RedisResult<Option<Observed>> {
-        let percent = usage.map_or(if throttled { 100 } else { 0 }, |u| u.percent);
         if usage.is_none() && !throttled {
             return Ok(None);
         }
+        // A throttling answer without usage headers still says the window is full.
+        let percent = usage.map_or(100, |u| u.percent);
         let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis() as u64);
         let (_, rate) = self.keys(account);
         let c = &self.controls;

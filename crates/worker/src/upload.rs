@@ -2,7 +2,7 @@
 //! limit, upload, classify Meta's answer, record the effect in Redis and announce it. Returns one
 //! `Outcome`; the consumer loop alone acks, retries or rejects.
 
-use crate::budget::Ticket;
+use crate::budget::{Observed, Ticket};
 use crate::isolate;
 use crate::metrics::{Metrics, PauseReason, RecordOutcome, ShardOutcome};
 use crate::normalize::Rules;
@@ -11,7 +11,7 @@ use audience_export_core::amqp::{header_str, PublishError, Publisher, Topology};
 use audience_export_core::connection::{ActiveToken, ConnectionError};
 use audience_export_core::consumer::{Handler, Outcome};
 use audience_export_core::contract::{Event, FOLLOW_UP, MESSAGE_KIND_HEADER};
-use audience_export_core::graph::{CallOutcome, ErrorClass, GraphClient, GraphError};
+use audience_export_core::graph::{CallOutcome, ErrorClass, GraphClient, GraphError, Usage};
 use audience_export_core::pause::AccountPauses;
 use audience_export_core::progress::{
     Failure, ProgressError, ProgressStore, Recorded, ShardCounts,
@@ -44,6 +44,28 @@ pub struct Deps {
     /// The longest pause after a throttling answer without a regain estimate (blocked
     /// answers wait it out whole).
     pub throttle_pause: Duration,
+}
+
+impl Deps {
+    /// Feeds an answer (its usage, or a throttling answer's) to the shard's ad account's pace,
+    /// and shows the pace that results.
+    async fn steer(
+        &self,
+        shard: &Shard,
+        ticket: Ticket,
+        usage: Option<&Usage>,
+        throttled: bool,
+    ) -> redis::RedisResult<Option<Observed>> {
+        let account = &shard.ad_account_id;
+        let observed = self
+            .budget
+            .observe(account, ticket, usage, throttled)
+            .await?;
+        if let Some(o) = &observed {
+            self.metrics.pace(account, o.pace_per_sec);
+        }
+        Ok(observed)
+    }
 }
 
 /// Failures of our own infrastructure, as opposed to Meta's answers.
@@ -229,19 +251,11 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
             }
             // The usage steers the account's pace; a window found full pauses it briefly.
             match deps
-                .budget
-                .observe(
-                    &shard.ad_account_id,
-                    sent.ticket,
-                    sent.usage.as_ref(),
-                    false,
-                )
+                .steer(&shard, sent.ticket, sent.usage.as_ref(), false)
                 .await
             {
-                Ok(Some(observed)) => {
-                    deps.metrics
-                        .pace(&shard.ad_account_id, observed.pace_per_sec);
-                    if let Some(pause) = observed.pause {
+                Ok(observed) => {
+                    if let Some(pause) = observed.and_then(|o| o.pause) {
                         deps.metrics.pauses.with(PauseReason::Usage).inc();
                         if deps.pauses.pause(&shard.ad_account_id, pause).await? {
                             info!(
@@ -251,7 +265,6 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
                         }
                     }
                 }
-                Ok(None) => {}
                 Err(error) => {
                     warn!(message = "The account's usage could not be recorded; the pace stays as it was.", %error)
                 }
@@ -303,18 +316,11 @@ async fn failed_call(
         // and defer the shard without spending one of its attempts.
         let pause = match class {
             // Throttled: probe again soon, longer while Meta keeps refusing (`budget`).
-            ErrorClass::Throttled => {
-                let observed = deps
-                    .budget
-                    .observe(&shard.ad_account_id, ticket, error.usage().as_ref(), true)
-                    .await?;
-                if let Some(o) = observed {
-                    deps.metrics.pace(&shard.ad_account_id, o.pace_per_sec);
-                }
-                observed
-                    .and_then(|o| o.pause)
-                    .unwrap_or(deps.throttle_pause)
-            }
+            ErrorClass::Throttled => deps
+                .steer(&shard, ticket, error.usage().as_ref(), true)
+                .await?
+                .and_then(|o| o.pause)
+                .unwrap_or(deps.throttle_pause),
             // Blocked: wait out what Meta says, whole.
             _ => error
                 .usage()
