@@ -5,21 +5,10 @@
 
 use crate::app::eventually;
 use crate::fault::free_port;
-use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-/// A free port not in `taken` (which it joins): two servers must never be handed the same one.
-fn distinct_free_port(taken: &mut HashSet<u16>) -> u16 {
-    loop {
-        let port = free_port();
-        if taken.insert(port) {
-            return port;
-        }
-    }
-}
 
 /// A log file for a child's stdout and stderr, so a failure can show what the server said.
 fn log_to(path: &Path) -> (Stdio, Stdio) {
@@ -233,17 +222,9 @@ impl RedisCluster {
             std::process::id(),
             rand::random::<u32>()
         ));
-        // Each node needs a cluster bus port as well: by default port + 10000, which past 55535
-        // is no port at all, so every node gets its own free one (`--cluster-port`).
-        let mut taken = HashSet::new();
-        let ports: Vec<(u16, u16)> = (0..6)
-            .map(|_| {
-                (
-                    distinct_free_port(&mut taken),
-                    distinct_free_port(&mut taken),
-                )
-            })
-            .collect();
+        // Each node needs a cluster bus port as well: by default port + 10000, which nobody
+        // checked was free, so every node gets its own free one (`--cluster-port`).
+        let ports: Vec<(u16, u16)> = (0..6).map(|_| (free_port(), free_port())).collect();
         // Built before anything runs, so a panic below still kills what did start.
         let mut cluster = RedisCluster {
             dir,
@@ -638,12 +619,11 @@ impl RabbitCluster {
     pub async fn start(nodes: usize) -> RabbitCluster {
         assert!(nodes >= 1, "a cluster has a node");
         let tag = format!("ae{}{:04x}", std::process::id(), rand::random::<u16>());
-        let mut taken = HashSet::new();
         // Built as the nodes start, so a panic below still stops what did start.
         let mut cluster = RabbitCluster { nodes: Vec::new() };
         for i in 1..=nodes {
-            let port = distinct_free_port(&mut taken);
-            let dist_port = distinct_free_port(&mut taken);
+            let port = free_port();
+            let dist_port = free_port();
             let dir = std::env::temp_dir().join(format!("{tag}n{i}"));
             cluster.nodes.push(RabbitNode::spawn(
                 format!("{tag}n{i}@localhost"),

@@ -3,6 +3,8 @@
 //! in front of RabbitMQ whose connections can be cut. Never the shared Redis or broker, which
 //! other tests use.
 
+use rand::Rng;
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -11,12 +13,34 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-/// A free loopback port (bound, read, released: good enough for a test's own servers).
+/// A free loopback port for a server of the test's own. Never handed out twice in one test
+/// process: two tests starting servers at once were otherwise given the same just-released
+/// port now and then (CI saw a cluster test fail that way, once in many runs). Taken below the
+/// kernel's ephemeral range where there is room, so that no outgoing connection (nor another
+/// `bind(0)`) takes it between this check and the server's own bind.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    loop {
+        let port = if ephemeral_low > 20_000 {
+            rand::thread_rng().gen_range(10_000..ephemeral_low)
+        } else {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free loopback port")
+        };
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
 }
 
 /// Turns AOF on or off (`CONFIG SET appendonly`) in the Redis at `url`: a server that does
