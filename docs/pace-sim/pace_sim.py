@@ -18,7 +18,7 @@ one worker, halved, SlopeOnly gives 1.13-1.14 of the oracle where the real fleet
 and with four workers the sim's oracle takes every remaining call at once where the real run's
 did not. Check any conclusion on the real fleet.
 
-Usage: python3 docs/pace-sim/pace_sim.py [inflight-gate|slope-only] [--seeds N]
+Usage: python3 docs/pace-sim/pace_sim.py [leave-floor|inflight-gate|slope-only] [--seeds N]
 """
 import argparse
 import heapq
@@ -160,12 +160,12 @@ class InFlightGate(SlopeOnly):
         return r
 
     def observe(self, now, u, throttled, reset, ticket):
-        jumped = False
+        jumped = self.jumped = False
         if ticket > self.nr:
             expected = self.ur + (ticket - self.nr) * self.c
             if self.c > 0 and expected > 0 and u > expected + 1:
                 self.c *= u / expected  # a jump: the budget shrank (or others spend it)
-                jumped = True
+                jumped = self.jumped = True
             self.nr, self.ur, self.tr = ticket, (max(u, 100) if throttled else u), now
         if not throttled:
             if self.anchor is None or u < self.anchor[1] or jumped:
@@ -176,6 +176,52 @@ class InFlightGate(SlopeOnly):
                 self.c = (1 - w) * self.c + w * sample
                 self.anchor = (ticket, u)
         return super().observe(now, u, throttled, reset, ticket)
+
+
+class LeaveFloor(InFlightGate):
+    """worker::budget since 2026-12-04 evening: InFlightGate, but the gate closes at a ceiling
+    (99%: a reading of 99 may be a window one call short of full) rather than at the target, and
+    the pace never goes below the rate calls leave the window, measured between readings ≥ 1 s
+    apart as the calls sent less the rise in usage (in calls), smoothed. Between the target and
+    the ceiling the fleet so sends about as fast as the window frees, where InFlightGate sent
+    one probe every 0.25 s (1.60 of the oracle with R = 100 and a 30 s window, halved)."""
+
+    CEIL, LEAVE_SPAN, LEAVE_SMOOTH = 99.0, 1.0, 0.5
+
+    def __init__(self, start, **kw):
+        super().__init__(start, **kw)
+        self.leave = 0.0
+        self.la = None  # the leave rate's anchor reading: (time, ticket, usage)
+
+    def reserve(self, now):
+        p = self.predicted(now)
+        probe = False
+        if self.c > 0 and p + self.c > self.CEIL:
+            if now - self.tr < self.STALE:
+                return ("later", 0.01)
+            probe = True
+        h = min(1, max(self.H_MIN, (self.target - p) / self.band))
+        rate = max(self.base * h, self.leave)
+        tat = max(self.tat, now)
+        if tat - now > self.HORIZON:
+            return ("later", tat - now - self.HORIZON)
+        self.tat = tat + 1 / rate
+        self.n += 1
+        if probe:
+            self.tr = now
+        return ("ok", tat - now, self.n)
+
+    def observe(self, now, u, throttled, reset, ticket):
+        pause = super().observe(now, u, throttled, reset, ticket)
+        if not throttled and ticket > 0 and self.c > 0:
+            if self.la is None or self.jumped:
+                self.la = (now, ticket, u)
+            elif ticket > self.la[1] and now - self.la[0] >= self.LEAVE_SPAN:
+                left = max((ticket - self.la[1]) - (u - self.la[2]) / self.c, 0)
+                sample = left / (now - self.la[0])
+                self.leave = (1 - self.LEAVE_SMOOTH) * self.leave + self.LEAVE_SMOOTH * sample
+                self.la = (now, ticket, u)
+        return pause
 
 
 def run(make, shards, rate, window, workers, change, seed, latency=0.2, jitter=0.02):
@@ -260,23 +306,25 @@ def run(make, shards, rate, window, workers, change, seed, latency=0.2, jitter=0
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("controller", nargs="?", default="inflight-gate", choices=["slope-only", "inflight-gate"])
+    p.add_argument("controller", nargs="?", default="leave-floor",
+                   choices=["slope-only", "inflight-gate", "leave-floor"])
     p.add_argument("--seeds", type=int, default=3)
     a = p.parse_args()
-    make = {"slope-only": SlopeOnly, "inflight-gate": InFlightGate}[a.controller]
-    # The scenarios `just bench` runs (scripts/bench.sh).
-    for shards, window, workers in [(500, 30.0, 1), (300, 30.0, 4), (600, 10.0, 4)]:
+    make = {"slope-only": SlopeOnly, "inflight-gate": InFlightGate, "leave-floor": LeaveFloor}[a.controller]
+    # The scenarios `just bench` runs (scripts/bench.sh), then a larger budget (R = 100).
+    for shards, rate, window, workers in [(500, 20, 30.0, 1), (300, 20, 30.0, 4), (600, 20, 10.0, 4),
+                                          (3000, 100, 30.0, 4)]:
         for change, name in [(1.0, "steady"), (0.5, "halved"), (2.0, "doubled")]:
             cells = []
             for seed in range(a.seeds):
-                f = run(make, shards, 20, window, workers, change, seed)
+                f = run(make, shards, rate, window, workers, change, seed)
                 cell = f"{f['throttled']}/{f['calls']} throttled"
                 if "pct_of_R" in f:
                     cell += f", {f['pct_of_R']:.0f}% of R"
                 elif f["ratio"] is not None:
                     cell += f", {f['ratio']:.2f} of the oracle"
                 cells.append(cell)
-            print(f"{shards} shards, {window:.0f} s window, {workers} worker(s), {name}: " + " | ".join(cells), flush=True)
+            print(f"R = {rate}, {shards} shards, {window:.0f} s window, {workers} worker(s), {name}: " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -134,23 +134,30 @@ async fn near_the_target_the_pace_falls_to_its_floor() {
     let (full, half) = (account("563"), account("564"));
     read(&budget, &full, Ticket::UNKNOWN, 96).await;
     read(&budget, &half, Ticket::UNKNOWN, 88).await;
-    // At the target: 5% of 60/s, 3 calls a second; the next slot is beyond the horizon.
+    // At the target: 5% of 60/s, 3 calls a second; the next slot (333 ms after the first,
+    // less the time between the two calls) is beyond the 50 ms horizon.
+    let first = Instant::now();
     assert_eq!(
         budget.reserve(&full).await.unwrap(),
         Slot::Reserved(Duration::ZERO, Ticket(1))
     );
+    let next = budget.reserve(&full).await.unwrap();
+    let between = first.elapsed().as_secs_f64();
     assert!(
-        matches!(budget.reserve(&full).await.unwrap(), Slot::Later(w) if w >= Duration::from_millis(250)),
-        "the floor is 3 calls a second"
+        matches!(next, Slot::Later(w) if w.as_secs_f64() >= 0.283 - between - 0.002),
+        "the floor is 3 calls a second: {next:?}"
     );
     // Halfway into the band: half the rate, 33 ms apart.
+    let first = Instant::now();
     assert_eq!(
         budget.reserve(&half).await.unwrap(),
         Slot::Reserved(Duration::ZERO, Ticket(1))
     );
+    let next = budget.reserve(&half).await.unwrap();
+    let between = first.elapsed().as_secs_f64();
     assert!(
-        matches!(budget.reserve(&half).await.unwrap(), Slot::Reserved(w, _) if w >= Duration::from_millis(30) && w <= Duration::from_millis(37)),
-        "half the rate"
+        matches!(next, Slot::Reserved(w, _) if w.as_secs_f64() >= 0.0333 - between - 0.002 && w <= Duration::from_millis(34)),
+        "half the rate: {next:?}"
     );
 }
 
@@ -255,14 +262,14 @@ async fn read(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_on_the_wire_count_against_the_target() {
+async fn calls_on_the_wire_count_against_the_ceiling() {
     let (budget, act) = one_percent_a_call().await;
-    // At 4% with nothing else on the wire, 92 more calls fit under the target (96%): tickets 6
-    // to 97, and not one more until an answer says where the usage is. A pace that ignored the
+    // At 4% with nothing else on the wire, 95 more calls fit under the ceiling (99%): tickets 6
+    // to 100, and not one more until an answer says where the usage is. A pace that ignored the
     // calls on the wire would book on, at its floor but without end.
     assert_eq!(
         book_until_refused(&budget, &act).await,
-        (6..=97).collect::<Vec<_>>()
+        (6..=100).collect::<Vec<_>>()
     );
     // An older answer arriving late says nothing new, nor does one whose ticket this schedule
     // never handed out (from before its state expired): still refused.
@@ -272,11 +279,11 @@ async fn calls_on_the_wire_count_against_the_target() {
         budget.reserve(&act).await.unwrap(),
         Slot::Later(_)
     ));
-    // The answer to the last of them says the window emptied meanwhile (2%): 94 more fit.
-    read(&budget, &act, Ticket(97), 2).await;
+    // The answer to the last of them says the window emptied meanwhile (2%): 97 more fit.
+    read(&budget, &act, Ticket(100), 2).await;
     assert_eq!(
         book_until_refused(&budget, &act).await,
-        (98..=191).collect::<Vec<_>>()
+        (101..=197).collect::<Vec<_>>()
     );
 }
 
@@ -284,8 +291,8 @@ async fn calls_on_the_wire_count_against_the_target() {
 async fn a_reading_above_the_prediction_raises_the_cost_of_a_call() {
     let (budget, act) = one_percent_a_call().await;
     // The sixth call's answer says 10% where 5% was due: the budget halved (or someone else
-    // spends it), a call now costs 2%, and only 43 more fit: 10 + 43 × 2 ≤ 96. At the old cost
-    // 86 would have gone out, all of them into a window with no room.
+    // spends it), a call now costs 2%, and only 44 more fit: 10 + 44 × 2 ≤ 99. At the old cost
+    // 89 would have gone out, all of them into a window with no room.
     assert!(matches!(
         budget.reserve(&act).await.unwrap(),
         Slot::Reserved(_, Ticket(6))
@@ -293,7 +300,7 @@ async fn a_reading_above_the_prediction_raises_the_cost_of_a_call() {
     read(&budget, &act, Ticket(6), 10).await;
     assert_eq!(
         book_until_refused(&budget, &act).await,
-        (7..=49).collect::<Vec<_>>()
+        (7..=50).collect::<Vec<_>>()
     );
 }
 
@@ -302,20 +309,59 @@ async fn a_full_schedule_still_sends_a_probe_once_its_reading_is_stale() {
     let (budget, act) = one_percent_a_call().await;
     book_until_refused(&budget, &act).await;
     // Every call's answer may be lost (a worker killed mid-call): without a probe the account
-    // would wait forever. One call goes once the freshest reading is 250 ms old (a call still
-    // fits under 100%), then none again for as long.
+    // would wait forever. One call goes once the freshest reading is a second old, then none
+    // again for as long.
     let start = Instant::now();
     let ticket = tokio::time::timeout(Duration::from_secs(5), budget.until_ready(&act))
         .await
         .expect("a probe within 5 s");
     let waited = start.elapsed();
-    assert_eq!(ticket, Ticket(98));
+    assert_eq!(ticket, Ticket(101));
     assert!(
-        waited >= Duration::from_millis(200) && waited <= Duration::from_millis(1_000),
+        waited >= Duration::from_millis(700) && waited <= Duration::from_millis(2_000),
         "{waited:?}"
     );
     assert!(matches!(
         budget.reserve(&act).await.unwrap(),
         Slot::Later(_)
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_target_the_pace_keeps_up_with_the_calls_leaving_the_window() {
+    // 20 calls/s at most, so 1 call/s at the target (its floor); a call costs 1% (90% after the
+    // first of five calls, 94% after the fifth).
+    let (budget, _) = budget(controls(20, 20)).await;
+    let act = account("567");
+    for t in 1..=5 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    read(&budget, &act, Ticket(1), 90).await;
+    assert_eq!(read(&budget, &act, Ticket(5), 94).await.leave_per_sec, 0.0);
+    // A second later the sixth call's answer says 80%: one call more, 14 points less, so 15
+    // calls left the window in that second (half of it taken: the measure is smoothed).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = Instant::now();
+    assert_eq!(budget.until_ready(&act).await, Ticket(6));
+    let leave = read(&budget, &act, Ticket(6), 80).await.leave_per_sec;
+    let span = 1.0 + before.elapsed().as_secs_f64();
+    assert!(
+        leave >= 7.5 / span - 0.5 && leave <= 7.5,
+        "{leave} calls/s leave, measured over {span:.2} s"
+    );
+    // The calls booked since take the predicted usage to the target (80 + 16 × 1%)...
+    for t in 7..=22 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    // ...where the next calls go as fast as the window frees, not one a second: at a pace that
+    // ignored the calls leaving, a full window stayed full while the export waited.
+    let start = Instant::now();
+    for t in 23..=24 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs_f64(1.0 / leave) && waited <= Duration::from_millis(700),
+        "two calls at the target took {waited:?}, at {leave} calls/s leaving"
+    );
 }

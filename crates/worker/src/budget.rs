@@ -19,11 +19,16 @@
 //! - the calls on the wire: each reservation is numbered (its `Ticket` comes back with the
 //!   answer), and once the cost of one call (percent of the budget) is learned from the rise in
 //!   usage between readings, the usage is predicted as the freshest reading plus the calls
-//!   reserved after it. No slot is booked that would take it past the target: a fast base rate
-//!   can no longer overshoot a small budget by everything it sent in one answer's time, which
-//!   with a short window fed a throttling storm that grew every window (20% of calls throttled
-//!   at a steady 5 s window before; docs/pace-sim and BENCHMARKS.md). A budget cut shows as a
-//!   reading above the prediction and scales the cost up at once.
+//!   reserved after it. No slot is booked that would take it past `CEILING` (99%): a fast base
+//!   rate can no longer overshoot a small budget by everything it sent in one answer's time,
+//!   which with a short window fed a throttling storm that grew every window (20% of calls
+//!   throttled at a steady 5 s window before; docs/pace-sim and BENCHMARKS.md). A budget cut
+//!   shows as a reading above the prediction and scales the cost up at once;
+//! - the rate calls leave the window, measured between readings a second or more apart (the
+//!   calls sent, less the rise in usage counted in calls). The pace never falls below it: at
+//!   the target a full window takes a call each time one leaves, so an export waiting for a
+//!   halved budget goes at what the window frees (R = 100 calls/s, 30 s window: 1.57 of what
+//!   the budget allowed when the floor was 5% of the base, BENCHMARKS.md).
 //!
 //! A throttled answer still pauses the account fleet-wide (`AccountPauses`), but for a probe's
 //! time, doubling while Meta keeps refusing (`OBSERVE`), at least `reset_time_duration`, at most
@@ -59,11 +64,13 @@ const SLOPE_SMOOTHING: Duration = Duration::from_millis(500);
 /// rate must not book 30 waiting uploads 30 intervals ahead, when the next answer may say the
 /// window has room again.
 const HORIZON: Duration = Duration::from_millis(50);
-/// While the calls on the wire would take the usage past the target, no slot is booked; one
-/// probe goes when the freshest reading is this old (nothing else will bring a new one)...
+/// While one more call on the wire would take the predicted usage past `CEILING`, no slot is
+/// booked; one probe goes when the freshest reading is this old (nothing else will bring a new
+/// one).
 const STALE: Duration = Duration::from_secs(1);
-/// ...or this old when one more call would still fit under 100%.
-const NEAR: Duration = Duration::from_millis(250);
+/// The highest predicted usage (%) a call may be booked at. Meta reports whole percents,
+/// rounded down, so a reading of 99 may be a window one call short of full: 99, not 100.
+const CEILING: f64 = 99.0;
 /// A call's cost (percent of the budget) is learned from rises in usage of at least this many
 /// points between two readings: Meta reports whole percents, so a shorter span is mostly
 /// rounding.
@@ -72,6 +79,11 @@ const COST_SPAN: u64 = 4;
 /// low, so it is smoothed rather than taken whole; a budget cut raises it at once instead (a
 /// reading above what the calls since the last one explain).
 const COST_SMOOTHING: f64 = 0.5;
+/// The rate calls leave the window is measured between readings at least this far apart: a
+/// reading is whole percents, so a shorter span is mostly rounding.
+const LEAVE_SPAN: Duration = Duration::from_secs(1);
+/// The weight of each new measurement of that rate.
+const LEAVE_SMOOTHING: f64 = 0.5;
 /// How long the controller's state outlives the account's last answer: an account idle this
 /// long starts again from the configured rate.
 const IDLE: Duration = Duration::from_secs(600);
@@ -79,16 +91,17 @@ const IDLE: Duration = Duration::from_secs(600);
 /// Reserves the next slot of an account's schedule at the controller's current rate.
 /// KEYS[1] the account's TAT (µs, Redis clock), KEYS[2] the controller's state; ARGV[1] the
 /// starting rate (calls/s), [2] the target usage (%), [3] the band below it (%), [4] H_MIN,
-/// [5] TAU (ms), [6] HORIZON (µs), [7] STALE (ms), [8] NEAR (ms), [9] IDLE (ms). Answers
+/// [5] TAU (ms), [6] HORIZON (µs), [7] STALE (ms), [8] CEILING (%), [9] IDLE (ms). Answers
 /// {1, wait µs, ticket} with the slot reserved, or {0, µs until asking again} without: the
 /// schedule is full beyond the horizon, or the calls already on the wire would take the usage
-/// past the target (then one probe goes once the freshest reading is older than STALE, or
-/// NEAR when a call still fits under 100%).
+/// past the ceiling (then one probe goes once the freshest reading is older than STALE). The
+/// slot interval is that of `base × h`, or of the rate calls leave the window if faster: at the
+/// target the fleet sends as fast as the window frees.
 const RESERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now / 1000)
-local s = redis.call('HMGET', KEYS[2], 'base', 'u', 'slope', 'n', 'nr', 'ur', 'tr', 'c')
+local s = redis.call('HMGET', KEYS[2], 'base', 'u', 'slope', 'n', 'nr', 'ur', 'tr', 'c', 'l')
 local base = tonumber(s[1]) or tonumber(ARGV[1])
 local u = tonumber(s[2]) or 0
 local slope = tonumber(s[3]) or 0
@@ -97,15 +110,14 @@ local nr = tonumber(s[5]) or 0
 local ur = tonumber(s[6]) or 0
 local tr = tonumber(s[7]) or 0
 local c = tonumber(s[8]) or 0
+local l = tonumber(s[9]) or 0
 local target = tonumber(ARGV[2])
 if slope < 0 then slope = 0 end
 local predicted = u + slope * tonumber(ARGV[5]) / 1000
 if c > 0 then predicted = ur + (n - nr) * c end
 local probe = false
-if c > 0 and predicted + c > target then
-  local stale = tonumber(ARGV[7])
-  if predicted + c <= 99.5 then stale = tonumber(ARGV[8]) end
-  if now_ms - tr < stale then
+if c > 0 and predicted + c > tonumber(ARGV[8]) then
+  if now_ms - tr < tonumber(ARGV[7]) then
     return {0, 10000, 0}
   end
   probe = true
@@ -113,7 +125,9 @@ end
 local h = (target - predicted) / tonumber(ARGV[3])
 if h > 1 then h = 1 end
 if h < tonumber(ARGV[4]) then h = tonumber(ARGV[4]) end
-local interval = 1000000 / (base * h)
+local rate = base * h
+if l > rate then rate = l end
+local interval = 1000000 / rate
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 if tat - now > tonumber(ARGV[6]) then
@@ -134,13 +148,14 @@ return {1, math.floor(tat - now), n}
 /// [9] SLOPE_SMOOTHING (ms), [10] first throttle pause (ms), [11] longest throttle pause (ms),
 /// [12] Meta's reset time (ms, 0 if none), [13] Meta's regain estimate (ms, 0 if none),
 /// [14] IDLE (ms), [15] GROWTH_HORIZON (ms), [16] the call's ticket (0: unknown), [17] COST_SPAN
-/// (%), [18] COST_SMOOTHING. Answers {the pause the account needs now (ms; 0: none), the base
-/// rate (thousandths of a call per second)}.
+/// (%), [18] COST_SMOOTHING, [19] LEAVE_SPAN (ms), [20] LEAVE_SMOOTHING. Answers {the pause
+/// the account needs now (ms; 0: none), the base rate and the rate calls leave the window
+/// (thousandths of a call per second)}.
 const OBSERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('HMGET', KEYS[1], 'base', 'slope', 'uref', 'tu', 'tg', 'k', 'until',
-  'nr', 'ur', 'c', 'na', 'ua', 'n', 'tr')
+  'nr', 'ur', 'c', 'na', 'ua', 'n', 'tr', 'l', 'lt', 'ln', 'lu')
 local base = tonumber(s[1]) or tonumber(ARGV[3])
 local slope = tonumber(s[2]) or 0
 local uref = tonumber(s[3])
@@ -189,6 +204,27 @@ if ticket > 0 and not throttled then
     ua = u
   end
 end
+-- The rate calls leave the window: the calls sent between two readings a span apart, less
+-- what the usage rose by (in calls).
+local l = tonumber(s[15]) or 0
+local lt = tonumber(s[16])
+local ln = tonumber(s[17])
+local lu = tonumber(s[18])
+if ticket > 0 and not throttled and c > 0 then
+  if lt == nil or jumped then
+    lt = now
+    ln = ticket
+    lu = u
+  elseif ticket > ln and now - lt >= tonumber(ARGV[19]) then
+    local left = (ticket - ln) - (u - lu) / c
+    if left < 0 then left = 0 end
+    local w = tonumber(ARGV[20])
+    l = (1 - w) * l + w * left * 1000 / (now - lt)
+    lt = now
+    ln = ticket
+    lu = u
+  end
+end
 if throttled then
   if now >= paused_until then
     k = k + 1
@@ -233,9 +269,10 @@ redis.call('HSET', KEYS[1], 'base', tostring(base), 'u', tostring(u), 'slope', t
   'uref', tostring(uref or u), 'tu', tostring(tu), 'tg', tostring(now), 'k', tostring(k),
   'until', tostring(paused_until), 'nr', tostring(nr), 'ur', tostring(ur), 'tr', tostring(tr),
   'c', tostring(c),
-  'na', tostring(na or ''), 'ua', tostring(ua or ''))
+  'na', tostring(na or ''), 'ua', tostring(ua or ''),
+  'l', tostring(l), 'lt', tostring(lt or ''), 'ln', tostring(ln or ''), 'lu', tostring(lu or ''))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[14]))
-return {math.floor(pause), math.floor(base * 1000)}
+return {math.floor(pause), math.floor(base * 1000), math.floor(l * 1000)}
 "#;
 
 /// The controller's settings, from the worker's.
@@ -355,7 +392,7 @@ impl FleetBudget {
             .arg(TAU.as_millis() as u64)
             .arg(HORIZON.as_micros() as u64)
             .arg(STALE.as_millis() as u64)
-            .arg(NEAR.as_millis() as u64)
+            .arg(CEILING)
             .arg(IDLE.as_millis() as u64)
             .invoke_async(&mut conn)
             .await?;
@@ -385,7 +422,7 @@ impl FleetBudget {
         let (_, rate) = self.keys(account);
         let c = &self.controls;
         let mut conn = self.redis.clone();
-        let (pause_ms, base_milli): (i64, i64) = self
+        let (pause_ms, base_milli, leave_milli): (i64, i64, i64) = self
             .observe
             .key(rate)
             .arg(percent)
@@ -406,11 +443,14 @@ impl FleetBudget {
             .arg(ticket.0)
             .arg(COST_SPAN)
             .arg(COST_SMOOTHING)
+            .arg(LEAVE_SPAN.as_millis() as u64)
+            .arg(LEAVE_SMOOTHING)
             .invoke_async(&mut conn)
             .await?;
         Ok(Some(Observed {
             pause: (pause_ms > 0).then(|| Duration::from_millis(pause_ms as u64)),
             pace_per_sec: base_milli as f64 / 1000.0,
+            leave_per_sec: leave_milli as f64 / 1000.0,
         }))
     }
 }
@@ -422,6 +462,9 @@ pub struct Observed {
     pub pause: Option<Duration>,
     /// The base rate after the answer (calls/s).
     pub pace_per_sec: f64,
+    /// The rate calls leave the account's window, as measured so far (calls/s; 0 until a
+    /// call's cost is known): the pace never goes below it.
+    pub leave_per_sec: f64,
 }
 
 /// A reserved slot's number in its account's schedule. An answer's usage is read against the
