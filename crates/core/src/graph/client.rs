@@ -658,18 +658,18 @@ impl GraphClient {
 /// only of characters that neither JSON nor a form escapes (hex digests, MADIDs) are written
 /// straight in: encoding 10,000 of them through the general encoders cost more than hashing them.
 pub fn users_form(schema: &str, data: &[String]) -> String {
-    // A table, not a chain of comparisons: this check reads every byte of the payload.
-    const PLAIN: [bool; 256] = {
-        let mut table = [false; 256];
-        let mut b = 0;
-        while b < 256 {
-            let c = b as u8;
-            table[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c == b'_';
-            b += 1;
-        }
-        table
+    // Comparisons on ranges, folded without a branch: this check reads every byte of the
+    // payload, and so written it vectorizes (a 256-entry table did not: a tenth of an email
+    // shard's time on a Zen 2 core).
+    let plain = |s: &str| {
+        s.bytes().fold(true, |ok, b| {
+            ok & (((b | 0x20).wrapping_sub(b'a') < 26)
+                | (b.wrapping_sub(b'0') < 10)
+                | (b == b'-')
+                | (b == b'.')
+                | (b == b'_'))
+        })
     };
-    let plain = |s: &str| s.bytes().fold(true, |ok, b| ok & PLAIN[usize::from(b)]);
     if !plain(schema) || !data.iter().all(|d| plain(d)) {
         return general_users_form(schema, data);
     }
@@ -783,6 +783,16 @@ mod tests {
             users_form("EMAIL_SHA256", &[]),
             general("EMAIL_SHA256", &[])
         );
+        // Every character, in an entry of its own and between others: what is not plain falls
+        // back, what is plain is written as the general encoding writes it.
+        for c in (0u8..=255).map(char::from) {
+            let entries = vec![c.to_string(), format!("a{c}b")];
+            assert_eq!(
+                users_form("EMAIL", &entries),
+                general("EMAIL", &entries),
+                "{c:?}"
+            );
+        }
     }
 
     #[test]
