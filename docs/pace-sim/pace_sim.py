@@ -16,7 +16,9 @@ halved 10 s: 18-32 / 10-11 throttled of ~620, real 19-25 / 11; steady 5 s window
 throttled, real 154 / 0; halved 5 s: 121 / 33, real 126 / 38. Less faithful with a 30 s window:
 one worker, halved, SlopeOnly gives 1.13-1.14 of the oracle where the real fleet measured 1.02,
 and with four workers the sim's oracle takes every remaining call at once where the real run's
-did not. Check any conclusion on the real fleet.
+did not. LeaveFloor against the fleet: R = 100, 30 s window, 3,000 × 4 halved, 1.10-1.14 of the
+oracle and 32-33 throttled, real 1.10 and 31; 10 s halved 11-12 throttled at 1.07-1.08, real 12
+at 1.06. Check any conclusion on the real fleet.
 
 Usage: python3 docs/pace-sim/pace_sim.py [leave-floor|inflight-gate|slope-only] [--seeds N]
 """
@@ -219,7 +221,7 @@ class LeaveFloor(InFlightGate):
             elif ticket > self.la[1] and now - self.la[0] >= self.LEAVE_SPAN:
                 left = max((ticket - self.la[1]) - (u - self.la[2]) / self.c, 0)
                 sample = left / (now - self.la[0])
-                self.leave = (1 - self.LEAVE_SMOOTH) * self.leave + self.LEAVE_SMOOTH * sample
+                self.leave = min(self.mx, (1 - self.LEAVE_SMOOTH) * self.leave + self.LEAVE_SMOOTH * sample)
                 self.la = (now, ticket, u)
         return pause
 

@@ -14,10 +14,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 /// A free loopback port for a server of the test's own. Never handed out twice in one test
-/// process: two tests starting servers at once were otherwise given the same just-released
-/// port now and then (CI saw a cluster test fail that way, once in many runs). Taken below the
-/// kernel's ephemeral range where there is room, so that no outgoing connection (nor another
-/// `bind(0)`) takes it between this check and the server's own bind.
+/// process: two tests starting servers at once could otherwise be given the same just-released
+/// port (the likeliest cause of a cluster test's one failure in CI, whose message was not
+/// kept). Taken below the kernel's ephemeral range where there is room, so that no outgoing
+/// connection (nor another `bind(0)`) takes it between this check and the server's own bind.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     let mut given = GIVEN

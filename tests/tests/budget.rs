@@ -365,3 +365,21 @@ async fn at_the_target_the_pace_keeps_up_with_the_calls_leaving_the_window() {
         "two calls at the target took {waited:?}, at {leave} calls/s leaving"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_calls_leave_never_takes_the_pace_past_its_maximum() {
+    // 20 calls/s at most; a call costs 1% (90% after the first of five calls, 94% after the
+    // fifth). A second later the sixth call's answer says 10%: 85 calls left in that second
+    // (reservations a pause deferred count as sent too), half of it taken, 42 calls/s, more
+    // than the fleet may ever send to this account.
+    let (budget, _) = budget(controls(20, 20)).await;
+    let act = account("568");
+    for t in 1..=5 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    read(&budget, &act, Ticket(1), 90).await;
+    read(&budget, &act, Ticket(5), 94).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(budget.until_ready(&act).await, Ticket(6));
+    assert_eq!(read(&budget, &act, Ticket(6), 10).await.leave_per_sec, 20.0);
+}

@@ -68,8 +68,9 @@ const HORIZON: Duration = Duration::from_millis(50);
 /// booked; one probe goes when the freshest reading is this old (nothing else will bring a new
 /// one).
 const STALE: Duration = Duration::from_secs(1);
-/// The highest predicted usage (%) a call may be booked at. Meta reports whole percents,
-/// rounded down, so a reading of 99 may be a window one call short of full: 99, not 100.
+/// The highest usage (%) the calls on the wire may be predicted to take the window to. Meta
+/// reports whole percents, rounded down, so a reading of 99 may be a window one call short of
+/// full: 99, not 100.
 const CEILING: f64 = 99.0;
 /// A call's cost (percent of the budget) is learned from rises in usage of at least this many
 /// points between two readings: Meta reports whole percents, so a shorter span is mostly
@@ -220,6 +221,9 @@ if ticket > 0 and not throttled and c > 0 then
     if left < 0 then left = 0 end
     local w = tonumber(ARGV[20])
     l = (1 - w) * l + w * left * 1000 / (now - lt)
+    -- Calls reserved but never sent (a pause deferred them) count as sent: never past the
+    -- configured maximum.
+    if l > tonumber(ARGV[4]) then l = tonumber(ARGV[4]) end
     lt = now
     ln = ticket
     lu = u

@@ -178,7 +178,8 @@ fn email_into(value: &str, buf: &mut Vec<u8>) -> Result<(), Invalid> {
     // For bytes below 0x80 (checked first), each `+` below stays within its byte: the high bit
     // of every byte of the result says whether that byte is at least (0x80 - the constant).
     let at_least = |word: u64, b: u8| word.wrapping_add(ONES * u64::from(0x80 - b)) & HIGH;
-    let equal = |word: u64, b: u8| (((word ^ (ONES * u64::from(b))) + ONES * 0x7f) & HIGH) ^ HIGH;
+    let equal =
+        |word: u64, b: u8| ((word ^ (ONES * u64::from(b))).wrapping_add(ONES * 0x7f) & HIGH) ^ HIGH;
     let bytes = value.as_bytes();
     let start = buf.len();
     buf.reserve(bytes.len() + 8);
