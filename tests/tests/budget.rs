@@ -327,24 +327,34 @@ async fn a_full_schedule_still_sends_a_probe_once_its_reading_is_stale() {
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_the_target_the_pace_keeps_up_with_the_calls_leaving_the_window() {
-    // 20 calls/s at most, so 1 call/s at the target (its floor); a call costs 1% (90% after the
-    // first of five calls, 94% after the fifth).
+/// A new account's controller at 20 calls/s at most (1 call/s at the target, its floor) whose
+/// call costs 1% (90% after the first of five calls, 94% after the fifth), and the sixth call's
+/// answer, a second later, at `percent`: the rate calls leave the window it reports, and how
+/// long (at least) it was measured over.
+async fn a_second_later_at(
+    percent: u64,
+    act: &audience_export_core::contract::AdAccountId,
+) -> (FleetBudget, f64, f64) {
     let (budget, _) = budget(controls(20, 20)).await;
-    let act = account("567");
     for t in 1..=5 {
-        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+        assert_eq!(budget.until_ready(act).await, Ticket(t));
     }
-    read(&budget, &act, Ticket(1), 90).await;
-    assert_eq!(read(&budget, &act, Ticket(5), 94).await.leave_per_sec, 0.0);
-    // A second later the sixth call's answer says 80%: one call more, 14 points less, so 15
-    // calls left the window in that second (half of it taken: the measure is smoothed).
+    read(&budget, act, Ticket(1), 90).await;
+    assert_eq!(read(&budget, act, Ticket(5), 94).await.leave_per_sec, 0.0);
+    // The controller's own time: the rate is measured over a second at least.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = Instant::now();
-    assert_eq!(budget.until_ready(&act).await, Ticket(6));
-    let leave = read(&budget, &act, Ticket(6), 80).await.leave_per_sec;
-    let span = 1.0 + before.elapsed().as_secs_f64();
+    assert_eq!(budget.until_ready(act).await, Ticket(6));
+    let leave = read(&budget, act, Ticket(6), percent).await.leave_per_sec;
+    (budget, leave, 1.0 + before.elapsed().as_secs_f64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_target_the_pace_keeps_up_with_the_calls_leaving_the_window() {
+    // The sixth call's answer says 80%: one call more, 14 points less, so 15 calls left the
+    // window in that second (half of it taken: the measure is smoothed).
+    let act = account("567");
+    let (budget, leave, span) = a_second_later_at(80, &act).await;
     assert!(
         leave >= 7.5 / span - 0.5 && leave <= 7.5,
         "{leave} calls/s leave, measured over {span:.2} s"
@@ -368,18 +378,9 @@ async fn at_the_target_the_pace_keeps_up_with_the_calls_leaving_the_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_calls_leave_never_takes_the_pace_past_its_maximum() {
-    // 20 calls/s at most; a call costs 1% (90% after the first of five calls, 94% after the
-    // fifth). A second later the sixth call's answer says 10%: 85 calls left in that second
-    // (reservations a pause deferred count as sent too), half of it taken, 42 calls/s, more
-    // than the fleet may ever send to this account.
-    let (budget, _) = budget(controls(20, 20)).await;
-    let act = account("568");
-    for t in 1..=5 {
-        assert_eq!(budget.until_ready(&act).await, Ticket(t));
-    }
-    read(&budget, &act, Ticket(1), 90).await;
-    read(&budget, &act, Ticket(5), 94).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(budget.until_ready(&act).await, Ticket(6));
-    assert_eq!(read(&budget, &act, Ticket(6), 10).await.leave_per_sec, 20.0);
+    // The sixth call's answer says 10%: 85 calls left in that second (reservations a pause
+    // deferred count as sent too), half of it taken, 42 calls/s, more than the fleet may ever
+    // send to this account (20).
+    let (_, leave, _) = a_second_later_at(10, &account("568")).await;
+    assert_eq!(leave, 20.0);
 }

@@ -868,7 +868,7 @@ async fn a_small_budget_in_a_short_window_is_used_without_a_throttling_storm() {
     // a budget that never moves. A pace that ignores the calls on the wire grows while the
     // window is empty, overshoots it by what it sends in one answer's time, and the burst
     // comes back every window: with the gate disabled in RESERVE this export had 22 of 159
-    // calls throttled.
+    // calls throttled (14 of 151 once the pace kept up with the calls leaving the window).
     app.emulator.configure(|c| c.regain_in_headers = false);
     limit_account(&app, 2.0, 20, 200, 20);
     let segment = app.dir.join("small.ndjson");

@@ -27,8 +27,9 @@
 //! - the rate calls leave the window, measured between readings a second or more apart (the
 //!   calls sent, less the rise in usage counted in calls). The pace never falls below it: at
 //!   the target a full window takes a call each time one leaves, so an export waiting for a
-//!   halved budget goes at what the window frees (R = 100 calls/s, 30 s window: 1.57 of what
-//!   the budget allowed when the floor was 5% of the base, BENCHMARKS.md).
+//!   halved budget goes at what the window frees (R = 100 calls/s, 30 s window: 1.57 of the
+//!   time the budget allowed while, at the target, one probe went every 0.25 s; 1.10 now;
+//!   BENCHMARKS.md).
 //!
 //! A throttled answer still pauses the account fleet-wide (`AccountPauses`), but for a probe's
 //! time, doubling while Meta keeps refusing (`OBSERVE`), at least `reset_time_duration`, at most

@@ -182,15 +182,15 @@ fn email_into(value: &str, buf: &mut Vec<u8>) -> Result<(), Invalid> {
         |word: u64, b: u8| ((word ^ (ONES * u64::from(b))).wrapping_add(ONES * 0x7f) & HIGH) ^ HIGH;
     let bytes = value.as_bytes();
     let start = buf.len();
-    buf.reserve(bytes.len() + 8);
-    let (mut high, mut whitespace, mut ats, mut at) = (0u64, 0u64, 0u32, None);
+    buf.reserve(bytes.len());
+    let (mut ascii, mut whitespace, mut ats, mut at) = (true, 0u64, 0u32, None);
     for (i, chunk) in bytes.chunks(8).enumerate() {
         // A short last chunk is padded with 'a', which no check looks for.
         let mut word = [b'a'; 8];
         word[..chunk.len()].copy_from_slice(chunk);
         let word = u64::from_le_bytes(word);
-        high |= word & HIGH;
-        if high != 0 {
+        if word & HIGH != 0 {
+            ascii = false;
             break;
         }
         // For ASCII text `char::is_whitespace` is exactly 0x09-0x0D and the space.
@@ -203,7 +203,7 @@ fn email_into(value: &str, buf: &mut Vec<u8>) -> Result<(), Invalid> {
         let upper = at_least(word, b'A') & !at_least(word, b'Z' + 1);
         buf.extend_from_slice(&(word | upper >> 2).to_le_bytes()[..chunk.len()]);
     }
-    if high != 0 {
+    if !ascii {
         buf.truncate(start);
         buf.extend_from_slice(email(value)?.as_bytes());
         return Ok(());

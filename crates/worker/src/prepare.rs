@@ -64,9 +64,9 @@ pub fn prepare(field: Field, records: &[String], rules: &Rules) -> Prepared {
 struct Seen {
     /// Digests of hashed fields, keyed by their own first bytes (SHA-256 output needs no
     /// further hashing).
-    digests: HashSet<[u8; 32], BuildDigestHasher>,
+    digests: HashSet<[u8; 32], Spread>,
     /// MADIDs, by their 128 bits.
-    ids: HashSet<u128, BuildIdHasher>,
+    ids: HashSet<u128, Spread>,
 }
 
 /// The largest table (entries) a thread keeps between shards.
@@ -250,21 +250,16 @@ fn lower_hex<'a>(digest: &[u8; 32], out: &'a mut [u8; 64]) -> &'a str {
     std::str::from_utf8(out).expect("hex digits are ASCII")
 }
 
-/// Hashes a SHA-256 digest by its first eight bytes, which are already uniformly distributed.
-#[derive(Clone, Copy, Default)]
-struct BuildDigestHasher;
+/// The dedup sets' hasher: their keys' bits are spread already, so no SipHash (which took an
+/// eighth of a MADID shard's time). A SHA-256 digest is hashed by its first eight bytes; a
+/// MADID's 128 bits are folded and mixed with one multiply (a segment of MADIDs built to collide
+/// would only slow its own shards).
+type Spread = std::hash::BuildHasherDefault<SpreadHasher>;
 
 #[derive(Default)]
-struct DigestHasher(u64);
+struct SpreadHasher(u64);
 
-impl std::hash::BuildHasher for BuildDigestHasher {
-    type Hasher = DigestHasher;
-    fn build_hasher(&self) -> DigestHasher {
-        DigestHasher(0)
-    }
-}
-
-impl std::hash::Hasher for DigestHasher {
+impl std::hash::Hasher for SpreadHasher {
     fn write(&mut self, bytes: &[u8]) {
         // `[u8; 32]` hashes as its length (a usize, through write_usize) then its bytes.
         let mut first = [0u8; 8];
@@ -273,34 +268,8 @@ impl std::hash::Hasher for DigestHasher {
         self.0 ^= u64::from_le_bytes(first);
     }
     fn write_usize(&mut self, _: usize) {}
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// Hashes a MADID's 128 bits by folding and mixing them: SipHash, the default, took an eighth of
-/// a MADID shard's time. A segment of MADIDs built to collide would only slow its own shards.
-#[derive(Clone, Copy, Default)]
-struct BuildIdHasher;
-
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl std::hash::BuildHasher for BuildIdHasher {
-    type Hasher = IdHasher;
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher(0)
-    }
-}
-
-impl std::hash::Hasher for IdHasher {
     fn write_u128(&mut self, bits: u128) {
         self.0 = (bits as u64 ^ (bits >> 64) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
     }
     fn finish(&self) -> u64 {
         self.0
