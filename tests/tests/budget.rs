@@ -27,6 +27,16 @@ fn controls(start: u32, max: u32) -> Controls {
         band_pct: 16,
         first_throttle_pause: Duration::from_millis(100),
         longest_throttle_pause: Duration::from_millis(1_000),
+        window: None,
+    }
+}
+
+/// `controls`, with Meta's window known.
+fn windowed(start: u32, max: u32, window: Duration) -> Controls {
+    Controls {
+        window: Some(window),
+        longest_throttle_pause: Duration::from_secs(5),
+        ..controls(start, max)
     }
 }
 
@@ -383,4 +393,57 @@ async fn the_rate_calls_leave_never_takes_the_pace_past_its_maximum() {
     // send to this account (20).
     let (_, leave, _) = a_second_later_at(10, &account("568")).await;
     assert_eq!(leave, 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pace_goes_little_above_what_the_budget_sustains() {
+    // A 10 s window, and ten calls at up to 100 calls/s: the first answered at 1%, the tenth at
+    // 10%. A call costs 1% and the usage is far below the target, so a pace read from the usage
+    // alone would go on at 100 calls/s and fill the window in a second, to wait nine (and the
+    // burst would come back every window). Ten calls in the window at 10%: the budget sustains
+    // 100 calls per 10 s, 10 calls/s, and the pace goes at most 10% above it.
+    let (budget, _) = budget(windowed(100, 100, Duration::from_secs(10))).await;
+    let act = account("569");
+    for t in 1..=10 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    read(&budget, &act, Ticket(1), 1).await;
+    let sustained = read(&budget, &act, Ticket(10), 10).await.sustained_per_sec;
+    assert!((9.9..=10.1).contains(&sustained), "{sustained} calls/s");
+    let start = Instant::now();
+    for t in 11..=13 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    // Three slots at 11 calls/s: the second and third 91 ms apart (10 ms at 100 calls/s).
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(170) && waited <= Duration::from_millis(400),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_window_is_waited_out_until_enough_of_its_calls_have_left() {
+    // A 2 s window, ten calls 10 ms apart, and the tenth refused at 200%: the budget was cut
+    // to half of what the window holds. Six of the ten must leave for the usage to fall under
+    // the ceiling (200 - 6 × 20 = 80%), the sixth 2 s after it was sent. Probing instead after
+    // the first pause (100 ms here) would be refused, again and again while the window drains.
+    let (budget, _) = budget(windowed(100, 100, Duration::from_secs(2))).await;
+    let act = account("570");
+    let start = Instant::now();
+    for t in 1..=10 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    let pause = budget
+        .observe(&act, Ticket(10), Some(&usage(200)), true)
+        .await
+        .unwrap()
+        .and_then(|o| o.pause)
+        .expect("a pause");
+    let until = start.elapsed() + pause;
+    // The sixth slot went 50 ms after the first; the pause ends 100 ms after it leaves.
+    assert!(
+        until >= Duration::from_millis(2_100) && until <= Duration::from_millis(2_300),
+        "the account waits until {until:?} after the first call"
+    );
 }

@@ -564,6 +564,8 @@ async fn metric(ops: std::net::SocketAddr, series: &str) -> u64 {
 async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
     const PAUSE: Duration = Duration::from_millis(2_500);
     let app = spawn_app_with(Roles::ALL, |s| {
+        // Meta's window as the fleet is told it: the emulator's below.
+        s.worker.usage_window_secs = 2;
         s.producer.shard_size = 50;
         // One attempt only: if waiting out a throttle spent an attempt, a shard would fail.
         s.worker.max_attempts = 1;
@@ -661,6 +663,8 @@ async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
 async fn three_workers_share_one_ad_account_budget() {
     let tune = |s: &mut audience_export_core::config::Settings| {
         s.producer.shard_size = 10;
+        // Meta's window as the fleet is told it: the emulator's below.
+        s.worker.usage_window_secs = 2;
         s.worker.concurrency = 2;
         s.worker.calls_per_second_per_account = 10;
         // A budget of 20 calls makes each call 5% of it: the pace keeps a band of several calls
@@ -788,6 +792,8 @@ fn busiest_second(times: &[std::time::Instant]) -> usize {
 async fn a_budget_larger_than_the_starting_rate_is_used() {
     let app = spawn_app_with(Roles::ALL, |s| {
         s.producer.shard_size = 10;
+        // Meta's window as the fleet is told it: the emulator's below.
+        s.worker.usage_window_secs = 2;
         s.worker.calls_per_second_per_account = 5;
     })
     .await;
@@ -820,6 +826,8 @@ async fn a_budget_larger_than_the_starting_rate_is_used() {
 async fn a_budget_halved_mid_export_slows_the_fleet_without_a_throttling_storm() {
     let app = spawn_app_with(Roles::ALL, |s| {
         s.producer.shard_size = 10;
+        // Meta's window as the fleet is told it: the emulator's below.
+        s.worker.usage_window_secs = 4;
         s.worker.calls_per_second_per_account = 20;
         s.worker.max_calls_per_second_per_account = 20;
     })
@@ -861,6 +869,8 @@ async fn a_budget_halved_mid_export_slows_the_fleet_without_a_throttling_storm()
 async fn a_small_budget_in_a_short_window_is_used_without_a_throttling_storm() {
     let app = spawn_app_with(Roles::ALL, |s| {
         s.producer.shard_size = 10;
+        // Meta's window as the fleet is told it: the emulator's below.
+        s.worker.usage_window_secs = 2;
         s.worker.calls_per_second_per_account = 10;
     })
     .await;

@@ -108,6 +108,14 @@ pub struct WorkerSettings {
     /// The width of that band, in percent: wider is safer against bursts, narrower uses more
     /// of the budget.
     pub usage_band_pct: u64,
+    /// The length of Meta's rate-limit window, in seconds: an hour, as Meta documents it for
+    /// the custom-audience budget. Knowing it, the fleet reads its own recent calls against the
+    /// usage: the pace the budget sustains (calls of the last window × 100 / usage, per second),
+    /// when its calls leave the window, and when a throttled window has room again. Tests and
+    /// benches shorten it together with the emulator's; a window set longer than Meta's makes
+    /// the fleet slower than the budget allows, never faster. 0: unknown, the pace is read from
+    /// the usage alone.
+    pub usage_window_secs: u64,
     /// The first pause after a throttling answer, in milliseconds (at least Meta's
     /// `reset_time_duration`); it doubles while Meta keeps throttling.
     pub throttle_probe_ms: u64,
@@ -246,6 +254,7 @@ impl Default for WorkerSettings {
             max_calls_per_second_per_account: 200,
             usage_target_pct: 96,
             usage_band_pct: 16,
+            usage_window_secs: 3_600,
             throttle_probe_ms: 500,
             throttle_pause_ms: 60_000,
         }

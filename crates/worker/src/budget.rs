@@ -29,10 +29,19 @@
 //!   the target a full window takes a call each time one leaves, so an export waiting for a
 //!   halved budget goes at what the window frees (R = 100 calls/s, 30 s window: 1.57 of the
 //!   time the budget allowed while, at the target, one probe went every 0.25 s; 1.10 now;
-//!   BENCHMARKS.md).
+//!   BENCHMARKS.md);
+//! - with Meta's window known (`usage_window_secs`, an hour on Meta), the fleet's own calls
+//!   (`HISTORY`): each usage is read against the calls of the window before the answered call.
+//!   Scaled to a full window they are the rate the budget sustains, and `base × h` goes at most
+//!   `SUSTAIN_CAP` above it, so a window fills evenly rather than in a burst that comes back
+//!   every window; the calls of one window ago are the calls leaving now, a second floor for
+//!   the pace; and a throttled window has room again when enough of them have left, so the
+//!   pause lasts until then instead of probing a window that is still full (R = 20, a 30 s
+//!   window full when the budget halved: 22 of 2,023 calls throttled before, BENCHMARKS.md).
 //!
-//! A throttled answer still pauses the account fleet-wide (`AccountPauses`), but for a probe's
-//! time, doubling while Meta keeps refusing (`OBSERVE`), at least `reset_time_duration`, at most
+//! A throttled answer still pauses the account fleet-wide (`AccountPauses`): until the window
+//! has room, when its calls are known; otherwise for a probe's time, doubling while Meta keeps
+//! refusing (`OBSERVE`), at least `reset_time_duration`, at most
 //! `estimated_time_to_regain_access` or `throttle_pause_ms`: the pause ends with one slow call,
 //! not a burst, because the last usage (≥ 100%) holds the rate at its floor until an answer says
 //! the window has room. Calls already on the wire when a throttle is seen do not double it.
@@ -87,23 +96,95 @@ const LEAVE_SPAN: Duration = Duration::from_secs(1);
 /// The weight of each new measurement of that rate.
 const LEAVE_SMOOTHING: f64 = 0.5;
 /// How long the controller's state outlives the account's last answer: an account idle this
-/// long starts again from the configured rate.
+/// long (or two windows, if longer: its calls are read against the window's) starts again from
+/// the configured rate.
 const IDLE: Duration = Duration::from_secs(600);
+/// How far above the rate the budget sustains the base rate may go. The sustained rate is the
+/// fleet's calls of the last window scaled to a full one; sent faster than that, a window fills
+/// in a burst and empties in one, and the burst comes back every window (with a 30 s window
+/// and R = 20, the fleet sent 65 calls/s for 9 s, then waited 20 s, and a budget halved during
+/// such a burst found 14 calls on the wire; docs/pace-sim). Above 1 so that the window still
+/// fills where the estimate runs low.
+const SUSTAIN_CAP: f64 = 1.1;
+/// The sustained rate is read from usages of at least this much (%): a lower reading is mostly
+/// rounding.
+const SUSTAIN_FROM: u64 = 5;
+/// How many checkpoints of the fleet's calls a window holds (`HISTORY`).
+const CHECKPOINTS: u32 = 250;
+/// The calls leaving the window now (the fleet's own of one window ago) are counted over this
+/// span at least (or two checkpoints, if longer).
+const LEAVING_SPAN: Duration = Duration::from_millis(500);
+/// After a throttled answer the account waits until enough of the window's calls have left,
+/// and this much more (the answers' latency, the clocks' rounding).
+const ROOM_MARGIN: Duration = Duration::from_millis(100);
+
+/// The fleet's own calls per account, which Meta's usage is read against: checkpoints
+/// `"<ticket>:<ms>"` (a reservation and its slot, Redis clock) every window / CHECKPOINTS, in
+/// two sorted sets with the same members, by time (`sent_t`) and by ticket (`sent_n`), kept for
+/// two windows. Between checkpoints, and from the last one to the current ticket, tickets are
+/// taken as evenly spread. The start of RESERVE and OBSERVE.
+macro_rules! history {
+    () => {
+        r#"
+local function checkpoint(member)
+  local i = string.find(member, ':', 1, true)
+  return tonumber(string.sub(member, 1, i - 1)), tonumber(string.sub(member, i + 1))
+end
+-- The tickets reserved at or before `t` (ms); nil when nothing is recorded.
+local function tickets_at(by_time, t, n, now)
+  local a = redis.call('ZREVRANGEBYSCORE', by_time, t, '-inf', 'LIMIT', 0, 1)
+  if #a == 0 then
+    local b = redis.call('ZRANGE', by_time, 0, 0)
+    if #b == 0 then return nil end
+    -- Before the first checkpoint: the history starts with it (a new schedule, or an idle one).
+    return checkpoint(b[1]) - 1
+  end
+  local n1, t1 = checkpoint(a[1])
+  local n2, t2 = n, now
+  local b = redis.call('ZRANGEBYSCORE', by_time, '(' .. t, '+inf', 'LIMIT', 0, 1)
+  if #b > 0 then n2, t2 = checkpoint(b[1]) end
+  if t >= t2 then return n2 end
+  if t2 <= t1 or n2 <= n1 then return n1 end
+  return n1 + (n2 - n1) * (t - t1) / (t2 - t1)
+end
+-- When ticket `j` was reserved (ms); nil when nothing that old is recorded.
+local function time_of(by_ticket, j, n, now)
+  local a = redis.call('ZREVRANGEBYSCORE', by_ticket, j, '-inf', 'LIMIT', 0, 1)
+  if #a == 0 then return nil end
+  local n1, t1 = checkpoint(a[1])
+  local n2, t2 = n, now
+  local b = redis.call('ZRANGEBYSCORE', by_ticket, '(' .. j, '+inf', 'LIMIT', 0, 1)
+  if #b > 0 then n2, t2 = checkpoint(b[1]) end
+  if n2 <= n1 or t2 <= t1 then return t1 end
+  return t1 + (t2 - t1) * (j - n1) / (n2 - n1)
+end
+"#
+    };
+}
 
 /// Reserves the next slot of an account's schedule at the controller's current rate.
-/// KEYS[1] the account's TAT (µs, Redis clock), KEYS[2] the controller's state; ARGV[1] the
-/// starting rate (calls/s), [2] the target usage (%), [3] the band below it (%), [4] H_MIN,
-/// [5] TAU (ms), [6] HORIZON (µs), [7] STALE (ms), [8] CEILING (%), [9] IDLE (ms). Answers
-/// {1, wait µs, ticket} with the slot reserved, or {0, µs until asking again} without: the
-/// schedule is full beyond the horizon, or the calls already on the wire would take the usage
-/// past the ceiling (then one probe goes once the freshest reading is older than STALE). The
-/// slot interval is that of `base × h`, or of the rate calls leave the window if faster: at the
-/// target the fleet sends as fast as the window frees.
-const RESERVE: &str = r#"
+/// KEYS[1] the account's TAT (µs, Redis clock), KEYS[2] the controller's state, KEYS[3] and
+/// KEYS[4] the fleet's calls (`HISTORY`); ARGV[1] the starting rate (calls/s), [2] the target
+/// usage (%), [3] the band below it (%), [4] H_MIN, [5] TAU (ms), [6] HORIZON (µs), [7] STALE
+/// (ms), [8] CEILING (%), [9] how long the state outlives the last answer (ms), [10] the
+/// window (ms), [11] SUSTAIN_CAP, [12] the span the calls leaving now are counted over (ms),
+/// [13] the checkpoints' spacing (ms). Answers {1, wait µs, ticket} with the slot reserved, or
+/// {0, µs until asking again} without: the schedule is full beyond the horizon, or the calls
+/// already on the wire would take the usage past the ceiling (then one probe goes once the
+/// freshest reading is older than STALE). The slot interval is that of `base × h`, at most
+/// SUSTAIN_CAP times the rate the budget sustains, or of the rate calls leave the window if
+/// faster (measured, or the fleet's own calls of one window ago): at the target the fleet sends
+/// as fast as the window frees.
+const RESERVE: &str = concat!(
+    history!(),
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now / 1000)
-local s = redis.call('HMGET', KEYS[2], 'base', 'u', 'slope', 'n', 'nr', 'ur', 'tr', 'c', 'l')
+local s = redis.call('HMGET', KEYS[2], 'base', 'u', 'slope', 'n', 'nr', 'ur', 'tr', 'c', 'l',
+  's', 'cp')
+-- A new schedule numbers its tickets from 1: an older history numbers other calls.
+if not s[4] then redis.call('DEL', KEYS[3], KEYS[4]) end
 local base = tonumber(s[1]) or tonumber(ARGV[1])
 local u = tonumber(s[2]) or 0
 local slope = tonumber(s[3]) or 0
@@ -128,7 +209,19 @@ local h = (target - predicted) / tonumber(ARGV[3])
 if h > 1 then h = 1 end
 if h < tonumber(ARGV[4]) then h = tonumber(ARGV[4]) end
 local rate = base * h
+local sustained = tonumber(s[10]) or 0
+if sustained > 0 and rate > sustained * tonumber(ARGV[11]) then
+  rate = sustained * tonumber(ARGV[11])
+end
 if l > rate then rate = l end
+-- What leaves the window now: the fleet's own calls of one window ago.
+local window = tonumber(ARGV[10])
+local from = window > 0 and tickets_at(KEYS[3], now_ms - window, n, now_ms)
+if from then
+  local span = tonumber(ARGV[12])
+  local gone = (tickets_at(KEYS[3], now_ms - window + span, n, now_ms) - from) * 1000 / span
+  if gone > rate then rate = gone end
+end
 local interval = 1000000 / rate
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
@@ -139,25 +232,43 @@ local ttl = math.floor((tat + interval - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%.0f', tat + interval), 'PX', ttl)
 n = n + 1
 if probe then tr = now_ms end
-redis.call('HSET', KEYS[2], 'n', tostring(n), 'tr', tostring(tr))
-redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[9]))
+local slot = math.floor(tat / 1000)
+local cp = tonumber(s[11])
+if window > 0 and (cp == nil or slot - cp >= tonumber(ARGV[13])) then
+  local member = n .. ':' .. slot
+  redis.call('ZADD', KEYS[3], slot, member)
+  redis.call('ZADD', KEYS[4], n, member)
+  cp = slot
+  local old = redis.call('ZCOUNT', KEYS[3], '-inf', '(' .. (now_ms - 2 * window))
+  if old > 0 then
+    redis.call('ZREMRANGEBYRANK', KEYS[3], 0, old - 1)
+    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, old - 1)
+  end
+end
+redis.call('HSET', KEYS[2], 'n', tostring(n), 'tr', tostring(tr), 'cp', tostring(cp))
+for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[9])) end
 return {1, math.floor(tat - now), n}
-"#;
+"#
+);
 
-/// Feeds one answer's usage to an account's controller. KEYS[1] the controller's state; ARGV[1]
-/// the usage (%), [2] 1 when the call was throttled, [3] the starting rate, [4] the maximum
-/// rate (calls/s), [5] target (%), [6] band (%), [7] TAU (ms), [8] DOUBLING (ms),
-/// [9] SLOPE_SMOOTHING (ms), [10] first throttle pause (ms), [11] longest throttle pause (ms),
-/// [12] Meta's reset time (ms, 0 if none), [13] Meta's regain estimate (ms, 0 if none),
-/// [14] IDLE (ms), [15] GROWTH_HORIZON (ms), [16] the call's ticket (0: unknown), [17] COST_SPAN
-/// (%), [18] COST_SMOOTHING, [19] LEAVE_SPAN (ms), [20] LEAVE_SMOOTHING. Answers {the pause
-/// the account needs now (ms; 0: none), the base rate and the rate calls leave the window
-/// (thousandths of a call per second)}.
-const OBSERVE: &str = r#"
+/// Feeds one answer's usage to an account's controller. KEYS[1] the controller's state,
+/// KEYS[2] and KEYS[3] the fleet's calls (`HISTORY`); ARGV[1] the usage (%), [2] 1 when the call
+/// was throttled, [3] the starting rate, [4] the maximum rate (calls/s), [5] target (%), [6]
+/// band (%), [7] TAU (ms), [8] DOUBLING (ms), [9] SLOPE_SMOOTHING (ms), [10] first throttle
+/// pause (ms), [11] longest throttle pause (ms), [12] Meta's reset time (ms, 0 if none), [13]
+/// Meta's regain estimate (ms, 0 if none), [14] how long the state outlives the last answer
+/// (ms), [15] GROWTH_HORIZON (ms), [16] the call's ticket (0: unknown), [17] COST_SPAN (%),
+/// [18] COST_SMOOTHING, [19] LEAVE_SPAN (ms), [20] LEAVE_SMOOTHING, [21] the window (ms), [22]
+/// SUSTAIN_FROM (%), [23] ROOM_MARGIN (ms), [24] CEILING (%). Answers {the pause the account
+/// needs now (ms; 0: none), the base rate, the rate calls leave the window and the rate the
+/// budget sustains (thousandths of a call per second)}.
+const OBSERVE: &str = concat!(
+    history!(),
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('HMGET', KEYS[1], 'base', 'slope', 'uref', 'tu', 'tg', 'k', 'until',
-  'nr', 'ur', 'c', 'na', 'ua', 'n', 'tr', 'l', 'lt', 'ln', 'lu')
+  'nr', 'ur', 'c', 'na', 'ua', 'n', 'tr', 'l', 'lt', 'ln', 'lu', 's')
 local base = tonumber(s[1]) or tonumber(ARGV[3])
 local slope = tonumber(s[2]) or 0
 local uref = tonumber(s[3])
@@ -230,10 +341,36 @@ if ticket > 0 and not throttled and c > 0 then
     lu = u
   end
 end
+-- The rate the budget sustains: the fleet's calls in the window this reading saw (from one
+-- window before the call to it), scaled to a full window. Readings too low say little.
+local sustained = tonumber(s[19]) or 0
+local window = tonumber(ARGV[21])
+local first, counted
+if window > 0 and ticket > 0 and u >= tonumber(ARGV[22]) then
+  local n = tonumber(s[13]) or ticket
+  local sent = time_of(KEYS[3], ticket, n, now)
+  if sent then first = tickets_at(KEYS[2], sent - window, n, now) end
+  if first and ticket > first then
+    counted = ticket - first
+    sustained = counted * 1000 / window * 100 / u
+  end
+end
 if throttled then
   if now >= paused_until then
     k = k + 1
     pause = tonumber(ARGV[10]) * 2 ^ (k - 1)
+    -- With the window's calls known: until enough of them leave for the usage to fall under
+    -- the ceiling (the fleet's oldest first), rather than probing a window that is still full.
+    local ceiling = tonumber(ARGV[24])
+    if counted and u > ceiling then
+      local room = math.ceil((u - ceiling) * counted / u)
+      local freed = time_of(KEYS[3], first + room, tonumber(s[13]) or ticket, now)
+      if freed then
+        local exact = freed + window - now + tonumber(ARGV[23])
+        if k == 1 or exact > pause then pause = exact end
+        if pause < 50 then pause = 50 end
+      end
+    end
     if pause > tonumber(ARGV[11]) then pause = tonumber(ARGV[11]) end
     if reset > pause then pause = reset end
     local regain = tonumber(ARGV[13])
@@ -275,10 +412,13 @@ redis.call('HSET', KEYS[1], 'base', tostring(base), 'u', tostring(u), 'slope', t
   'until', tostring(paused_until), 'nr', tostring(nr), 'ur', tostring(ur), 'tr', tostring(tr),
   'c', tostring(c),
   'na', tostring(na or ''), 'ua', tostring(ua or ''),
-  'l', tostring(l), 'lt', tostring(lt or ''), 'ln', tostring(ln or ''), 'lu', tostring(lu or ''))
+  'l', tostring(l), 'lt', tostring(lt or ''), 'ln', tostring(ln or ''), 'lu', tostring(lu or ''),
+  's', tostring(sustained))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[14]))
-return {math.floor(pause), math.floor(base * 1000), math.floor(l * 1000)}
-"#;
+return {math.floor(pause), math.floor(base * 1000), math.floor(l * 1000),
+  math.floor(sustained * 1000)}
+"#
+);
 
 /// The controller's settings, from the worker's.
 #[derive(Debug, Clone, Copy)]
@@ -295,6 +435,31 @@ pub struct Controls {
     pub first_throttle_pause: Duration,
     /// The longest pause after a throttled answer without a regain estimate.
     pub longest_throttle_pause: Duration,
+    /// The length of Meta's rate-limit window; unknown, the fleet reads only the usage (no
+    /// sustained rate, no calls leaving by the fleet's own, probes after a throttle).
+    pub window: Option<Duration>,
+}
+
+impl Controls {
+    /// The spacing of the checkpoints of the fleet's calls.
+    fn checkpoint_every(&self) -> Duration {
+        (self.window.unwrap_or_default() / CHECKPOINTS).max(Duration::from_millis(1))
+    }
+
+    /// The window in milliseconds, 0 when unknown (the scripts' convention).
+    fn window_ms(&self) -> u64 {
+        self.window.map_or(0, |w| w.as_millis() as u64)
+    }
+
+    /// The span the calls leaving the window now are counted over.
+    fn leaving_span(&self) -> Duration {
+        LEAVING_SPAN.max(2 * self.checkpoint_every())
+    }
+
+    /// How long an account's state outlives its last answer or reservation.
+    fn idle(&self) -> Duration {
+        IDLE.max(2 * self.window.unwrap_or_default())
+    }
 }
 
 impl Controls {
@@ -311,6 +476,7 @@ impl Controls {
             longest_throttle_pause: Duration::from_millis(
                 w.throttle_pause_ms.max(w.throttle_probe_ms),
             ),
+            window: (w.usage_window_secs > 0).then(|| Duration::from_secs(w.usage_window_secs)),
         }
     }
 
@@ -323,6 +489,7 @@ impl Controls {
             band_pct: 1,
             first_throttle_pause: Duration::from_secs(1),
             longest_throttle_pause: Duration::from_secs(60),
+            window: None,
         }
     }
 }
@@ -348,11 +515,10 @@ impl FleetBudget {
         }
     }
 
-    fn keys(&self, account: &AdAccountId) -> (String, String) {
-        (
-            account_key(&self.ns, account.as_str(), "pace"),
-            account_key(&self.ns, account.as_str(), "rate"),
-        )
+    /// The account's schedule, controller state, and the fleet's calls by time and by ticket.
+    fn keys(&self, account: &AdAccountId) -> [String; 4] {
+        ["pace", "rate", "sent_t", "sent_n"]
+            .map(|what| account_key(&self.ns, account.as_str(), what))
     }
 
     /// Waits for this call's slot of the account's fleet-wide schedule; its ticket goes back with
@@ -383,13 +549,15 @@ impl FleetBudget {
 
     /// Reserves the next slot, or says when to ask again.
     pub async fn reserve(&self, account: &AdAccountId) -> redis::RedisResult<Slot> {
-        let (pace, rate) = self.keys(account);
+        let [pace, rate, by_time, by_ticket] = self.keys(account);
         let c = &self.controls;
         let mut conn = self.redis.clone();
         let (reserved, wait_us, ticket): (i64, i64, u64) = self
             .reserve
             .key(pace)
             .key(rate)
+            .key(by_time)
+            .key(by_ticket)
             .arg(c.start_per_sec)
             .arg(c.target_pct)
             .arg(c.band_pct)
@@ -398,7 +566,11 @@ impl FleetBudget {
             .arg(HORIZON.as_micros() as u64)
             .arg(STALE.as_millis() as u64)
             .arg(CEILING)
-            .arg(IDLE.as_millis() as u64)
+            .arg(c.idle().as_millis() as u64)
+            .arg(c.window_ms())
+            .arg(SUSTAIN_CAP)
+            .arg(c.leaving_span().as_millis() as u64)
+            .arg(c.checkpoint_every().as_millis() as u64)
             .invoke_async(&mut conn)
             .await?;
         let wait = Duration::from_micros(wait_us.max(0) as u64);
@@ -424,12 +596,14 @@ impl FleetBudget {
         // A throttling answer without usage headers still says the window is full.
         let percent = usage.map_or(100, |u| u.percent);
         let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis() as u64);
-        let (_, rate) = self.keys(account);
+        let [_, rate, by_time, by_ticket] = self.keys(account);
         let c = &self.controls;
         let mut conn = self.redis.clone();
-        let (pause_ms, base_milli, leave_milli): (i64, i64, i64) = self
+        let (pause_ms, base_milli, leave_milli, sustained_milli): (i64, i64, i64, i64) = self
             .observe
             .key(rate)
+            .key(by_time)
+            .key(by_ticket)
             .arg(percent)
             .arg(u8::from(throttled))
             .arg(c.start_per_sec)
@@ -443,19 +617,24 @@ impl FleetBudget {
             .arg(c.longest_throttle_pause.as_millis() as u64)
             .arg(ms(usage.and_then(|u| u.reset)))
             .arg(ms(usage.and_then(|u| u.regain)))
-            .arg(IDLE.as_millis() as u64)
+            .arg(c.idle().as_millis() as u64)
             .arg(GROWTH_HORIZON.as_millis() as u64)
             .arg(ticket.0)
             .arg(COST_SPAN)
             .arg(COST_SMOOTHING)
             .arg(LEAVE_SPAN.as_millis() as u64)
             .arg(LEAVE_SMOOTHING)
+            .arg(c.window_ms())
+            .arg(SUSTAIN_FROM)
+            .arg(ROOM_MARGIN.as_millis() as u64)
+            .arg(CEILING)
             .invoke_async(&mut conn)
             .await?;
         Ok(Some(Observed {
             pause: (pause_ms > 0).then(|| Duration::from_millis(pause_ms as u64)),
             pace_per_sec: base_milli as f64 / 1000.0,
             leave_per_sec: leave_milli as f64 / 1000.0,
+            sustained_per_sec: sustained_milli as f64 / 1000.0,
         }))
     }
 }
@@ -470,6 +649,10 @@ pub struct Observed {
     /// The rate calls leave the account's window, as measured so far (calls/s; 0 until a
     /// call's cost is known): the pace never goes below it.
     pub leave_per_sec: f64,
+    /// The rate the budget sustains, as read so far (calls/s; 0 until a reading of at least
+    /// `SUSTAIN_FROM`): the fleet's calls of the last window, scaled to a full one. The base
+    /// rate goes at most `SUSTAIN_CAP` times above it.
+    pub sustained_per_sec: f64,
 }
 
 /// A reserved slot's number in its account's schedule. An answer's usage is read against the

@@ -9,6 +9,7 @@ use audience_export_core::connection::{
     AccountUnusable, AdAccountStatus, Connections, Invalidated, Marked, UnusableKind,
 };
 use audience_export_core::contract::ExportStatus;
+use audience_export_core::graph::Usage;
 use audience_export_core::pause::AccountPauses;
 use audience_export_core::progress::{
     self, Begin, Cancelled, Claim, Failure, ProgressStore, Recorded, ShardCounts, Unreadable,
@@ -313,18 +314,36 @@ async fn every_script_and_transaction_keeps_its_keys_in_one_slot() {
     assert_eq!(invalidated, Invalidated::Now);
     assert!(connections.disconnect(&w).await.expect("disconnect"));
 
-    // An ad account's pause and pace: EXTEND, RESERVE, OBSERVE (the pace's two keys).
+    // An ad account's pause and pace: EXTEND, RESERVE, OBSERVE (the pace's four keys).
     let pauses = AccountPauses::new(store.connection(), &ns);
     assert!(pauses
         .pause(&a, Duration::from_secs(1))
         .await
         .expect("EXTEND"));
-    let budget = FleetBudget::new(store.connection(), &ns, Controls::fixed(10));
+    // With a window, so that the fleet's calls (two more keys) are recorded and read too.
+    let controls = Controls {
+        window: Some(Duration::from_secs(10)),
+        ..Controls::fixed(10)
+    };
+    let budget = FleetBudget::new(store.connection(), &ns, controls);
     budget
         .observe(&a, Ticket(1), None, true)
         .await
         .expect("OBSERVE");
     budget.reserve(&a).await.expect("RESERVE");
+    budget.reserve(&a).await.expect("RESERVE");
+    budget
+        .observe(
+            &a,
+            Ticket(2),
+            Some(&Usage {
+                percent: 50,
+                ..Usage::default()
+            }),
+            true,
+        )
+        .await
+        .expect("OBSERVE");
 }
 
 /// The names of the script constants handed to `redis::Script::new` anywhere in the fleet's
