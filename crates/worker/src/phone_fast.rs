@@ -7,8 +7,11 @@
 //! mutex, looked up by pattern text on every match (and recompiled when numbers of many countries
 //! evict each other), formats through its format-selection regexes even for E.164, and
 //! allocates at every step. Here each region's patterns (the crate's own metadata,
-//! `phonenumber::metadata::DATABASE`) are compiled once, on first use, into anchored
-//! `regex_automata` matchers; each thread keeps its own search caches; the numbering-plan check
+//! `phonenumber::metadata::DATABASE`) are compiled once, on first use, into anchored, fully
+//! determinized DFAs (`regex_automata::dfa::dense`): a match is a walk over a table, with no
+//! cache and none of a regex engine's per-search setup, which on a haystack of ten digits cost
+//! more than the search (the meta regex stays for the transform rule's captures, and for a
+//! pattern whose DFA would be too large, with per-thread caches); the numbering-plan check
 //! (`number_type(..) != Unknown`) is one multi-pattern search over the type patterns that apply
 //! to the number's length; numbers live in stack buffers.
 //!
@@ -23,8 +26,10 @@
 use crate::normalize::Invalid;
 use phonenumber::country;
 use phonenumber::metadata::{Metadata, DATABASE};
+use regex_automata::dfa::{dense, Automaton, StartKind};
 use regex_automata::util::captures::Captures;
-use regex_automata::util::syntax;
+use regex_automata::util::primitives::StateID;
+use regex_automata::util::{start, syntax};
 use regex_automata::{meta, Anchored, Input, MatchKind};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -212,6 +217,11 @@ impl Run<'_, '_> {
         if bytes.is_empty() || bytes.len() > MAX_INPUT || value.trim().len() != value.len() {
             return Err(Stop::Defer);
         }
+        // Checked first so that no other byte reaches a matcher (they are built without Unicode,
+        // `Dfa::build`); whatever the IDD matcher would have said of such a value, the answer
+        // below is to defer it.
+        let plain =
+            bytes[1..].iter().all(|&b| allowed(b)) && (bytes[0] == b'+' || allowed(bytes[0]));
         // `international_form`, on the value as written.
         let mut s = Buf::new();
         let country = if bytes[0] == b'+' {
@@ -221,7 +231,7 @@ impl Run<'_, '_> {
             s.push(b'+')?;
             s.extend(rest)?;
             None
-        } else if let Some(end) = match default {
+        } else if let Some(end) = match default.filter(|_| plain) {
             Some(plan) => match &self.table.plans[plan].compiled()?.idd {
                 Some(idd) => idd.end_at_start(self.caches, bytes),
                 None => None,
@@ -246,7 +256,7 @@ impl Run<'_, '_> {
                 },
             ));
         };
-        if !bytes[1..].iter().all(|&b| allowed(b)) || !(bytes[0] == b'+' || allowed(bytes[0])) {
+        if !plain {
             return Err(Stop::Defer);
         }
         let number = self.parse(s.bytes(), country)?;
@@ -598,6 +608,80 @@ impl Validation {
 struct Pattern {
     re: meta::Regex,
     slot: usize,
+    /// The same pattern fully determinized, when that fits in `DFA_LIMIT`: a search is then a
+    /// table walk over the haystack, with no cache and none of the meta engine's per-call work
+    /// (which is most of the cost on haystacks of a few digits).
+    dfa: Option<Dfa>,
+}
+
+/// Bytes a pattern's DFA (and its determinization) may take; past it the meta regex serves.
+const DFA_LIMIT: usize = 4 << 20;
+
+struct Dfa {
+    dfa: dense::DFA<Vec<u32>>,
+    start: StateID,
+}
+
+impl Dfa {
+    /// Built without Unicode: `\d` is `[0-9]`, and a class matches bytes, not code points. On
+    /// ASCII haystacks this answers as the crate's Unicode regex does, and every haystack is
+    /// ASCII: national numbers are digits (`Buf::digits_of`), a transform rule's output is
+    /// digits and the metadata's ASCII, and `Run::phone` runs the IDD matcher on the value as
+    /// written only once the value is known to be of the fast path's alphabet.
+    fn build(patterns: &[&str]) -> Option<Dfa> {
+        let dfa = dense::Builder::new()
+            .configure(
+                dense::Config::new()
+                    .start_kind(StartKind::Anchored)
+                    .match_kind(MatchKind::LeftmostFirst)
+                    .accelerate(false)
+                    .dfa_size_limit(Some(DFA_LIMIT))
+                    .determinize_size_limit(Some(DFA_LIMIT)),
+            )
+            .syntax(
+                syntax::Config::new()
+                    .unicode(false)
+                    .utf8(false)
+                    .ignore_whitespace(true),
+            )
+            .build_many(patterns)
+            .ok()?;
+        let start = dfa
+            .start_state(&start::Config::new().anchored(Anchored::Yes))
+            .ok()?;
+        Some(Dfa { dfa, start })
+    }
+
+    /// The end of the leftmost-first match that starts at 0, as `find_fwd` finds it: a match
+    /// state reached after the byte at `at` means a match ends at `at`; the dead state means
+    /// no longer one can follow. `Err` at a quit byte (none without Unicode word boundaries;
+    /// the meta regex answers then). With `earliest`, the first match found.
+    fn end(&self, hay: &[u8], earliest: bool) -> Result<Option<usize>, ()> {
+        debug_assert!(hay.is_ascii(), "{hay:?}");
+        let dfa = &self.dfa;
+        let mut sid = self.start;
+        let mut end = None;
+        for (at, &b) in hay.iter().enumerate() {
+            sid = dfa.next_state(sid, b);
+            if dfa.is_special_state(sid) {
+                if dfa.is_match_state(sid) {
+                    end = Some(at);
+                    if earliest {
+                        return Ok(end);
+                    }
+                } else if dfa.is_dead_state(sid) {
+                    return Ok(end);
+                } else if dfa.is_quit_state(sid) {
+                    return Err(());
+                }
+            }
+        }
+        sid = dfa.next_eoi_state(sid);
+        if dfa.is_match_state(sid) {
+            end = Some(hay.len());
+        }
+        Ok(end)
+    }
 }
 
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
@@ -620,11 +704,15 @@ impl Pattern {
         Some(Pattern {
             re,
             slot: NEXT_SLOT.fetch_add(1, Ordering::Relaxed),
+            dfa: Dfa::build(patterns),
         })
     }
 
     /// The crate's `regex.find(text).map(|m| m.start() == 0)`: a match that starts at 0 exists.
     fn matches_at_start(&self, caches: &mut Caches, hay: &[u8]) -> bool {
+        if let Some(Ok(end)) = self.dfa.as_ref().map(|d| d.end(hay, true)) {
+            return end.is_some();
+        }
         self.re
             .is_match_with(caches.get(self), &Input::new(hay).anchored(Anchored::Yes))
     }
@@ -632,6 +720,9 @@ impl Pattern {
     /// The end of the crate's `regex.find(text)` when that match starts at 0. The leftmost
     /// match starts at 0 exactly when an anchored one exists, and then it is that one.
     fn end_at_start(&self, caches: &mut Caches, hay: &[u8]) -> Option<usize> {
+        if let Some(Ok(end)) = self.dfa.as_ref().map(|d| d.end(hay, false)) {
+            return end;
+        }
         self.re
             .search_with(caches.get(self), &Input::new(hay).anchored(Anchored::Yes))
             .map(|m| m.end())
@@ -964,6 +1055,97 @@ mod tests {
             .iter()
             .flatten()
             .all(|c| !matches!(c.regions, Regions::Unsupported)));
+    }
+
+    /// Every pattern's DFA against its meta regex: on the metadata's example numbers, their
+    /// prefixes and extensions, and random digits.
+    #[test]
+    fn every_dfa_answers_as_its_meta_regex() {
+        let table = table();
+        let mut caches = Caches::default();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut digit = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            b'0' + (seed % 10) as u8
+        };
+        let (mut with_dfa, mut without, mut bytes) = (0, 0, 0);
+        for plan in &table.plans {
+            let d = plan.meta.descriptors();
+            let examples: Vec<&str> = [
+                d.premium_rate(),
+                d.toll_free(),
+                d.shared_cost(),
+                d.voip(),
+                d.personal_number(),
+                d.pager(),
+                d.uan(),
+                d.voicemail(),
+                d.fixed_line(),
+                d.mobile(),
+            ]
+            .into_iter()
+            .filter_map(|d| d.and_then(|d| d.example()))
+            .collect();
+            let mut hays: Vec<Vec<u8>> = Vec::new();
+            for example in examples {
+                let e = example.as_bytes();
+                for cut in 0..=e.len() {
+                    hays.push(e[..cut].to_vec());
+                }
+                for _ in 0..4 {
+                    let mut longer = e.to_vec();
+                    longer.push(digit());
+                    hays.push(longer);
+                }
+                let prefixed = [plan.code_digits.as_bytes(), e].concat();
+                hays.push(prefixed);
+            }
+            for len in 0..20 {
+                for _ in 0..20 {
+                    hays.push((0..len).map(|_| digit()).collect());
+                }
+            }
+            // What makes a transform's output ASCII, as `Dfa::build` needs.
+            assert!(plan
+                .meta
+                .national_prefix_transform_rule()
+                .is_none_or(|t| t.is_ascii()));
+            let compiled = plan.compiled().ok().unwrap();
+            let mut patterns: Vec<&Pattern> = [
+                Some(&compiled.general),
+                compiled.idd.as_ref(),
+                compiled.npfp.as_ref(),
+                compiled.leading.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            for len in 0..=BUF {
+                if let Ok(Some(types)) = plan.types_for_length(len) {
+                    patterns.push(types);
+                }
+            }
+            for pattern in patterns {
+                let Some(dfa) = &pattern.dfa else {
+                    without += 1;
+                    continue;
+                };
+                with_dfa += 1;
+                bytes += dfa.dfa.memory_usage();
+                for hay in &hays {
+                    let input = Input::new(hay).anchored(Anchored::Yes);
+                    let cache = caches.get(pattern);
+                    let end = pattern.re.search_with(cache, &input).map(|m| m.end());
+                    let found = pattern.re.is_match_with(cache, &input);
+                    assert_eq!(dfa.end(hay, false), Ok(end), "{} {hay:?}", plan.meta.id());
+                    assert_eq!(dfa.end(hay, true).map(|e| e.is_some()), Ok(found));
+                }
+            }
+        }
+        eprintln!("{with_dfa} DFAs ({bytes} bytes), {without} patterns without");
+        assert_eq!(without, 0);
     }
 
     #[test]
