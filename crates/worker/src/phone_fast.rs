@@ -70,6 +70,7 @@ pub fn e164(value: &str, default_country: Option<country::Id>, out: &mut Vec<u8>
         let mut run = Run {
             table,
             caches: &mut caches,
+            chosen: None,
         };
         match run.phone(value, default) {
             Ok(number) => {
@@ -197,15 +198,34 @@ fn allowed(b: u8) -> bool {
     b.is_ascii_digit() || matches!(b, b' ' | b'-' | b'.' | b'(' | b')' | b'/')
 }
 
+/// Whether `str::trim` would shorten `value`: only its first and last characters can say, and
+/// when those are ASCII their bytes do (the caller has trimmed, so this is nearly always false).
+fn untrimmed(value: &str) -> bool {
+    match (value.as_bytes().first(), value.as_bytes().last()) {
+        (Some(&first), Some(&last)) if first.is_ascii() && last.is_ascii() => {
+            char::from(first).is_whitespace() || char::from(last).is_whitespace()
+        }
+        _ => value.trim().len() != value.len(),
+    }
+}
+
 /// The RFC 3966 parser's separators (`rfc3966::separator`).
 fn rfc_separator(b: u8) -> bool {
     matches!(b, b'-' | b'.' | b'(' | b')')
 }
 
+/// The region (plan) `source_for` names, if any, and whether it was chosen because the number
+/// is one of its types.
+type Chosen = Option<(usize, bool)>;
+
 /// One value's run: the tables and this thread's search caches.
 struct Run<'t, 'c> {
     table: &'t Table,
     caches: &'c mut Caches,
+    /// The last region `source_for` chose among several, and for which number: `is_valid` asks
+    /// again about the number `parse` asked about whenever no national prefix was stripped, and
+    /// under a shared code (+1, +7, +44, ...) each answer costs two matches per region tried.
+    chosen: Option<(u16, Buf, Chosen)>,
 }
 
 impl Run<'_, '_> {
@@ -214,7 +234,7 @@ impl Run<'_, '_> {
         let bytes = value.as_bytes();
         // `normalize_into` trims; the reference parses the value as given in one branch and
         // trimmed in another, so untrimmed values are left to it.
-        if bytes.is_empty() || bytes.len() > MAX_INPUT || value.trim().len() != value.len() {
+        if bytes.is_empty() || bytes.len() > MAX_INPUT || untrimmed(value) {
             return Err(Stop::Defer);
         }
         // Checked first so that no other byte reaches a matcher (they are built without Unicode,
@@ -466,7 +486,7 @@ impl Run<'_, '_> {
 
     /// `validator::source_for`, resolved to the metadata it names; with whether the region was
     /// chosen because the number is one of its types (then `typed` is known to be true).
-    fn source_for(&mut self, code: u16, national: &[u8]) -> Step<Option<(usize, bool)>> {
+    fn source_for(&mut self, code: u16, national: &[u8]) -> Step<Chosen> {
         let table = self.table;
         let Some(entry) = table.code(code) else {
             return Ok(None);
@@ -476,23 +496,39 @@ impl Run<'_, '_> {
             Regions::Single(plan) => Ok(plan.map(|p| (p, false))),
             Regions::Unsupported => Err(Stop::Defer),
             Regions::Many(plans) => {
-                for &plan in plans {
-                    match &table.plans[plan].compiled()?.leading {
-                        Some(leading) => {
-                            if leading.matches_at_start(self.caches, national) {
-                                return Ok(Some((plan, false)));
-                            }
-                        }
-                        None => {
-                            if self.typed(plan, national)? {
-                                return Ok(Some((plan, true)));
-                            }
-                        }
+                if let Some((c, n, chosen)) = &self.chosen {
+                    if *c == code && n.bytes() == national {
+                        return Ok(*chosen);
                     }
                 }
-                Ok(None)
+                let chosen = self.choose(plans, national)?;
+                let mut key = Buf::new();
+                key.extend(national)?;
+                self.chosen = Some((code, key, chosen));
+                Ok(chosen)
             }
         }
+    }
+
+    /// `source_for` among several regions, main country first: the first whose leading digits
+    /// match, or, for a region without them, of whose types the number is one.
+    fn choose(&mut self, plans: &[usize], national: &[u8]) -> Step<Chosen> {
+        let table = self.table;
+        for &plan in plans {
+            match &table.plans[plan].compiled()?.leading {
+                Some(leading) => {
+                    if leading.matches_at_start(self.caches, national) {
+                        return Ok(Some((plan, false)));
+                    }
+                }
+                None => {
+                    if self.typed(plan, national)? {
+                        return Ok(Some((plan, true)));
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// `validator::number_type(meta, national) != Type::Unknown`: the general pattern and at
@@ -1146,6 +1182,26 @@ mod tests {
         }
         eprintln!("{with_dfa} DFAs ({bytes} bytes), {without} patterns without");
         assert_eq!(without, 0);
+    }
+
+    #[test]
+    fn untrimmed_says_what_trim_would() {
+        for value in [
+            "",
+            " ",
+            "1",
+            " 1",
+            "1 ",
+            "\u{b}1",
+            "1\u{b}",
+            "\u{a0}1",
+            "1\u{3000}",
+            "é1",
+            "1é",
+            "1 2",
+        ] {
+            assert_eq!(untrimmed(value), value.trim() != value, "{value:?}");
+        }
     }
 
     #[test]
