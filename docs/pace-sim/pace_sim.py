@@ -208,7 +208,7 @@ class LeaveFloor(InFlightGate):
                 return ("later", 0.01)
             probe = True
         h = min(1, max(self.H_MIN, (self.target - p) / self.band))
-        rate = max(self.base * h, self.leave)
+        rate = self.rate(now, h)
         tat = max(self.tat, now)
         if tat - now > self.HORIZON:
             return ("later", tat - now - self.HORIZON)
@@ -217,6 +217,10 @@ class LeaveFloor(InFlightGate):
         if probe:
             self.tr = now
         return ("ok", tat - now, self.n)
+
+    def rate(self, now, h):
+        """The slot rate: `base × h`, or the rate calls leave the window if faster."""
+        return max(self.base * h, self.leave)
 
     def observe(self, now, u, throttled, reset, ticket):
         pause = super().observe(now, u, throttled, reset, ticket)
@@ -256,28 +260,18 @@ class KnownWindow(LeaveFloor):
         return bisect.bisect_right(self.times, t) - 1
 
     def reserve(self, now):
-        p = self.predicted(now)
-        probe = False
-        if self.c > 0 and p + self.c > self.CEIL:
-            if now - self.tr < self.STALE:
-                return ("later", 0.01)
-            probe = True
-        h = min(1, max(self.H_MIN, (self.target - p) / self.band))
+        r = super().reserve(now)
+        if r[0] == "ok":
+            self.times.append(now + r[1])
+        return r
+
+    def rate(self, now, h):
         paced = self.base * h
         if self.sustained is not None:
             paced = min(paced, self.CAP * self.sustained)
         w = self.window
         gone = (self.tickets_at(now - w + self.AHEAD) - self.tickets_at(now - w)) / self.AHEAD
-        rate = max(paced, self.leave, gone)
-        tat = max(self.tat, now)
-        if tat - now > self.HORIZON:
-            return ("later", tat - now - self.HORIZON)
-        self.tat = tat + 1 / rate
-        self.n += 1
-        self.times.append(tat)
-        if probe:
-            self.tr = now
-        return ("ok", tat - now, self.n)
+        return max(paced, self.leave, gone)
 
     def observe(self, now, u, throttled, reset, ticket):
         k = self.k

@@ -564,7 +564,7 @@ async fn metric(ops: std::net::SocketAddr, series: &str) -> u64 {
 async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
     const PAUSE: Duration = Duration::from_millis(2_500);
     let app = spawn_app_with(Roles::ALL, |s| {
-        // Meta's window as the fleet is told it: the emulator's below.
+        // Meta's window, the emulator's too (`limit_account`).
         s.worker.usage_window_secs = 2;
         s.producer.shard_size = 50;
         // One attempt only: if waiting out a throttle spent an attempt, a shard would fail.
@@ -584,7 +584,7 @@ async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
     .await;
     // 8 calls per 2-second window, no regain time in the headers: the pause is the worker's own.
     app.emulator.configure(|c| c.regain_in_headers = false);
-    limit_account(&app, 2.0, 8, 20, 0);
+    limit_account(&app, 8, 20, 0);
     let segment = app.dir.join("throttle.ndjson");
     let generated = generate(&segment, 2_000, 17).expect("segment");
     let want = generated.expectation(Field::Email, 50);
@@ -663,7 +663,7 @@ async fn a_throttled_account_is_paused_fleet_wide_without_spending_attempts() {
 async fn three_workers_share_one_ad_account_budget() {
     let tune = |s: &mut audience_export_core::config::Settings| {
         s.producer.shard_size = 10;
-        // Meta's window as the fleet is told it: the emulator's below.
+        // Meta's window, the emulator's too (`limit_account`).
         s.worker.usage_window_secs = 2;
         s.worker.concurrency = 2;
         s.worker.calls_per_second_per_account = 10;
@@ -684,7 +684,7 @@ async fn three_workers_share_one_ad_account_budget() {
     .await;
     // 20 calls per 2-second window: 10 calls/s for the account, a third of what three workers
     // would send unpaced.
-    limit_account(&app, 2.0, 20, 20, 10);
+    limit_account(&app, 20, 20, 10);
     let workers: Vec<_> = (0..3)
         .map(|_| app.spawn_worker_process(WORKER_BIN))
         .collect();
@@ -729,15 +729,15 @@ async fn three_workers_share_one_ad_account_budget() {
     app.stop().await;
 }
 
-/// Meta's budget for the test ad account: `calls` per sliding `window_secs`, each answered after
-/// `base_ms` plus up to `jitter_ms`.
+/// Meta's budget for the test ad account: `calls` per sliding window of the length the workers
+/// are told (`usage_window_secs`), each answered after `base_ms` plus up to `jitter_ms`.
 fn limit_account(
     app: &audience_export_harness::app::TestApp,
-    window_secs: f64,
     calls: u64,
     base_ms: u64,
     jitter_ms: u64,
 ) {
+    let window_secs = app.settings.worker.usage_window_secs as f64;
     app.emulator.configure(|c| c.window_secs = window_secs);
     app.emulator.set_budget(AD_ACCOUNT, calls);
     app.emulator
@@ -792,13 +792,13 @@ fn busiest_second(times: &[std::time::Instant]) -> usize {
 async fn a_budget_larger_than_the_starting_rate_is_used() {
     let app = spawn_app_with(Roles::ALL, |s| {
         s.producer.shard_size = 10;
-        // Meta's window as the fleet is told it: the emulator's below.
+        // Meta's window, the emulator's too (`limit_account`).
         s.worker.usage_window_secs = 2;
         s.worker.calls_per_second_per_account = 5;
     })
     .await;
     // 100 calls per 2-second window: 50 calls/s, ten times where the fleet starts.
-    limit_account(&app, 2.0, 100, 20, 5);
+    limit_account(&app, 100, 20, 5);
     let segment = app.dir.join("grow.ndjson");
     let generated = generate(&segment, 1_500, 41).expect("segment");
     let want = generated.expectation(Field::Email, 10);
@@ -826,7 +826,7 @@ async fn a_budget_larger_than_the_starting_rate_is_used() {
 async fn a_budget_halved_mid_export_slows_the_fleet_without_a_throttling_storm() {
     let app = spawn_app_with(Roles::ALL, |s| {
         s.producer.shard_size = 10;
-        // Meta's window as the fleet is told it: the emulator's below.
+        // Meta's window, the emulator's too (`limit_account`).
         s.worker.usage_window_secs = 4;
         s.worker.calls_per_second_per_account = 20;
         s.worker.max_calls_per_second_per_account = 20;
@@ -834,7 +834,7 @@ async fn a_budget_halved_mid_export_slows_the_fleet_without_a_throttling_storm()
     .await;
     // 80 calls per 4-second window (20 calls/s), then 40 (10 calls/s) once 80 shards are done;
     // 200 ms answers, so several calls are on the wire when the budget runs out.
-    limit_account(&app, 4.0, 80, 200, 20);
+    limit_account(&app, 80, 200, 20);
     let segment = app.dir.join("halve.ndjson");
     let generated = generate(&segment, 1_800, 43).expect("segment");
     let want = generated.expectation(Field::Email, 10);
@@ -869,7 +869,7 @@ async fn a_budget_halved_mid_export_slows_the_fleet_without_a_throttling_storm()
 async fn a_small_budget_in_a_short_window_is_used_without_a_throttling_storm() {
     let app = spawn_app_with(Roles::ALL, |s| {
         s.producer.shard_size = 10;
-        // Meta's window as the fleet is told it: the emulator's below.
+        // Meta's window, the emulator's too (`limit_account`).
         s.worker.usage_window_secs = 2;
         s.worker.calls_per_second_per_account = 10;
     })
@@ -880,7 +880,7 @@ async fn a_small_budget_in_a_short_window_is_used_without_a_throttling_storm() {
     // comes back every window: with the gate disabled in RESERVE this export had 22 of 159
     // calls throttled (14 of 151 once the pace kept up with the calls leaving the window).
     app.emulator.configure(|c| c.regain_in_headers = false);
-    limit_account(&app, 2.0, 20, 200, 20);
+    limit_account(&app, 20, 200, 20);
     let segment = app.dir.join("small.ndjson");
     let generated = generate(&segment, 1_500, 47).expect("segment");
     let want = generated.expectation(Field::Email, 10);

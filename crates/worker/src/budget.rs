@@ -346,8 +346,9 @@ end
 local sustained = tonumber(s[19]) or 0
 local window = tonumber(ARGV[21])
 local first, counted
+-- The last ticket handed out.
+local n = tonumber(s[13]) or ticket
 if window > 0 and ticket > 0 and u >= tonumber(ARGV[22]) then
-  local n = tonumber(s[13]) or ticket
   local sent = time_of(KEYS[3], ticket, n, now)
   if sent then first = tickets_at(KEYS[2], sent - window, n, now) end
   if first and ticket > first then
@@ -364,7 +365,7 @@ if throttled then
     local ceiling = tonumber(ARGV[24])
     if counted and u > ceiling then
       local room = math.ceil((u - ceiling) * counted / u)
-      local freed = time_of(KEYS[3], first + room, tonumber(s[13]) or ticket, now)
+      local freed = time_of(KEYS[3], first + room, n, now)
       if freed then
         local exact = freed + window - now + tonumber(ARGV[23])
         if k == 1 or exact > pause then pause = exact end

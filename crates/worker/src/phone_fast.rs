@@ -25,7 +25,7 @@
 
 use crate::normalize::Invalid;
 use phonenumber::country;
-use phonenumber::metadata::{Metadata, DATABASE};
+use phonenumber::metadata::{Descriptor, Metadata, DATABASE};
 use regex_automata::dfa::{dense, Automaton, StartKind};
 use regex_automata::util::captures::Captures;
 use regex_automata::util::primitives::StateID;
@@ -803,26 +803,31 @@ struct Compiled {
     leading: Option<Pattern>,
 }
 
+/// The type descriptors a region has, in the order of `validator::number_type` (only whether
+/// one matches counts).
+fn type_descriptors(meta: &Metadata) -> [Option<&Descriptor>; 10] {
+    let d = meta.descriptors();
+    [
+        d.premium_rate(),
+        d.toll_free(),
+        d.shared_cost(),
+        d.voip(),
+        d.personal_number(),
+        d.pager(),
+        d.uan(),
+        d.voicemail(),
+        d.fixed_line(),
+        d.mobile(),
+    ]
+}
+
 impl Plan {
     fn new(meta: &'static Metadata) -> Plan {
-        let d = meta.descriptors();
-        // The order of `validator::number_type`; only whether one matches counts.
-        let types = [
-            d.premium_rate(),
-            d.toll_free(),
-            d.shared_cost(),
-            d.voip(),
-            d.personal_number(),
-            d.pager(),
-            d.uan(),
-            d.voicemail(),
-            d.fixed_line(),
-            d.mobile(),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|d| (d.possible_length(), d.national_number().as_str()))
-        .collect();
+        let types = type_descriptors(meta)
+            .into_iter()
+            .flatten()
+            .map(|d| (d.possible_length(), d.national_number().as_str()))
+            .collect();
         Plan {
             meta,
             code_digits: meta.country_code().to_string(),
@@ -1043,6 +1048,8 @@ fn table() -> &'static Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     #[test]
     fn rfc3966_takes_values_without_spaces_and_splits_a_plus_code() {
@@ -1099,31 +1106,14 @@ mod tests {
     fn every_dfa_answers_as_its_meta_regex() {
         let table = table();
         let mut caches = Caches::default();
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut digit = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            b'0' + (seed % 10) as u8
-        };
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut digit = move || b'0' + rng.gen_range(0..10u8);
         let (mut with_dfa, mut without, mut bytes) = (0, 0, 0);
         for plan in &table.plans {
-            let d = plan.meta.descriptors();
-            let examples: Vec<&str> = [
-                d.premium_rate(),
-                d.toll_free(),
-                d.shared_cost(),
-                d.voip(),
-                d.personal_number(),
-                d.pager(),
-                d.uan(),
-                d.voicemail(),
-                d.fixed_line(),
-                d.mobile(),
-            ]
-            .into_iter()
-            .filter_map(|d| d.and_then(|d| d.example()))
-            .collect();
+            let examples: Vec<&str> = type_descriptors(plan.meta)
+                .into_iter()
+                .filter_map(|d| d.and_then(|d| d.example()))
+                .collect();
             let mut hays: Vec<Vec<u8>> = Vec::new();
             for example in examples {
                 let e = example.as_bytes();
