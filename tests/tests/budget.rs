@@ -447,3 +447,98 @@ async fn a_throttled_window_is_waited_out_until_enough_of_its_calls_have_left() 
         "the account waits until {until:?} after the first call"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_an_answer_filled_is_waited_out_until_one_of_its_calls_has_left() {
+    // A 2 s window, ten calls 10 ms apart, and the tenth answered (not refused) at 100%: it took
+    // the window's last room. No call fits before the first of the ten leaves, 2 s after it was
+    // sent: a probe after the first pause (100 ms here), or after Meta's `reset_time_duration`
+    // (whole seconds, rounded down: 1 s here), would be refused.
+    let (budget, _) = budget(windowed(100, 100, Duration::from_secs(2))).await;
+    let act = account("571");
+    let start = Instant::now();
+    for t in 1..=10 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    let full = Usage {
+        percent: 100,
+        reset: Some(Duration::from_secs(1)),
+        ..Usage::default()
+    };
+    let pause = budget
+        .observe(&act, Ticket(10), Some(&full), false)
+        .await
+        .unwrap()
+        .and_then(|o| o.pause)
+        .expect("a pause");
+    let until = start.elapsed() + pause;
+    assert!(
+        until >= Duration::from_millis(2_050) && until <= Duration::from_millis(2_250),
+        "the account waits until {until:?} after the first call"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_account_books_no_slot() {
+    // A slot booked during a pause is never used (the shard is deferred), yet it would count
+    // among the fleet's calls in the window, and its number as a call on the wire: the window
+    // would seem to empty before it does. So nothing is booked while either pause lasts: the
+    // controller's (set with the answer that called for it) or the fleet-wide one.
+    let (budget, ns) = budget(windowed(100, 100, Duration::from_secs(2))).await;
+    let act = account("572");
+    assert_eq!(budget.until_ready(&act).await, Ticket(1));
+    let pause = budget
+        .observe(&act, Ticket(1), Some(&usage(100)), true)
+        .await
+        .unwrap()
+        .and_then(|o| o.pause)
+        .expect("a pause");
+    assert!(
+        matches!(budget.reserve(&act).await.unwrap(), Slot::Paused(left) if left <= pause && left > pause / 2),
+        "{pause:?}"
+    );
+    assert!(
+        matches!(budget.until_ready_unless_paused(&act).await, Err(left) if left <= pause),
+        "a shard is deferred rather than held through the pause"
+    );
+    // Waited out, the pause costs no ticket.
+    let start = Instant::now();
+    assert_eq!(budget.until_ready(&act).await, Ticket(2));
+    assert!(start.elapsed() + Duration::from_millis(10) >= pause / 2);
+
+    // The fleet-wide pause (set by a worker, a round trip after the answer) holds it too.
+    let pauses =
+        audience_export_core::pause::AccountPauses::new(connect_redis(URL).await.unwrap(), &ns);
+    pauses
+        .pause(&act, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(matches!(
+        budget.reserve(&act).await.unwrap(),
+        Slot::Paused(left) if left > Duration::from_millis(200) && left <= Duration::from_millis(300)
+    ));
+    assert_eq!(budget.until_ready(&act).await, Ticket(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cost_of_a_call_is_read_net_of_the_calls_that_left_the_window() {
+    // A 1 s window where a call costs 2%: ten calls at once, answered at 2% and 20%. A second
+    // later they have all left, and twenty more are answered at 40%: 20 points over 20 calls
+    // sent, but 10 of the 20 in the window are new ones only. Read as 1% (what a pace that
+    // did not count the calls leaving learned), the calls on the wire would be counted at half
+    // their cost, and twice as many sent into a window with no room.
+    let (budget, _) = budget(windowed(10_000, 10_000, Duration::from_secs(1))).await;
+    let act = account("573");
+    for t in 1..=10 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    read(&budget, &act, Ticket(1), 2).await;
+    let cost = read(&budget, &act, Ticket(10), 20).await.cost_pct;
+    assert!((1.99..=2.01).contains(&cost), "{cost}% a call");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for t in 11..=30 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    let cost = read(&budget, &act, Ticket(30), 40).await.cost_pct;
+    assert!((1.9..=2.2).contains(&cost), "{cost}% a call");
+}

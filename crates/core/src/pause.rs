@@ -17,6 +17,12 @@ end
 return 0
 "#;
 
+/// The key of an ad account's pause: it shares the account's hash tag, so the pace's scripts
+/// (`worker::budget`) read it in the same slot.
+pub fn pause_key(namespace: &str, ad_account: &AdAccountId) -> String {
+    crate::redis_conn::account_key(namespace, ad_account, "pause")
+}
+
 #[derive(Clone)]
 pub struct AccountPauses {
     redis: RedisConn,
@@ -35,7 +41,7 @@ impl AccountPauses {
     }
 
     fn key(&self, ad_account: &AdAccountId) -> String {
-        crate::redis_conn::account_key(&self.ns, ad_account, "pause")
+        pause_key(&self.ns, ad_account)
     }
 
     /// How long the account stays paused, if it is.

@@ -35,9 +35,12 @@
 //!   Scaled to a full window they are the rate the budget sustains, and `base × h` goes at most
 //!   `SUSTAIN_CAP` above it, so a window fills evenly rather than in a burst that comes back
 //!   every window; the calls of one window ago are the calls leaving now, a second floor for
-//!   the pace; and a throttled window has room again when enough of them have left, so the
-//!   pause lasts until then instead of probing a window that is still full (R = 20, a 30 s
-//!   window full when the budget halved: 22 of 2,023 calls throttled before, BENCHMARKS.md).
+//!   the pace; and a full window (a throttled answer, or one at 100%) has room again when
+//!   enough of them have left, so the pause lasts until then instead of probing a window that
+//!   is still full (R = 20, a 30 s window full when the budget halved: 22 of 2,023 calls
+//!   throttled before, BENCHMARKS.md). The rise in usage between two readings is read net of
+//!   the fleet's calls that left the window meanwhile: a draining window otherwise made a call
+//!   seem to cost half what it did, and the calls on the wire overfilled it.
 //!
 //! A throttled answer still pauses the account fleet-wide (`AccountPauses`): until the window
 //! has room, when its calls are known; otherwise for a probe's time, doubling while Meta keeps
@@ -45,6 +48,10 @@
 //! `estimated_time_to_regain_access` or `throttle_pause_ms`: the pause ends with one slow call,
 //! not a burst, because the last usage (≥ 100%) holds the rate at its floor until an answer says
 //! the window has room. Calls already on the wire when a throttle is seen do not double it.
+//! No slot is booked while the account is paused (`Slot::Paused`): a slot booked then was
+//! deferred with its shard, never used, yet counted among the fleet's calls, so the window
+//! seemed to empty before it did (a 10 s window, R = 20, halved: 3 calls throttled a window
+//! after the cut, BENCHMARKS.md).
 //!
 //! The clock is Redis's own (`TIME`), so workers' clocks do not matter. A slot reserved by a
 //! worker that dies before using it is lost, never doubled. Both keys carry the account's hash
@@ -52,6 +59,7 @@
 
 use audience_export_core::contract::AdAccountId;
 use audience_export_core::graph::Usage;
+use audience_export_core::pause::pause_key;
 use audience_export_core::redis_conn::{account_key, RedisConn};
 use std::time::Duration;
 
@@ -164,12 +172,14 @@ end
 
 /// Reserves the next slot of an account's schedule at the controller's current rate.
 /// KEYS[1] the account's TAT (µs, Redis clock), KEYS[2] the controller's state, KEYS[3] and
-/// KEYS[4] the fleet's calls (`HISTORY`); ARGV[1] the starting rate (calls/s), [2] the target
+/// KEYS[4] the fleet's calls (`HISTORY`), KEYS[5] the account's fleet-wide pause
+/// (`AccountPauses`); ARGV[1] the starting rate (calls/s), [2] the target
 /// usage (%), [3] the band below it (%), [4] H_MIN, [5] TAU (ms), [6] HORIZON (µs), [7] STALE
 /// (ms), [8] CEILING (%), [9] how long the state outlives the last answer (ms), [10] the
 /// window (ms), [11] SUSTAIN_CAP, [12] the span the calls leaving now are counted over (ms),
-/// [13] the checkpoints' spacing (ms). Answers {1, wait µs, ticket} with the slot reserved, or
-/// {0, µs until asking again} without: the schedule is full beyond the horizon, or the calls
+/// [13] the checkpoints' spacing (ms). Answers {1, wait µs, ticket} with the slot reserved,
+/// {2, µs until the pause ends} while the account is paused, or {0, µs until asking again}
+/// without: the schedule is full beyond the horizon, or the calls
 /// already on the wire would take the usage past the ceiling (then one probe goes once the
 /// freshest reading is older than STALE). The slot interval is that of `base × h`, at most
 /// SUSTAIN_CAP times the rate the budget sustains, or of the rate calls leave the window if
@@ -182,9 +192,14 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now / 1000)
 local s = redis.call('HMGET', KEYS[2], 'base', 'u', 'slope', 'n', 'nr', 'ur', 'tr', 'c', 'l',
-  's', 'cp')
+  's', 'cp', 'last', 'until')
 -- A new schedule numbers its tickets from 1: an older history numbers other calls.
 if not s[4] then redis.call('DEL', KEYS[3], KEYS[4]) end
+-- A paused account books nothing: a slot taken now would be deferred, never used, and yet
+-- counted among the fleet's calls in the window. The controller's pause is set with the
+-- answer that called for it, the fleet-wide one (KEYS[5]) a round trip later.
+local paused = math.max((tonumber(s[13]) or 0) - now_ms, redis.call('PTTL', KEYS[5]))
+if paused > 0 then return {2, paused * 1000, 0} end
 local base = tonumber(s[1]) or tonumber(ARGV[1])
 local u = tonumber(s[2]) or 0
 local slope = tonumber(s[3]) or 0
@@ -234,10 +249,18 @@ n = n + 1
 if probe then tr = now_ms end
 local slot = math.floor(tat / 1000)
 local cp = tonumber(s[11])
-if window > 0 and (cp == nil or slot - cp >= tonumber(ARGV[13])) then
-  local member = n .. ':' .. slot
-  redis.call('ZADD', KEYS[3], slot, member)
-  redis.call('ZADD', KEYS[4], n, member)
+local last = tonumber(s[12])
+local spacing = tonumber(ARGV[13])
+local function checkpoint_at(j, at)
+  local member = j .. ':' .. at
+  redis.call('ZADD', KEYS[3], at, member)
+  redis.call('ZADD', KEYS[4], j, member)
+end
+if window > 0 and (cp == nil or slot - cp >= spacing) then
+  -- Tickets are taken as evenly spread between checkpoints: after a quiet spell (a pause), the
+  -- last reservation before it is one too, or the calls before it would seem spread over it.
+  if cp and last and last > cp and slot - last >= spacing then checkpoint_at(n - 1, last) end
+  checkpoint_at(n, slot)
   cp = slot
   local old = redis.call('ZCOUNT', KEYS[3], '-inf', '(' .. (now_ms - 2 * window))
   if old > 0 then
@@ -245,7 +268,8 @@ if window > 0 and (cp == nil or slot - cp >= tonumber(ARGV[13])) then
     redis.call('ZREMRANGEBYRANK', KEYS[4], 0, old - 1)
   end
 end
-redis.call('HSET', KEYS[2], 'n', tostring(n), 'tr', tostring(tr), 'cp', tostring(cp))
+redis.call('HSET', KEYS[2], 'n', tostring(n), 'tr', tostring(tr), 'cp', tostring(cp), 'last',
+  tostring(slot))
 for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[9])) end
 return {1, math.floor(tat - now), n}
 "#
@@ -261,14 +285,15 @@ return {1, math.floor(tat - now), n}
 /// [18] COST_SMOOTHING, [19] LEAVE_SPAN (ms), [20] LEAVE_SMOOTHING, [21] the window (ms), [22]
 /// SUSTAIN_FROM (%), [23] ROOM_MARGIN (ms), [24] CEILING (%). Answers {the pause the account
 /// needs now (ms; 0: none), the base rate, the rate calls leave the window and the rate the
-/// budget sustains (thousandths of a call per second)}.
+/// budget sustains (thousandths of a call per second), a call's cost (thousandths of a
+/// percent)}.
 const OBSERVE: &str = concat!(
     history!(),
     r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('HMGET', KEYS[1], 'base', 'slope', 'uref', 'tu', 'tg', 'k', 'until',
-  'nr', 'ur', 'c', 'na', 'ua', 'n', 'tr', 'l', 'lt', 'ln', 'lu', 's')
+  'nr', 'ur', 'c', 'na', 'ua', 'n', 'tr', 'l', 'lt', 'ln', 'lu', 's', 'fa')
 local base = tonumber(s[1]) or tonumber(ARGV[3])
 local slope = tonumber(s[2]) or 0
 local uref = tonumber(s[3])
@@ -281,6 +306,7 @@ local ur = tonumber(s[9]) or 0
 local c = tonumber(s[10]) or 0
 local na = tonumber(s[11])
 local ua = tonumber(s[12])
+local fa = tonumber(s[20])
 local tr = tonumber(s[14]) or 0
 local u = tonumber(ARGV[1])
 local throttled = ARGV[2] == '1'
@@ -289,6 +315,16 @@ local ticket = tonumber(ARGV[16])
 if ticket > (tonumber(s[13]) or 0) then ticket = 0 end
 local reset = tonumber(ARGV[12])
 local pause = 0
+-- With the window known: the fleet's calls in the window this reading saw are those from
+-- `first` (one window before the call) to the call.
+local window = tonumber(ARGV[21])
+-- The last ticket handed out.
+local n = tonumber(s[13]) or ticket
+local first
+if window > 0 and ticket > 0 then
+  local sent = time_of(KEYS[3], ticket, n, now)
+  if sent then first = tickets_at(KEYS[2], sent - window, n, now) end
+end
 -- The freshest reading (the highest ticket answered) and the cost of a call: a reading above
 -- what the calls since the last one explain means the budget shrank; scale the cost with it.
 local jumped = false
@@ -303,18 +339,25 @@ if ticket > nr then
   if throttled and ur < 100 then ur = 100 end
   tr = now
 end
+-- A rise in usage between two readings is the calls sent between them less those that left
+-- the window: the fleet's own that left are known with the window (`first` moved), and without
+-- them a draining window made the cost seem half what it was, and let the calls on the wire
+-- overfill it. Only samples within one budget: a jump starts again.
+if jumped then na = nil end
 if ticket > 0 and not throttled then
-  if na == nil or u < ua or jumped then
-    na = ticket
-    ua = u
+  if na == nil or u < ua then
+    na, ua, fa = ticket, u, first
   elseif ticket > na and u - ua >= tonumber(ARGV[17]) then
-    local sample = (u - ua) / (ticket - na)
-    if c == 0 then c = sample else
-      local w = tonumber(ARGV[18])
-      c = (1 - w) * c + w * sample
+    local calls = ticket - na
+    if first and fa then calls = calls - (first - fa) end
+    if calls > 0 then
+      local sample = (u - ua) / calls
+      if c == 0 then c = sample else
+        local w = tonumber(ARGV[18])
+        c = (1 - w) * c + w * sample
+      end
     end
-    na = ticket
-    ua = u
+    na, ua, fa = ticket, u, first
   end
 end
 -- The rate calls leave the window: the calls sent between two readings a span apart, less
@@ -341,37 +384,31 @@ if ticket > 0 and not throttled and c > 0 then
     lu = u
   end
 end
--- The rate the budget sustains: the fleet's calls in the window this reading saw (from one
--- window before the call to it), scaled to a full window. Readings too low say little.
+-- The rate the budget sustains: the fleet's calls in the window this reading saw, scaled to a
+-- full window. Readings too low say little.
 local sustained = tonumber(s[19]) or 0
-local window = tonumber(ARGV[21])
-local first, counted
--- The last ticket handed out.
-local n = tonumber(s[13]) or ticket
-if window > 0 and ticket > 0 and u >= tonumber(ARGV[22]) then
-  local sent = time_of(KEYS[3], ticket, n, now)
-  if sent then first = tickets_at(KEYS[2], sent - window, n, now) end
-  if first and ticket > first then
-    counted = ticket - first
-    sustained = counted * 1000 / window * 100 / u
-  end
+local counted
+if first and ticket > first and u >= tonumber(ARGV[22]) then
+  counted = ticket - first
+  sustained = counted * 1000 / window * 100 / u
+end
+-- With the window's calls known, a full window has room again when enough of them have left
+-- for the usage to fall under the ceiling (the fleet's oldest first): how long until then (ms),
+-- nil when they are not known.
+local function until_room()
+  local ceiling = tonumber(ARGV[24])
+  if not counted or u <= ceiling then return nil end
+  local room = math.ceil((u - ceiling) * counted / u)
+  local freed = time_of(KEYS[3], first + room, n, now)
+  if not freed then return nil end
+  return math.max(freed + window - now + tonumber(ARGV[23]), 50)
 end
 if throttled then
   if now >= paused_until then
     k = k + 1
     pause = tonumber(ARGV[10]) * 2 ^ (k - 1)
-    -- With the window's calls known: until enough of them leave for the usage to fall under
-    -- the ceiling (the fleet's oldest first), rather than probing a window that is still full.
-    local ceiling = tonumber(ARGV[24])
-    if counted and u > ceiling then
-      local room = math.ceil((u - ceiling) * counted / u)
-      local freed = time_of(KEYS[3], first + room, n, now)
-      if freed then
-        local exact = freed + window - now + tonumber(ARGV[23])
-        if k == 1 or exact > pause then pause = exact end
-        if pause < 50 then pause = 50 end
-      end
-    end
+    local exact = until_room()
+    if exact and (k == 1 or exact > pause) then pause = exact end
     if pause > tonumber(ARGV[11]) then pause = tonumber(ARGV[11]) end
     if reset > pause then pause = reset end
     local regain = tonumber(ARGV[13])
@@ -393,7 +430,9 @@ else
   end
   k = 0
   if u >= 100 then
-    pause = tonumber(ARGV[10])
+    -- The window is full (this call took its last room): no probe into it before it has room.
+    pause = until_room() or tonumber(ARGV[10])
+    if pause > tonumber(ARGV[11]) then pause = tonumber(ARGV[11]) end
     if reset > pause then pause = reset end
     if paused_until > now + pause then pause = paused_until - now end
     paused_until = now + pause
@@ -412,12 +451,12 @@ redis.call('HSET', KEYS[1], 'base', tostring(base), 'u', tostring(u), 'slope', t
   'uref', tostring(uref or u), 'tu', tostring(tu), 'tg', tostring(now), 'k', tostring(k),
   'until', tostring(paused_until), 'nr', tostring(nr), 'ur', tostring(ur), 'tr', tostring(tr),
   'c', tostring(c),
-  'na', tostring(na or ''), 'ua', tostring(ua or ''),
+  'na', tostring(na or ''), 'ua', tostring(ua or ''), 'fa', tostring(fa or ''),
   'l', tostring(l), 'lt', tostring(lt or ''), 'ln', tostring(ln or ''), 'lu', tostring(lu or ''),
   's', tostring(sustained))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[14]))
 return {math.floor(pause), math.floor(base * 1000), math.floor(l * 1000),
-  math.floor(sustained * 1000)}
+  math.floor(sustained * 1000), math.floor(c * 1000)}
 "#
 );
 
@@ -522,27 +561,51 @@ impl FleetBudget {
             .map(|what| account_key(&self.ns, account.as_str(), what))
     }
 
-    /// Waits for this call's slot of the account's fleet-wide schedule; its ticket goes back with
-    /// the answer (`observe`). When Redis cannot be asked, it waits one interval of the starting
-    /// rate instead: this worker alone then keeps to it, and the call's effect cannot be
-    /// recorded until Redis is back anyway.
+    /// Waits for this call's slot of the account's fleet-wide schedule, and out any pause of the
+    /// account; its ticket goes back with the answer (`observe`). When Redis cannot be asked, it
+    /// waits one interval of the starting rate instead: this worker alone then keeps to it, and
+    /// the call's effect cannot be recorded until Redis is back anyway.
     pub async fn until_ready(&self, account: &AdAccountId) -> Ticket {
+        match self.slot_within(account, None).await {
+            Ok(ticket) => ticket,
+            Err(_) => unreachable!("every pause is waited out"),
+        }
+    }
+
+    /// As `until_ready`, but gives up on a pause longer than `HORIZON` and says how long it
+    /// lasts: a shard is better deferred than held unacked through it.
+    pub async fn until_ready_unless_paused(
+        &self,
+        account: &AdAccountId,
+    ) -> Result<Ticket, Duration> {
+        self.slot_within(account, Some(HORIZON)).await
+    }
+
+    async fn slot_within(
+        &self,
+        account: &AdAccountId,
+        longest_pause: Option<Duration>,
+    ) -> Result<Ticket, Duration> {
         loop {
             match self.reserve(account).await {
                 Ok(Slot::Reserved(wait, ticket)) => {
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
-                    return ticket;
+                    return Ok(ticket);
                 }
                 Ok(Slot::Later(wait)) => {
                     tokio::time::sleep(wait.clamp(Duration::from_millis(5), HORIZON)).await
                 }
+                Ok(Slot::Paused(left)) if longest_pause.is_some_and(|l| left > l) => {
+                    return Err(left)
+                }
+                Ok(Slot::Paused(left)) => tokio::time::sleep(left).await,
                 Err(error) => {
                     tracing::warn!(message = "The fleet's pace could not be read; pacing this worker alone.", %error);
                     let interval = 1.0 / f64::from(self.controls.start_per_sec);
                     tokio::time::sleep(Duration::from_secs_f64(interval)).await;
-                    return Ticket::UNKNOWN;
+                    return Ok(Ticket::UNKNOWN);
                 }
             }
         }
@@ -559,6 +622,7 @@ impl FleetBudget {
             .key(rate)
             .key(by_time)
             .key(by_ticket)
+            .key(pause_key(&self.ns, account))
             .arg(c.start_per_sec)
             .arg(c.target_pct)
             .arg(c.band_pct)
@@ -577,6 +641,7 @@ impl FleetBudget {
         let wait = Duration::from_micros(wait_us.max(0) as u64);
         Ok(match reserved {
             1 => Slot::Reserved(wait, Ticket(ticket)),
+            2 => Slot::Paused(wait),
             _ => Slot::Later(wait),
         })
     }
@@ -600,7 +665,13 @@ impl FleetBudget {
         let [_, rate, by_time, by_ticket] = self.keys(account);
         let c = &self.controls;
         let mut conn = self.redis.clone();
-        let (pause_ms, base_milli, leave_milli, sustained_milli): (i64, i64, i64, i64) = self
+        let (pause_ms, base_milli, leave_milli, sustained_milli, cost_milli): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = self
             .observe
             .key(rate)
             .key(by_time)
@@ -636,6 +707,7 @@ impl FleetBudget {
             pace_per_sec: base_milli as f64 / 1000.0,
             leave_per_sec: leave_milli as f64 / 1000.0,
             sustained_per_sec: sustained_milli as f64 / 1000.0,
+            cost_pct: cost_milli as f64 / 1000.0,
         }))
     }
 }
@@ -654,6 +726,9 @@ pub struct Observed {
     /// `SUSTAIN_FROM`): the fleet's calls of the last window, scaled to a full one. The base
     /// rate goes at most `SUSTAIN_CAP` times above it.
     pub sustained_per_sec: f64,
+    /// What one call costs (percent of the budget), as learned so far (0 until known): the
+    /// calls on the wire are counted against the ceiling at this cost.
+    pub cost_pct: f64,
 }
 
 /// A reserved slot's number in its account's schedule. An answer's usage is read against the
@@ -674,4 +749,7 @@ pub enum Slot {
     Reserved(Duration, Ticket),
     /// The schedule is full beyond the horizon: ask again in about this long.
     Later(Duration),
+    /// The account is paused (a full window, a throttled answer) for this long: nothing is
+    /// booked, so no slot is lost to a call deferred by the pause.
+    Paused(Duration),
 }

@@ -27,6 +27,9 @@ use tracing::{info, warn, Instrument};
 /// alone too): never sent, counted like the values normalization drops.
 pub const META_REFUSED: &str = "meta_refused";
 
+/// Logged when a shard waits out its ad account's pause in the delay queues.
+const PAUSED: &str = "Ad account paused; shard deferred.";
+
 /// Everything a shard upload needs, shared by the worker's concurrent uploads.
 pub struct Deps {
     pub graph: GraphClient,
@@ -163,12 +166,7 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
         false => deps.pauses.remaining(&shard.ad_account_id).await?,
     };
     if let Some(remaining) = paused {
-        return Ok(defer(
-            deps,
-            shard,
-            remaining,
-            "Ad account paused; shard deferred.",
-        ));
+        return Ok(defer(deps, shard, remaining, PAUSED));
     }
 
     let started = Instant::now();
@@ -200,16 +198,19 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
         return finish(deps, &shard, None, &counts).await;
     }
 
-    // The permit is taken on every attempt; then the fleet-wide pause is checked again, so a
-    // pause set while this upload waited is honoured.
-    let ticket = deps.budget.until_ready(&shard.ad_account_id).await;
+    // The permit is taken on every attempt; none is given while the account is paused (a short
+    // pause is waited out). A slot can be booked a little ahead: the pause is checked again once
+    // it comes, so one set meanwhile (the answer of a call sent just before) is honoured.
+    let ticket = match deps
+        .budget
+        .until_ready_unless_paused(&shard.ad_account_id)
+        .await
+    {
+        Ok(ticket) => ticket,
+        Err(remaining) => return Ok(defer(deps, shard, remaining, PAUSED)),
+    };
     if let Some(remaining) = deps.pauses.remaining(&shard.ad_account_id).await? {
-        return Ok(defer(
-            deps,
-            shard,
-            remaining,
-            "Ad account paused; shard deferred.",
-        ));
+        return Ok(defer(deps, shard, remaining, PAUSED));
     }
     // Resolved last, right before the call: a token refused while this shard waited for its
     // permit is not used again.
