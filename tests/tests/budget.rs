@@ -542,3 +542,62 @@ async fn the_cost_of_a_call_is_read_net_of_the_calls_that_left_the_window() {
     let cost = read(&budget, &act, Ticket(30), 40).await.cost_pct;
     assert!((1.9..=2.2).contains(&cost), "{cost}% a call");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_left_the_window_make_room_but_calls_never_counted_do_not() {
+    // A 1 s window, a call costing 1%, and 95 calls booked on a reading of 4%: the predicted
+    // usage is at the ceiling, and no answer comes back. A window later those calls have left:
+    // room for about as many again, where a gate that waited for an answer sent one probe a
+    // second into an empty window. Ten of them were never sent (their shards deferred): they
+    // never counted, and make no room.
+    let (budget, _) = budget(windowed(10_000, 10_000, Duration::from_secs(1))).await;
+    let act = account("574");
+    for t in 1..=5 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    read(&budget, &act, Ticket(1), 0).await;
+    read(&budget, &act, Ticket(5), 4).await;
+    assert_eq!(
+        book_until_refused(&budget, &act).await,
+        (6..=100).collect::<Vec<_>>()
+    );
+    for t in 41..=50 {
+        budget.unused(&act, Ticket(t)).await.unwrap();
+    }
+    // A window and the margin for the calls' answer time later (0.1 s), all 100 have left.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // 90 counted calls left: 4 + 95 - 90 = 9% predicted, 90 more fit under 99% (101 to 190),
+    // and the reading being stale, one probe past them.
+    assert_eq!(
+        book_until_refused(&budget, &act).await,
+        (101..=191).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_booked_at_once_are_read_as_sent_at_once() {
+    // A 2 s window (the fleet's calls checkpointed every 8 ms), ten calls booked at once, and
+    // the tenth refused half a second later at 150%: four of the ten must leave, all 2 s after
+    // the first. Between checkpoints calls are taken as evenly spread, up to the last one
+    // booked: spread until the answer instead, the fourth would seem sent 170 ms later, and
+    // the account paused that much longer.
+    let (budget, _) = budget(windowed(10_000, 10_000, Duration::from_secs(2))).await;
+    let act = account("575");
+    let start = Instant::now();
+    for t in 1..=10 {
+        assert_eq!(budget.until_ready(&act).await, Ticket(t));
+    }
+    let booked = start.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pause = budget
+        .observe(&act, Ticket(10), Some(&usage(150)), true)
+        .await
+        .unwrap()
+        .and_then(|o| o.pause)
+        .expect("a pause");
+    let until = start.elapsed() + pause;
+    assert!(
+        until >= Duration::from_millis(2_090) && until <= booked + Duration::from_millis(2_130),
+        "the account waits until {until:?} after the first call (all booked within {booked:?})"
+    );
+}

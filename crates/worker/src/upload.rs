@@ -210,6 +210,7 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
         Err(remaining) => return Ok(defer(deps, shard, remaining, PAUSED)),
     };
     if let Some(remaining) = deps.pauses.remaining(&shard.ad_account_id).await? {
+        deps.budget.unused(&shard.ad_account_id, ticket).await?;
         return Ok(defer(deps, shard, remaining, PAUSED));
     }
     // Resolved last, right before the call: a token refused while this shard waited for its
@@ -217,6 +218,7 @@ async fn process(deps: &Deps, mut shard: Shard) -> Result<Outcome, InfraError> {
     let token = match deps.revocations.usable_token(&shard.workspace_id).await? {
         Ok(token) => token,
         Err(unusable) => {
+            deps.budget.unused(&shard.ad_account_id, ticket).await?;
             if let Unusable::Unreadable(e) = &unusable {
                 warn!(message = "The workspace's connection cannot be read.", error = %e);
             }
