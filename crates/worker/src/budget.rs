@@ -58,8 +58,8 @@
 //! after the cut, BENCHMARKS.md).
 //!
 //! The clock is Redis's own (`TIME`), so workers' clocks do not matter. A slot reserved by a
-//! worker that dies before using it is lost, never doubled. Both keys carry the account's hash
-//! tag (one slot on a Redis Cluster) and expire once the account is idle.
+//! worker that dies before using it is lost, never doubled. Every key carries the account's hash
+//! tag (one slot on a Redis Cluster) and expires once the account is idle.
 
 use audience_export_core::contract::AdAccountId;
 use audience_export_core::graph::Usage;
