@@ -284,18 +284,26 @@ class KnownWindow(LeaveFloor):
         k = self.k
         pause = super().observe(now, u, throttled, reset, ticket)
         if ticket > 0 and u >= self.FROM:
-            first = self.tickets_at(self.times[ticket] - self.window)
-            counted = ticket - first
+            counted = ticket - self.first(ticket)
             if counted > 0:
                 self.sustained = counted / self.window * 100.0 / u
                 if throttled and self.k > k and u > self.CEIL:
-                    room = math.ceil((u - self.CEIL) * counted / u)
-                    j = min(first + room, len(self.times) - 1)
-                    exact = self.times[j] + self.window - now + self.MARGIN
+                    exact = self.until_room(now, ticket, u)
                     pause = max(exact, 0.05) if self.k == 1 else max(pause, exact)
                     pause = min(pause, self.longest)
                     self.until = now + pause
         return pause
+
+    def first(self, ticket):
+        """The fleet's last ticket one window before `ticket`'s call."""
+        return self.tickets_at(self.times[ticket] - self.window)
+
+    def until_room(self, now, ticket, u):
+        """How long until enough of the window's calls leave for `u` to fall under the ceiling."""
+        first = self.first(ticket)
+        room = math.ceil((u - self.CEIL) * (ticket - first) / u)
+        j = min(first + room, len(self.times) - 1)
+        return self.times[j] + self.window - now + self.MARGIN
 
 
 class NetOfLeaving(KnownWindow):
@@ -337,34 +345,20 @@ class NetOfLeaving(KnownWindow):
         left -= bisect.bisect_right(self.refused, left) - bisect.bisect_right(self.refused, fr)
         return p - max(left - fr, 0) * self.c
 
-    def first(self, ticket):
-        return self.tickets_at(self.times[ticket] - self.window)
-
     def calls_between(self, a, b):
         return (b - a) - (self.first(b) - self.first(a))
 
     def observe(self, now, u, throttled, reset, ticket):
         if throttled and ticket > 0:
             bisect.insort(self.refused, ticket)
-        if self.jumped_before(now, u, ticket):
-            self.anchor = None
         pause = super().observe(now, u, throttled, reset, ticket)
+        if throttled and self.jumped:
+            self.anchor = None  # a non-refused jump already re-anchored at this reading
         if not throttled and u >= 100 and ticket > 0:
-            first = self.first(ticket)
-            counted = ticket - first
-            room = math.ceil((u - self.CEIL) * counted / u)
-            j = min(first + room, len(self.times) - 1)
-            exact = max(self.times[j] + self.window - now + self.MARGIN, 0.05)
+            exact = max(self.until_room(now, ticket, u), 0.05)
             pause = max(min(exact, self.longest), reset, self.until - now)
             self.until = now + pause
         return pause
-
-    def jumped_before(self, now, u, ticket):
-        """Whether this reading is a jump (the budget shrank): InFlightGate's test."""
-        if ticket <= self.nr or self.c <= 0:
-            return False
-        expected = self.ur + (ticket - self.nr) * self.c
-        return expected > 0 and u > expected + 1
 
 
 def run(make, shards, rate, window, workers, change, seed, latency=0.2, jitter=0.02):

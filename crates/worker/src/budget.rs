@@ -178,18 +178,18 @@ end
 /// Reserves the next slot of an account's schedule at the controller's current rate.
 /// KEYS[1] the account's TAT (µs, Redis clock), KEYS[2] the controller's state, KEYS[3] and
 /// KEYS[4] the fleet's calls (`HISTORY`), KEYS[5] the account's fleet-wide pause
-/// (`AccountPauses`), KEYS[6] the tickets never counted by Meta; ARGV[1] the starting rate (calls/s), [2] the target
-/// usage (%), [3] the band below it (%), [4] H_MIN, [5] TAU (ms), [6] HORIZON (µs), [7] STALE
-/// (ms), [8] CEILING (%), [9] how long the state outlives the last answer (ms), [10] the
-/// window (ms), [11] SUSTAIN_CAP, [12] the span the calls leaving now are counted over (ms),
-/// [13] the checkpoints' spacing (ms), [14] ROOM_MARGIN (ms). Answers {1, wait µs, ticket} with the slot reserved,
-/// {2, µs until the pause ends} while the account is paused, or {0, µs until asking again}
-/// without: the schedule is full beyond the horizon, or the calls
-/// already on the wire would take the usage past the ceiling (then one probe goes once the
-/// freshest reading is older than STALE). The slot interval is that of `base × h`, at most
-/// SUSTAIN_CAP times the rate the budget sustains, or of the rate calls leave the window if
-/// faster (measured, or the fleet's own calls of one window ago): at the target the fleet sends
-/// as fast as the window frees.
+/// (`AccountPauses`), KEYS[6] the tickets Meta never counted; ARGV[1] the starting rate
+/// (calls/s), [2] the target usage (%), [3] the band below it (%), [4] H_MIN, [5] TAU (ms), [6]
+/// HORIZON (µs), [7] STALE (ms), [8] CEILING (%), [9] how long the state outlives the last
+/// answer (ms), [10] the window (ms), [11] SUSTAIN_CAP, [12] the span the calls leaving now are
+/// counted over (ms), [13] the checkpoints' spacing (ms), [14] ROOM_MARGIN (ms). Answers {1,
+/// wait µs, ticket} with the slot reserved, {2, µs until the pause ends} while the account is
+/// paused, or {0, µs until asking again} without: the schedule is full beyond the horizon, or
+/// the calls already on the wire would take the usage past the ceiling (then one probe goes
+/// once the freshest reading is older than STALE). The slot interval is that of `base × h`, at
+/// most SUSTAIN_CAP times the rate the budget sustains, or of the rate calls leave the window
+/// if faster (measured, or the fleet's own calls of one window ago): at the target the fleet
+/// sends as fast as the window frees.
 const RESERVE: &str = concat!(
     history!(),
     r#"
@@ -295,15 +295,15 @@ return {1, math.floor(tat - now), n}
 );
 
 /// Feeds one answer's usage to an account's controller. KEYS[1] the controller's state,
-/// KEYS[2] and KEYS[3] the fleet's calls (`HISTORY`), KEYS[4] the tickets never counted by
-/// Meta; ARGV[1] the usage (%), [2] 1 when the call
-/// was throttled, [3] the starting rate, [4] the maximum rate (calls/s), [5] target (%), [6]
-/// band (%), [7] TAU (ms), [8] DOUBLING (ms), [9] SLOPE_SMOOTHING (ms), [10] first throttle
-/// pause (ms), [11] longest throttle pause (ms), [12] Meta's reset time (ms, 0 if none), [13]
-/// Meta's regain estimate (ms, 0 if none), [14] how long the state outlives the last answer
-/// (ms), [15] GROWTH_HORIZON (ms), [16] the call's ticket (0: unknown), [17] COST_SPAN (%),
-/// [18] COST_SMOOTHING, [19] LEAVE_SPAN (ms), [20] LEAVE_SMOOTHING, [21] the window (ms), [22]
-/// SUSTAIN_FROM (%), [23] ROOM_MARGIN (ms), [24] CEILING (%). Answers {the pause the account
+/// KEYS[2] and KEYS[3] the fleet's calls (`HISTORY`), KEYS[4] the tickets Meta never counted;
+/// ARGV[1] the usage (%), [2] 1 when the call was throttled, [3] the starting rate, [4] the
+/// maximum rate (calls/s), [5] target (%), [6] band (%), [7] TAU (ms), [8] DOUBLING (ms), [9]
+/// SLOPE_SMOOTHING (ms), [10] first throttle pause (ms), [11] longest throttle pause (ms), [12]
+/// Meta's reset time (ms, 0 if none), [13] Meta's regain estimate (ms, 0 if none), [14] how
+/// long the state outlives the last answer (ms), [15] GROWTH_HORIZON (ms), [16] the call's
+/// ticket (0: unknown), [17] COST_SPAN (%), [18] COST_SMOOTHING, [19] LEAVE_SPAN (ms), [20]
+/// LEAVE_SMOOTHING, [21] the window (ms), [22] SUSTAIN_FROM (%), [23] ROOM_MARGIN (ms), [24]
+/// CEILING (%). Answers {the pause the account
 /// needs now (ms; 0: none), the base rate, the rate calls leave the window and the rate the
 /// budget sustains (thousandths of a call per second), a call's cost (thousandths of a
 /// percent)}.
@@ -406,8 +406,8 @@ if ticket > 0 and not throttled and c > 0 then
     if left < 0 then left = 0 end
     local w = tonumber(ARGV[20])
     l = (1 - w) * l + w * left * 1000 / (now - lt)
-    -- Calls reserved but never sent (a pause deferred them) count as sent: never past the
-    -- configured maximum.
+    -- Calls booked but never sent (a pause came while they waited for their slot) count as
+    -- sent: never past the configured maximum.
     if l > tonumber(ARGV[4]) then l = tonumber(ARGV[4]) end
     lt = now
     ln = ticket
