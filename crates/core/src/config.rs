@@ -111,10 +111,10 @@ pub struct WorkerSettings {
     /// The length of Meta's rate-limit window, in seconds: an hour, as Meta documents it for
     /// the custom-audience budget. Knowing it, the fleet reads its own recent calls against the
     /// usage: the pace the budget sustains (calls of the last window × 100 / usage, per second),
-    /// when its calls leave the window, and when a throttled window has room again. Tests and
-    /// benches shorten it together with the emulator's; a window set longer than Meta's makes
-    /// the fleet slower than the budget allows, never faster. 0: unknown, the pace is read from
-    /// the usage alone.
+    /// when its calls leave the window (room for more), and when a full window has room again.
+    /// Tests and benches shorten it together with the emulator's; a window set longer than
+    /// Meta's makes the fleet slower than the budget allows, never faster; shorter, it counts
+    /// calls as gone before Meta does. 0: unknown, the pace is read from the usage alone.
     pub usage_window_secs: u64,
     /// The first pause after a throttling answer, in milliseconds (at least Meta's
     /// `reset_time_duration`); it doubles while Meta keeps throttling.
